@@ -1,0 +1,31 @@
+# `make run` and `make test` work on a fresh machine: they create .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test bench dev clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+run: $(STAMP)  ## extract, validate and publish the default hotspots.yaml
+	$(BIN)/hotspots run
+
+test: $(STAMP)  ## the whole test suite
+	$(BIN)/pytest
+
+bench: $(STAMP)  ## benchmarks: print figures and ratios to baselines
+	$(BIN)/python -m bench
+
+dev: $(STAMP)  ## the Dagster UI on http://127.0.0.1:3000
+	mkdir -p .hotspots/dagster
+	DAGSTER_HOME=$(abspath .hotspots/dagster) $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+clean:
+	rm -rf .hotspots output/*/ .pytest_cache

@@ -1,0 +1,50 @@
+"""What every Hotspots asset shares: run parameters and metadata helpers."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import dagster as dg
+
+from pipeline.config import Config, parse_as_of
+
+
+class RunParams(dg.Config):
+    """Parameters of one run, the same for every asset of it."""
+
+    as_of: str | None = None  # ISO 8601; default: the run's start (UTC)
+    tilesets: list[str] = []  # tilesets to build; empty: all of them
+
+
+def resolve_as_of(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, params: RunParams) -> datetime:
+    """The run's ``as_of``: as given, else when the run was created.
+
+    Every step of a run resolves the same value, even in separate processes.
+    """
+    if params.as_of:
+        return parse_as_of(params.as_of)
+    record = context.instance.get_run_record_by_id(context.run_id)
+    created = record.create_timestamp if record else datetime.now(timezone.utc)
+    return created.astimezone(timezone.utc).replace(microsecond=0)
+
+
+def selected_sources(cfg: Config, params: RunParams) -> list[str]:
+    unknown = sorted(set(params.tilesets) - set(cfg.tilesets))
+    if unknown:
+        raise dg.Failure(f"unknown tileset(s): {', '.join(unknown)} (known: {', '.join(cfg.tilesets)})")
+    return cfg.sources_for(params.tilesets)
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> dg.MetadataValue:
+    """A markdown table for asset metadata."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value).replace("|", "\\|")

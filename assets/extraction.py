@@ -1,0 +1,117 @@
+"""Extraction (sources -> raw_reports) and validation (-> reports, rejected_reports).
+
+No ``from __future__ import annotations`` here: Dagster reads the ``config:``
+annotation at definition time.
+"""
+
+import time
+
+import dagster as dg
+
+from pipeline import extract
+from resources import HotspotsResource
+
+from .common import RunParams, markdown_table, resolve_as_of, selected_sources
+
+
+@dg.asset(
+    group_name="extract",
+    kinds={"duckdb"},
+    description="Every row every source gave, as text, in the warehouse's `raw_reports`.",
+)
+def raw_reports(
+    context: dg.AssetExecutionContext, config: RunParams, hotspots: HotspotsResource
+) -> dg.MaterializeResult:
+    cfg = hotspots.load()
+    sources = selected_sources(cfg, config)
+    as_of = resolve_as_of(context, config)
+    started = time.perf_counter()
+    extract.preflight(cfg, sources)
+    staged = extract.stage(cfg, sources, as_of)
+    rows = [
+        [name, f.file, f.rows, f.error or ""] for name, files in staged.items() for f in files
+    ]
+    errors = [r for r in rows if r[3]]
+    for name, file, _, error in errors:
+        context.log.warning(f"source {name}: cannot read {file}: {error}")
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": sum(r[2] for r in rows),
+            "as_of": as_of.isoformat(),
+            "files": markdown_table(["source", "file", "rows", "error"], rows),
+            "unreadable_files": len(errors),
+            "warehouse": dg.MetadataValue.path(str(cfg.warehouse_path)),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+    )
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            "reports",
+            deps=[raw_reports],
+            group_name="extract",
+            kinds={"duckdb"},
+            description="Canonical, validated reports (one row per located signal).",
+        ),
+        dg.AssetSpec(
+            "rejected_reports",
+            deps=[raw_reports],
+            group_name="extract",
+            kinds={"duckdb"},
+            description="Rows that failed validation: the source row, its fields and the reason.",
+        ),
+    ],
+)
+def validated_reports(context: dg.AssetExecutionContext, config: RunParams, hotspots: HotspotsResource):
+    cfg = hotspots.load()
+    sources = selected_sources(cfg, config)
+    as_of = resolve_as_of(context, config)
+    started = time.perf_counter()
+    results = extract.validate(cfg, sources, as_of)
+    seconds = round(time.perf_counter() - started, 3)
+    warehouse = dg.MetadataValue.path(str(cfg.warehouse_path))
+    yield dg.MaterializeResult(
+        asset_key="reports",
+        metadata={
+            "dagster/row_count": sum(r.valid for r in results.values()),
+            "by_source": markdown_table(
+                ["source", "read", "valid", "rejected"],
+                [[r.source, r.read, r.valid, r.rejected_total] for r in results.values()],
+            ),
+            "as_of": as_of.isoformat(),
+            "warehouse": warehouse,
+            "seconds": seconds,
+        },
+    )
+    yield dg.MaterializeResult(
+        asset_key="rejected_reports",
+        metadata={
+            "dagster/row_count": sum(r.rejected_total for r in results.values()),
+            "by_reason": markdown_table(
+                ["source", "reason", "rows"],
+                [[r.source, reason, n] for r in results.values() for reason, n in r.rejected.items()],
+            ),
+            "warehouse": warehouse,
+        },
+    )
+
+
+@dg.asset_check(
+    asset="reports",
+    blocking=True,
+    description="read = valid + rejected, for every source of the run.",
+)
+def conservation(config: RunParams, hotspots: HotspotsResource) -> dg.AssetCheckResult:
+    cfg = hotspots.load()
+    rows = extract.conservation(cfg.warehouse_path, selected_sources(cfg, config))
+    return dg.AssetCheckResult(
+        passed=all(r.holds for r in rows),
+        metadata={
+            "by_source": markdown_table(
+                ["source", "read", "valid", "rejected", "holds"],
+                [[r.source, r.read, r.valid, r.rejected, r.holds] for r in rows],
+            )
+        },
+    )

@@ -1,0 +1,357 @@
+"""The ``hotspots.yaml`` file: schema, loading and validation.
+
+A bad file raises :class:`~pipeline.errors.ConfigError` naming the key path
+and the reason, e.g. ``hotspots.yaml: tilesets.quakes.maxzoom: must be >=
+minzoom (5)``. Relative paths in the file are resolved against the file's
+folder, so a run does not depend on the current directory.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .defaults import DEFAULTS
+from .errors import ConfigError, InputPathError
+from .schema import MAPPABLE
+
+CONFIG_ENV = "HOTSPOTS_CONFIG"
+DEFAULT_CONFIG_NAME = "hotspots.yaml"
+
+PROFILES = ("generic", "community_needs", "road_conditions", "campus_issues", "rail_disruptions")
+# Seed 002's presets; the values live with the profile (pipeline/profiles.py).
+PRESETS: dict[str, tuple[str, ...]] = {
+    "campus_issues": ("emergency", "maintenance", "overview", "building"),
+}
+FILE_FORMATS = ("csv", "parquet", "ndjson", "geojson", "gpkg", "shp", "fgb", "spatial")
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"  # becomes a folder name under output/
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Rules(_Strict):
+    """Extraction rules of a source (seed 001); defaults from :data:`DEFAULTS`."""
+
+    future_tolerance_hours: float = Field(DEFAULTS.future_tolerance_hours, ge=0)
+    max_description_chars: int = Field(DEFAULTS.max_description_chars, ge=0)
+    rate_limit_per_hour: int | None = Field(DEFAULTS.rate_limit_per_hour, ge=1)
+
+
+class Columns(_Strict):
+    """Canonical column -> source column. Unmapped columns are NULL."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    report_id: str | None = None
+    entity_type: str | None = None
+    entity_id: str | None = None
+    lat: str | None = None
+    lng: str | None = None
+    geometry: str | None = None
+    observed_at: str | None = None
+    expires_at: str | None = None
+    category: str | None = None
+    severity: str | None = None
+    priority: str | None = None
+    status: str | None = None
+    organization: str | None = None
+    building: str | None = None
+    activity: str | None = None
+    upvotes: str | None = None
+    departures: str | None = None
+    cancellations: str | None = None
+    delays: str | None = None
+    is_public: str | None = None
+    session_token: str | None = None
+    description: str | None = None
+
+    def mapped(self) -> dict[str, str]:
+        """The mapped canonical columns, in canonical order."""
+        return {c: getattr(self, c) for c in MAPPABLE if getattr(self, c) is not None}
+
+
+class FileSource(_Strict):
+    """Files matched by a glob, read by DuckDB."""
+
+    kind: Literal["file"]
+    path: str
+    format: Literal[FILE_FORMATS] = "csv"  # type: ignore[valid-type]
+    entity_type: str | None = None
+    columns: Columns
+    timestamp_format: str | list[str] | None = None
+    delimiter: str | None = None
+    rules: Rules = Rules()
+
+    @model_validator(mode="after")
+    def _needs_a_position(self) -> "FileSource":
+        cols = self.columns
+        if cols.geometry is None and (cols.lat is None or cols.lng is None):
+            if self.format in ("csv", "parquet", "ndjson"):
+                raise ValueError("columns: map lat and lng, or geometry")
+        if cols.observed_at is None:
+            raise ValueError("columns.observed_at: required (when was it reported?)")
+        return self
+
+    def formats(self) -> list[str]:
+        f = self.timestamp_format
+        return [] if f is None else [f] if isinstance(f, str) else list(f)
+
+
+class SyntheticSource(_Strict):
+    """Deterministic, clustered reports for one seed domain (demo and benchmarks)."""
+
+    kind: Literal["synthetic"]
+    domain: Literal["community_needs", "road_conditions", "campus_issues", "rail_disruptions"]
+    count: int = Field(10_000, ge=1, le=200_000_000)
+    seed: int = 0
+    # west, south, east, north in degrees
+    bbox: tuple[float, float, float, float] = (-74.10, 40.60, -73.80, 40.85)
+    days: float = Field(30.0, gt=0)  # reports spread over this many days before as_of
+    bad_fraction: float = Field(0.002, ge=0, le=1)  # malformed rows, to exercise validation
+    entity_type: str | None = None
+    rules: Rules = Rules()
+
+    @field_validator("bbox")
+    @classmethod
+    def _bbox(cls, v: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        w, s, e, n = v
+        if not (-180 <= w < e <= 180 and -85 <= s < n <= 85):
+            raise ValueError("must be [west, south, east, north] with west < east, south < north")
+        return v
+
+
+Source = Annotated[Union[FileSource, SyntheticSource], Field(discriminator="kind")]
+
+
+class Tileset(_Strict):
+    """A named profile + preset + filters + zoom range + budgets over one source."""
+
+    source: str
+    profile: Literal[PROFILES] = "generic"  # type: ignore[valid-type]
+    preset: str | None = None
+    scoring: dict[str, Any] = Field(default_factory=dict)
+    filters: dict[str, Any] = Field(default_factory=dict)
+    minzoom: int = Field(DEFAULTS.minzoom, ge=0, le=20)
+    maxzoom: int = Field(DEFAULTS.maxzoom, ge=0, le=20)
+    cell_detail: int = Field(DEFAULTS.cell_detail, ge=1, le=10)
+    strata_detail: int = Field(DEFAULTS.strata_detail, ge=0, le=9)
+    max_features_per_tile: int = Field(DEFAULTS.max_features_per_tile, ge=1)
+    overview_maxzoom: int = Field(DEFAULTS.overview_maxzoom, ge=0, le=20)
+    retain_snapshots: int = Field(DEFAULTS.retain_snapshots, ge=1)
+    min_count: int | None = Field(None, ge=1)
+    as_of: datetime | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Tileset":
+        if self.maxzoom < self.minzoom:
+            raise _KeyError("maxzoom", f"must be >= minzoom ({self.minzoom}), got {self.maxzoom}")
+        if self.strata_detail >= self.cell_detail:
+            raise _KeyError(
+                "strata_detail",
+                f"must be < cell_detail ({self.cell_detail}), got {self.strata_detail}",
+            )
+        if self.preset is not None and self.preset not in PRESETS.get(self.profile, ()):
+            known = ", ".join(PRESETS.get(self.profile, ())) or "none"
+            raise _KeyError(
+                "preset", f"unknown preset {self.preset!r} for profile {self.profile} (known: {known})"
+            )
+        return self
+
+    @field_validator("as_of")
+    @classmethod
+    def _utc(cls, v: datetime | None) -> datetime | None:
+        return None if v is None else as_utc(v)
+
+
+class Config(_Strict):
+    """A whole ``hotspots.yaml``, with paths resolved."""
+
+    output: Path = Path("output")
+    home: Path = Path(".hotspots")
+    sources: dict[Name, Source]
+    tilesets: dict[Name, Tileset]
+    file: Path | None = Field(None, exclude=True)  # where it was loaded from
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if not self.sources:
+            raise _KeyError("sources", "declare at least one source")
+        for name, ts in self.tilesets.items():
+            if ts.source not in self.sources:
+                known = ", ".join(self.sources)
+                raise _KeyError(
+                    f"tilesets.{name}.source", f"unknown source {ts.source!r} (known: {known})"
+                )
+        out, home = self.output.resolve(), self.home.resolve()
+        if out == home or out in home.parents:
+            raise _KeyError("home", f"must not be inside output ({out}): it would be published")
+        if home in out.parents:
+            raise _KeyError("output", f"must not be inside home ({home})")
+        return self
+
+    @property
+    def warehouse_path(self) -> Path:
+        return self.home / "warehouse.duckdb"
+
+    def sources_for(self, tilesets: list[str] | None) -> list[str]:
+        """Names of the sources the given tilesets read (all sources for None)."""
+        if not tilesets:
+            return list(self.sources)
+        return sorted({self.tilesets[t].source for t in tilesets})
+
+
+class _KeyError(ValueError):
+    """A model validator's error about a key other than the model's own."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(reason)
+        self.key, self.reason = key, reason
+
+
+def as_utc(value: datetime) -> datetime:
+    """A timezone-aware UTC datetime (naive input is taken as UTC)."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+def parse_as_of(text: str) -> datetime:
+    """Parse an ISO 8601 time given on the command line or in run config."""
+    try:
+        return as_utc(datetime.fromisoformat(text.replace("Z", "+00:00")))
+    except ValueError:
+        raise ConfigError("as_of", f"not an ISO 8601 time: {text!r}") from None
+
+
+def default_config_path() -> Path:
+    """``$HOTSPOTS_CONFIG``, else ``./hotspots.yaml``, else the repository's."""
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    here = Path.cwd() / DEFAULT_CONFIG_NAME
+    if here.exists():
+        return here
+    return Path(__file__).resolve().parents[1] / DEFAULT_CONFIG_NAME
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read, validate and resolve a config file.
+
+    Parameters
+    ----------
+    path : path-like, optional
+        The YAML file; :func:`default_config_path` when omitted.
+
+    Returns
+    -------
+    Config
+        With ``output``, ``home`` and file source globs made absolute.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, is not YAML, or breaks the schema; the
+        message names the key path and the reason.
+    """
+    file = Path(path) if path is not None else default_config_path()
+    label = str(file)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("", "config file not found", label) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("", f"cannot read config file: {exc}", label) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError("", f"not valid YAML{where}: {problem}", label) from None
+    if not isinstance(data, dict):
+        raise ConfigError("", "must be a mapping with `sources:` and `tilesets:`", label)
+    return validate_config(data, base=file.resolve().parent, file=label)
+
+
+def validate_config(data: dict[str, Any], base: Path, file: str | None = None) -> Config:
+    """Validate a parsed config mapping; see :func:`load_config`."""
+    try:
+        cfg = Config.model_validate(_resolve_paths(data, base))
+    except ValidationError as exc:
+        raise _config_error(exc, file) from None
+    return cfg.model_copy(update={"file": Path(file).resolve() if file else None})
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    data = dict(data)
+    for key, default in (("output", "output"), ("home", ".hotspots")):
+        value = data.get(key, default)
+        if isinstance(value, str):
+            data[key] = os.path.normpath(base / value)
+    sources = data.get("sources")
+    if isinstance(sources, dict):
+        data["sources"] = {
+            name: (
+                {**src, "path": os.path.normpath(base / src["path"])}
+                if isinstance(src, dict) and isinstance(src.get("path"), str)
+                else src
+            )
+            for name, src in sources.items()
+        }
+    return data
+
+
+def _config_error(exc: ValidationError, file: str | None) -> ConfigError:
+    err = exc.errors(include_url=False)[0]
+    loc = [str(p) for p in err["loc"]]
+    # Discriminated unions put the tag into the location: drop it.
+    if len(loc) >= 3 and loc[0] == "sources" and loc[2] in ("file", "synthetic"):
+        del loc[2]
+    ctx_error = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, _KeyError):
+        prefix = loc if loc and loc[0] == "tilesets" and len(loc) >= 2 else []
+        key = ".".join(prefix[:2] + [ctx_error.key]) if prefix else ctx_error.key
+        return ConfigError(key, ctx_error.reason, file)
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "union_tag_invalid":
+        msg = f"unknown kind {err['input'].get('kind')!r} (known: file, synthetic)"
+    elif err["type"] == "union_tag_not_found":
+        msg = "missing `kind:` (file or synthetic)"
+    elif err["type"] == "literal_error":
+        msg = f"{msg}, got {err['input']!r}"
+    elif err["type"] == "string_pattern_mismatch":
+        msg = "names are lowercase letters, digits, '_' and '-' (at most 64)"
+    return ConfigError(".".join(loc), msg, file)
+
+
+def check_inputs(cfg: Config, sources: list[str] | None = None) -> None:
+    """Check that every file source's glob matches at least one file.
+
+    Raises
+    ------
+    InputPathError
+        Naming the source and the glob.
+    """
+    for name in sources or list(cfg.sources):
+        src = cfg.sources[name]
+        if isinstance(src, FileSource) and not glob.glob(src.path, recursive=True):
+            raise InputPathError(f"source {name}: path {src.path!r} matches no file")

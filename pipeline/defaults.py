@@ -1,0 +1,45 @@
+"""Every tunable of Hotspots, with its default, in one place.
+
+Like supercluster's ``defaultOptions``: the config loader and the Dagster
+``Config`` classes take their defaults from :data:`DEFAULTS`, so a value is
+changed here once and everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Defaults:
+    # Zoom range of a tileset's pyramid (inclusive).
+    minzoom: int = 0
+    maxzoom: int = 14
+    # A cell at zoom z is the Web-Mercator tile at z + cell_detail:
+    # 6 gives 64 x 64 cells per tile, i.e. 4 px cells on a 256 px tile.
+    cell_detail: int = 6
+    # Strata for stratified selection are tiles at z + strata_detail
+    # (must be < cell_detail): 3 gives 8 x 8 strata per tile.
+    strata_detail: int = 3
+    # Feature budget of one tile, and overview budgets by zoom (seed 003's
+    # resolve_max_points: 500 up to z5, 1000 up to z8).
+    max_features_per_tile: int = 500
+    overview_maxzoom: int = 8
+    # Snapshots kept per tileset; the one latest.json names is never pruned.
+    retain_snapshots: int = 24
+    # Fewest reports a published position may reveal (privacy by coarsening).
+    min_count: int = 1
+
+    # Extraction rules (seed 001), per source overridable under `rules:`.
+    # A timestamp more than this many hours after as_of is rejected.
+    future_tolerance_hours: float = 24.0
+    # Longest description accepted (seed 001's CHECK constraint).
+    max_description_chars: int = 280
+    # Most reports one session token may file in any rolling hour.
+    rate_limit_per_hour: int = 30
+
+    # Seconds a writer waits for the warehouse lock before giving up.
+    lock_timeout_s: float = 600.0
+
+
+DEFAULTS = Defaults()

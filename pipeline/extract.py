@@ -1,0 +1,110 @@
+"""Extraction and validation of sources into the warehouse.
+
+Two steps, each one write transaction per source under the warehouse lock:
+
+* :func:`stage` reads each source into ``raw_reports`` (text, as given) and
+  logs each file read into ``source_files``;
+* :func:`validate` turns ``raw_reports`` into ``reports`` and
+  ``rejected_reports`` (see :mod:`pipeline.validate`).
+
+Re-running either replaces the source's rows, so runs are idempotent.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import NamedTuple
+
+from . import warehouse
+from .config import Config, SyntheticSource
+from .sources import FileResult, check_source_columns, stage_source
+from .validate import ValidationResult, source_flags, validate_source
+
+
+class Conservation(NamedTuple):
+    """``read = valid + rejected`` for one source, as found in the warehouse."""
+
+    source: str
+    read: int
+    valid: int
+    rejected: int
+
+    @property
+    def holds(self) -> bool:
+        return self.read == self.valid + self.rejected
+
+
+def preflight(cfg: Config, sources: list[str]) -> None:
+    """Check mapped columns against the files' headers before any write.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``sources.<name>.columns.<column>``.
+    """
+    con = warehouse.connect()
+    try:
+        check_source_columns(con, cfg, sources)
+    finally:
+        con.close()
+
+
+def stage(cfg: Config, sources: list[str], as_of: datetime) -> dict[str, list[FileResult]]:
+    """Read each source into ``raw_reports``; one :class:`FileResult` per file."""
+    results: dict[str, list[FileResult]] = {}
+    with warehouse.writer(cfg.warehouse_path) as con:
+        _forget_removed_sources(con, cfg)
+        for name in sources:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                files = stage_source(con, name, cfg, as_of)
+                con.execute("DELETE FROM source_files WHERE source = ?", [name])
+                con.executemany(
+                    "INSERT INTO source_files VALUES (?, ?, ?, ?, ?)",
+                    [[name, f.file, f.rows, f.error, as_of] for f in files],
+                )
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            results[name] = files
+    return results
+
+
+def validate(cfg: Config, sources: list[str], as_of: datetime) -> dict[str, ValidationResult]:
+    """Validate each source's staged rows into ``reports`` / ``rejected_reports``."""
+    results = {}
+    with warehouse.writer(cfg.warehouse_path) as con:
+        for name in sources:
+            src = cfg.sources[name]
+            formats = [] if isinstance(src, SyntheticSource) else src.formats()
+            results[name] = validate_source(
+                con, name, src.rules, formats, as_of, **source_flags(src)
+            )
+    return results
+
+
+def conservation(db: Path, sources: list[str]) -> list[Conservation]:
+    """Per source: rows staged, valid and rejected, read back from the warehouse."""
+    with warehouse.reader(db) as con:
+        return [
+            Conservation(
+                name,
+                *con.execute(
+                    """
+                    SELECT (SELECT count(*) FROM raw_reports WHERE source = $s),
+                           (SELECT count(*) FROM reports WHERE source = $s),
+                           (SELECT count(*) FROM rejected_reports WHERE source = $s)
+                    """,
+                    {"s": name},
+                ).fetchone(),
+            )
+            for name in sources
+        ]
+
+
+def _forget_removed_sources(con, cfg: Config) -> None:
+    keep = list(cfg.sources)
+    for table in ("raw_reports", "reports", "rejected_reports", "source_files"):
+        con.execute(f"DELETE FROM {table} WHERE NOT list_contains($keep, source)", {"keep": keep})

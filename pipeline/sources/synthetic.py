@@ -1,0 +1,244 @@
+"""Deterministic synthetic reports for the four seed domains.
+
+Positions cluster the way real reports do: dense neighbourhoods of uneven
+size, corridors between them (roads, rail lines), and a sparse background.
+Everything is vectorised NumPy/Arrow; the same ``seed``, ``count`` and
+``as_of`` give the same rows. A ``bad_fraction`` of rows carries one defect
+each (missing or out-of-range coordinates, bad timestamps, a too-long
+description, a duplicate id, a rate-limit flood) so that a demo run shows
+validation at work.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..config import SyntheticSource
+
+ROAD_CONDITIONS = (
+    "ice", "snow", "mud", "flooding", "standing_water",
+    "pothole", "crack", "uneven_surface", "missing_section", "debris",
+    "broken_glass", "poor_lighting", "construction", "congestion",
+)  # fmt: skip
+ROAD_WEIGHTS = (4, 3, 2, 2, 3, 14, 10, 6, 2, 5, 3, 4, 5, 3)
+ACTIVITIES = ("running", "walking", "biking", "commuting")
+NOTE_SEVERITY = {"urgent": 10.0, "notice": 5.0, "info": 1.0}
+ENTITY_TYPES = ("post", "organization", "resource", "event")
+CAMPUS_CATEGORIES = ("plumbing", "electrical", "hvac", "structural", "safety", "cleaning", "it")
+PRIORITIES = ("CRITICAL", "HIGH", "MEDIUM", "LOW")
+STATUSES = ("OPEN", "IN_PROGRESS", "RESOLVED", "CLOSED")
+DEFECTS = (
+    "missing_coordinates",
+    "non_numeric_coordinates",
+    "latitude_out_of_range",
+    "outside_mercator",
+    "unparseable_timestamp",
+    "future_timestamp",
+    "non_numeric_severity",
+    "description_too_long",
+    "duplicate_report_id",
+)
+FLOOD_SIZE = 40  # reports from one session token within 20 minutes
+
+
+def generate(src: SyntheticSource, as_of: datetime) -> pa.Table:
+    """Generate ``src.count`` raw reports as a table of text columns.
+
+    Parameters
+    ----------
+    src : SyntheticSource
+        Domain, count, seed, bbox, time span and defect rate.
+    as_of : datetime
+        Reports are observed during the ``src.days`` before this time.
+
+    Returns
+    -------
+    pyarrow.Table
+        Canonical column names, every value a string or null, like a CSV.
+    """
+    rng = np.random.default_rng(src.seed)
+    n = src.count
+    lng, lat, cluster = positions(rng, n, src.bbox)
+    age_days = np.where(
+        rng.random(n) < 0.7, rng.exponential(src.days / 4, n), rng.uniform(0, src.days, n)
+    )
+    observed = as_of.timestamp() - np.minimum(age_days, src.days) * 86400.0
+    cols: dict[str, pa.Array] = {
+        "report_id": _prefixed(src.domain[:4], np.arange(n)),
+        "lat": _text(lat),
+        "lng": _text(lng),
+        "observed_at": _times(observed),
+    }
+    cols.update(_DOMAINS[src.domain](rng, n, cluster, observed, src.bbox))
+    table = pa.table(cols)
+    n_bad = int(round(n * src.bad_fraction))
+    if n_bad:
+        table = _inject_defects(rng, table, n_bad, as_of)
+    return table
+
+
+def positions(
+    rng: np.random.Generator, n: int, bbox: tuple[float, float, float, float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Clustered positions in ``bbox``: lng, lat and cluster index (-1: none)."""
+    w, s, e, north = bbox
+    span = min(e - w, north - s)
+    k = int(np.clip(n // 1500, 6, 300))
+    centers = np.column_stack(
+        [rng.uniform(w + 0.05 * (e - w), e - 0.05 * (e - w), k),
+         rng.uniform(s + 0.05 * (north - s), north - 0.05 * (north - s), k)]
+    )  # fmt: skip
+    weights = rng.pareto(1.2, k) + 1.0
+    sigma = rng.uniform(0.004, 0.03, k) * span
+    kind = rng.choice(3, n, p=[0.65, 0.2, 0.15])  # neighbourhood, corridor, background
+    xy = np.empty((n, 2))
+    cluster = np.full(n, -1)
+
+    m = kind == 0
+    c = rng.choice(k, m.sum(), p=weights / weights.sum())
+    xy[m] = centers[c] + rng.normal(size=(m.sum(), 2)) * sigma[c, None]
+    cluster[m] = c
+
+    m = kind == 1
+    n_corr = int(np.clip(k // 3, 3, 40))
+    a, b = rng.integers(0, k, n_corr), rng.integers(0, k, n_corr)
+    seg = rng.integers(0, n_corr, m.sum())
+    t = rng.random(m.sum())[:, None]
+    xy[m] = centers[a[seg]] + t * (centers[b[seg]] - centers[a[seg]])
+    xy[m] += rng.normal(size=(m.sum(), 2)) * 0.002 * span
+
+    m = kind == 2
+    xy[m] = np.column_stack([rng.uniform(w, e, m.sum()), rng.uniform(s, north, m.sum())])
+    return np.clip(xy[:, 0], w, e), np.clip(xy[:, 1], s, north), cluster
+
+
+def _road(rng, n, cluster, observed, bbox):
+    p = np.array(ROAD_WEIGHTS, float)
+    tokens = rng.integers(0, max(1, n // 8), n)
+    described = rng.random(n) < 0.1
+    return {
+        "category": _pick(rng, ROAD_CONDITIONS, n, p / p.sum()),
+        "severity": _text(rng.choice([1, 2, 3], n, p=[0.3, 0.45, 0.25])),
+        "upvotes": _text(rng.poisson(0.6, n)),
+        "session_token": _prefixed("tok", tokens),
+        "activity": _pick(rng, ACTIVITIES, n, mask=rng.random(n) < 0.3),
+        "description": _pick(rng, ("deep one, watch out", "near the corner", "reported again"), n,
+                             mask=~described),
+    }  # fmt: skip
+
+
+def _community(rng, n, cluster, observed, bbox):
+    # Notes attach to entities, and an entity has one location: draw the
+    # locations per entity, then give each note its entity's position.
+    n_entities = max(1, n // 3)
+    entity = rng.integers(0, n_entities, n)
+    elng, elat, _ = positions(rng, n_entities, bbox)
+    level = rng.choice(len(NOTE_SEVERITY), n, p=[0.15, 0.35, 0.5])
+    expires = observed + rng.uniform(1, 30, n) * 86400.0
+    return {
+        "entity_type": pa.array(np.array(ENTITY_TYPES)[entity % len(ENTITY_TYPES)]),
+        "entity_id": _prefixed("entity", entity),
+        "lat": _text(elat[entity]),
+        "lng": _text(elng[entity]),
+        "category": pa.array(np.array(list(NOTE_SEVERITY))[level]),
+        "severity": _text(np.array(list(NOTE_SEVERITY.values()))[level]),
+        "expires_at": pc.if_else(pa.array(rng.random(n) < 0.6), _times(expires), pa.nulls(n, pa.string())),
+        "is_public": pa.array(np.where(rng.random(n) < 0.92, "true", "false")),
+    }
+
+
+def _campus(rng, n, cluster, observed, bbox):
+    building = np.where(cluster >= 0, cluster, 999)
+    return {
+        "category": _pick(rng, CAMPUS_CATEGORIES, n),
+        "priority": _pick(rng, PRIORITIES, n, [0.08, 0.22, 0.4, 0.3]),
+        "status": _pick(rng, STATUSES, n, [0.45, 0.25, 0.2, 0.1]),
+        "severity": _text(rng.integers(1, 11, n)),
+        "organization": pa.array(np.full(n, "ORG123")),
+        "building": _prefixed("bldg", building),
+    }
+
+
+def _rail(rng, n, cluster, observed, bbox):
+    departures = rng.poisson(80, n) + 1
+    healthy = rng.random(n) < 0.4
+    cancel_rate = np.where(healthy, 0.0, rng.beta(1, 30, n))
+    delay_rate = np.where(healthy, 0.0, rng.beta(2, 10, n))
+    return {
+        "entity_type": pa.array(np.full(n, "station")),
+        "entity_id": _prefixed("stop", np.arange(n)),
+        "category": pa.array(np.full(n, "station")),
+        "departures": _text(departures),
+        "cancellations": _text(rng.binomial(departures, cancel_rate)),
+        "delays": _text(rng.binomial(departures, delay_rate)),
+    }
+
+
+_DOMAINS = {
+    "road_conditions": _road,
+    "community_needs": _community,
+    "campus_issues": _campus,
+    "rail_disruptions": _rail,
+}
+
+
+def _inject_defects(rng: np.random.Generator, table: pa.Table, n_bad: int, as_of: datetime) -> pa.Table:
+    n = table.num_rows
+    if n < 2:
+        return table
+    # Row 0 stays clean: it is the original that duplicates copy their id from.
+    idx = np.sort(rng.choice(np.arange(1, n), min(n_bad, n - 1), replace=False))
+    defect = np.array(DEFECTS)[np.arange(idx.size) % len(DEFECTS)]
+    cols = {name: table[name].combine_chunks() for name in table.column_names}
+
+    def put(col: str, where: np.ndarray, values) -> None:
+        if where.size == 0:
+            return
+        base = cols.get(col, pa.nulls(n, pa.string()))
+        mask = np.zeros(n, bool)
+        mask[where] = True
+        vals = pa.array(values if isinstance(values, list) else [values] * where.size, pa.string())
+        cols[col] = pc.replace_with_mask(base, pa.array(mask), vals)
+
+    pick = lambda name: idx[defect == name]  # noqa: E731
+    put("lat", pick("missing_coordinates"), [None] * pick("missing_coordinates").size)
+    put("lng", pick("non_numeric_coordinates"), "n/a")
+    put("lat", pick("latitude_out_of_range"), "95.5")
+    put("lat", pick("outside_mercator"), "86.2")
+    put("observed_at", pick("unparseable_timestamp"), "last tuesday")
+    future = datetime.fromtimestamp(as_of.timestamp() + 3 * 86400, as_of.tzinfo).isoformat()
+    put("observed_at", pick("future_timestamp"), future)
+    put("severity", pick("non_numeric_severity"), "very bad")
+    put("description", pick("description_too_long"), "x" * 300)
+    dup = pick("duplicate_report_id")
+    put("report_id", dup, cols["report_id"][0].as_py())
+    if "session_token" in cols and n > FLOOD_SIZE * 10:
+        flood = rng.choice(np.setdiff1d(np.arange(n), idx), FLOOD_SIZE, replace=False)
+        put("session_token", flood, "tok-flood")
+        start = as_of.timestamp() - 2 * 86400
+        put("observed_at", np.sort(flood), _times(start + np.arange(FLOOD_SIZE) * 30.0).to_pylist())
+    return pa.table(cols)
+
+
+def _text(values: np.ndarray) -> pa.Array:
+    return pa.array(values).cast(pa.string())
+
+
+def _times(epoch_s: np.ndarray) -> pa.Array:
+    micros = pa.array(np.round(np.asarray(epoch_s) * 1e6).astype(np.int64))
+    return micros.cast(pa.timestamp("us", tz="UTC")).cast(pa.string())
+
+
+def _prefixed(prefix: str, numbers: np.ndarray) -> pa.Array:
+    return pc.binary_join_element_wise(pa.scalar(prefix), _text(numbers), "-")
+
+
+def _pick(rng, choices, n, p=None, mask=None) -> pa.Array:
+    values = pa.array(np.asarray(choices)[rng.choice(len(choices), n, p=p)])
+    if mask is not None:
+        values = pc.if_else(pa.array(mask), pa.nulls(n, pa.string()), values)
+    return values

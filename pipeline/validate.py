@@ -1,0 +1,356 @@
+"""Judge staged rows: each becomes a canonical report or a rejection with a reason.
+
+Rules run in a fixed order and a row takes the first that fails, so every
+rejected row has exactly one reason and ``read = valid + rejected`` holds:
+
+======================  =====================================================
+reason                  rule
+======================  =====================================================
+invalid_geometry        a geometry column that does not parse
+empty_geometry          an empty geometry
+non_point_geometry      a line, polygon, ... (only points have a position)
+missing_report_id       the id column is mapped but blank
+missing_coordinates     latitude or longitude blank
+non_numeric_coordinates latitude or longitude is not a number
+nan_coordinates         NaN
+infinite_coordinates    +-Infinity (or 1e999, which overflows to it)
+latitude_out_of_range   beyond +-90
+longitude_out_of_range  beyond +-180
+outside_mercator        beyond Web Mercator's +-85.05113 (no tile holds it)
+missing_timestamp       observed_at blank
+unparseable_timestamp   not ISO 8601, epoch s/ms, nor a given timestamp_format
+future_timestamp        more than ``future_tolerance_hours`` after as_of
+unparseable_expires_at  expires_at given but not a time
+missing_severity        severity mapped but blank
+non_numeric_severity    severity not a finite number
+invalid_upvotes         not a non-negative integer
+invalid_metric          departures / cancellations / delays not >= 0
+invalid_is_public       not true/false/t/f/1/0/yes/no
+description_too_long    over ``max_description_chars`` (seed 001: 280)
+duplicate_report_id     a later row with the id of an accepted row (first kept)
+rate_limited            over ``rate_limit_per_hour`` per session token in any
+                        rolling hour; the excess, as seed 001's trigger would
+======================  =====================================================
+
+Time- and tileset-dependent rules (expired, too old, unknown category, ...)
+are *not* rejections: such rows stay in ``reports`` and are excluded at
+scoring time, per tileset.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from datetime import datetime, timedelta
+from typing import NamedTuple
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from .config import FileSource, Rules
+from .schema import METRICS, REPORT_COLUMNS
+from .sources.staging import quote
+
+MERCATOR_MAX_LAT = 85.0511287798066  # atan(sinh(pi)) in degrees
+EPOCH_RANGE = (1e8, 1e14)  # |number| read as epoch seconds (< 1e11) or ms (>= 1e11)
+
+REASONS = (
+    "invalid_geometry", "empty_geometry", "non_point_geometry", "missing_report_id",
+    "missing_coordinates", "non_numeric_coordinates", "nan_coordinates", "infinite_coordinates",
+    "latitude_out_of_range", "longitude_out_of_range", "outside_mercator", "missing_timestamp",
+    "unparseable_timestamp", "future_timestamp", "unparseable_expires_at", "missing_severity",
+    "non_numeric_severity", "invalid_upvotes", "invalid_metric", "invalid_is_public",
+    "description_too_long", "duplicate_report_id", "rate_limited",
+)  # fmt: skip
+
+
+class ValidationResult(NamedTuple):
+    """Counts of one source's validation: ``read == valid + sum(rejected)``."""
+
+    source: str
+    read: int
+    valid: int
+    rejected: dict[str, int]
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+
+def _blank(col: str) -> str:
+    return f"(NULLIF(trim({col}), '') IS NULL)"
+
+
+def _text(col: str) -> str:
+    return f"NULLIF(trim({col}), '')"
+
+
+def _number(col: str) -> str:
+    return f"TRY_CAST(trim({col}) AS DOUBLE)"
+
+
+def timestamp_expr(col: str, formats: list[str]) -> str:
+    """SQL parsing text to TIMESTAMPTZ: given formats, then ISO 8601, then epoch s/ms.
+
+    Naive times are UTC (the connection's time zone).
+    """
+    text = f"trim({col})"
+    parts = []
+    if formats:
+        fmts = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in formats) + "]"
+        parts.append(f"CAST(try_strptime({text}, {fmts}) AS TIMESTAMPTZ)")
+    parts.append(f"TRY_CAST({text} AS TIMESTAMPTZ)")
+    num = _number(col)
+    lo, hi = EPOCH_RANGE
+    parts.append(
+        f"CASE WHEN abs({num}) BETWEEN {lo} AND {hi} THEN "
+        f"to_timestamp(CASE WHEN abs({num}) >= 1e11 THEN {num} / 1000 ELSE {num} END) END"
+    )
+    return f"COALESCE({', '.join(parts)})"
+
+
+def _boolean(col: str) -> str:
+    v = f"lower(trim({col}))"
+    return (
+        f"CASE WHEN {v} IN ('true', 't', '1', 'yes', 'y') THEN true "
+        f"WHEN {v} IN ('false', 'f', '0', 'no', 'n') THEN false END"
+    )
+
+
+def _typed_select(formats: list[str]) -> str:
+    """Typed copies (prefixed ``_``) of the raw text columns."""
+    exprs = {
+        "_lat": _number("lat"),
+        "_lng": _number("lng"),
+        "_observed_at": timestamp_expr("observed_at", formats),
+        "_expires_at": timestamp_expr("expires_at", formats),
+        "_severity": _number("severity"),
+        "_upvotes": _number("upvotes"),
+        "_is_public": _boolean("is_public"),
+        **{f"_{m}": _number(m) for m in METRICS},
+    }
+    return ", ".join(f"{sql} AS {name}" for name, sql in exprs.items())
+
+
+def _reason_case(id_mapped: bool, severity_mapped: bool) -> str:
+    metric_bad = " OR ".join(
+        f"(NOT {_blank(m)} AND (_{m} IS NULL OR NOT isfinite(_{m}) OR _{m} < 0))" for m in METRICS
+    )
+    rules = [
+        ("issue IS NOT NULL", "issue"),
+        (f"{id_mapped} AND {_blank('report_id')}", "'missing_report_id'"),
+        (f"{_blank('lat')} OR {_blank('lng')}", "'missing_coordinates'"),
+        ("_lat IS NULL OR _lng IS NULL", "'non_numeric_coordinates'"),
+        ("isnan(_lat) OR isnan(_lng)", "'nan_coordinates'"),
+        ("isinf(_lat) OR isinf(_lng)", "'infinite_coordinates'"),
+        ("abs(_lat) > 90", "'latitude_out_of_range'"),
+        ("abs(_lng) > 180", "'longitude_out_of_range'"),
+        (f"abs(_lat) > {MERCATOR_MAX_LAT}", "'outside_mercator'"),
+        (_blank("observed_at"), "'missing_timestamp'"),
+        ("_observed_at IS NULL OR NOT isfinite(_observed_at)", "'unparseable_timestamp'"),
+        ("_observed_at > $future_limit", "'future_timestamp'"),
+        (
+            f"NOT {_blank('expires_at')} AND (_expires_at IS NULL OR NOT isfinite(_expires_at))",
+            "'unparseable_expires_at'",
+        ),
+        (f"{severity_mapped} AND {_blank('severity')}", "'missing_severity'"),
+        (
+            f"NOT {_blank('severity')} AND (_severity IS NULL OR NOT isfinite(_severity))",
+            "'non_numeric_severity'",
+        ),
+        (
+            f"NOT {_blank('upvotes')} AND (_upvotes IS NULL OR NOT isfinite(_upvotes) "
+            "OR _upvotes < 0 OR _upvotes <> floor(_upvotes) OR _upvotes > 2147483647)",
+            "'invalid_upvotes'",
+        ),
+        (metric_bad, "'invalid_metric'"),
+        (f"NOT {_blank('is_public')} AND _is_public IS NULL", "'invalid_is_public'"),
+        ("length(description) > $max_description", "'description_too_long'"),
+    ]
+    whens = " ".join(f"WHEN {cond} THEN {reason}" for cond, reason in rules)
+    return f"CASE {whens} END"
+
+
+def _canonical_select() -> str:
+    """Typed canonical columns from ``_checked``, in :data:`REPORT_COLUMNS` order."""
+    exprs = {
+        "report_id": "_key",
+        "source": "source",
+        "lat": "_lat",
+        "lng": "_lng",
+        "observed_at": "_observed_at",
+        "expires_at": "_expires_at",
+        "severity": "COALESCE(_severity, 1.0)",
+        "upvotes": "CAST(COALESCE(_upvotes, 0) AS INTEGER)",
+        "is_public": "COALESCE(_is_public, true)",
+        "description": "description",
+        **{m: f"_{m}" for m in METRICS},
+    }
+    cols = [exprs.get(c, _text(c)) for c in REPORT_COLUMNS]
+    return ", ".join(f"{sql} AS {quote(c)}" for sql, c in zip(cols, REPORT_COLUMNS))
+
+
+def validate_source(
+    con: duckdb.DuckDBPyConnection,
+    name: str,
+    rules: Rules,
+    formats: list[str],
+    as_of: datetime,
+    *,
+    id_mapped: bool,
+    severity_mapped: bool,
+) -> ValidationResult:
+    """Replace a source's ``reports`` and ``rejected_reports`` rows from ``raw_reports``.
+
+    Parameters
+    ----------
+    con : DuckDBPyConnection
+        A writer connection to the warehouse.
+    name : str
+        The source.
+    rules : Rules
+        Its extraction rules (tolerances, description length, rate limit).
+    formats : list of str
+        ``strptime`` formats tried before ISO 8601 and epoch numbers.
+    as_of : datetime
+        The run's time, for the future-timestamp rule.
+    id_mapped, severity_mapped : bool
+        Whether the source maps these columns (a blank value is then a reason).
+
+    Returns
+    -------
+    ValidationResult
+    """
+    params = {
+        "source": name,
+        "future_limit": as_of + timedelta(hours=rules.future_tolerance_hours),
+        "max_description": rules.max_description_chars,
+    }
+    # The fallback id (file name and row) is stable while the file is unchanged.
+    key = (
+        "$source || ':' || COALESCE(trim(report_id), "
+        "regexp_extract(file, '[^/]*$') || ':' || CAST(row_number AS VARCHAR))"
+    )
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE _checked AS
+        SELECT *, {_reason_case(id_mapped, severity_mapped)} AS reason
+        FROM (SELECT *, {key} AS _key, {_typed_select(formats)}
+              FROM raw_reports WHERE source = $source)
+        """,
+        params,
+    )
+    con.execute(
+        """
+        UPDATE _checked SET reason = 'duplicate_report_id'
+        FROM (SELECT file AS f, row_number AS r FROM (
+                SELECT file, row_number, row_number() OVER (
+                    PARTITION BY _key ORDER BY file, row_number) AS nth
+                FROM _checked WHERE reason IS NULL) WHERE nth > 1) AS d
+        WHERE _checked.file = d.f AND _checked.row_number = d.r
+        """
+    )
+    if rules.rate_limit_per_hour is not None:
+        _apply_rate_limit(con, rules.rate_limit_per_hour)
+
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute("DELETE FROM reports WHERE source = $source", {"source": name})
+        con.execute("DELETE FROM rejected_reports WHERE source = $source", {"source": name})
+        con.execute(
+            f"INSERT INTO reports SELECT {_canonical_select()} FROM _checked "
+            "WHERE reason IS NULL ORDER BY file, row_number"
+        )
+        fields = ", ".join(f"'{c}', {quote(c)}" for c in REPORT_COLUMNS if c != "source")
+        con.execute(
+            f"""
+            INSERT INTO rejected_reports
+            SELECT source, file, row_number, report_id, reason, CAST(json_object({fields}) AS VARCHAR)
+            FROM _checked WHERE reason IS NOT NULL ORDER BY file, row_number
+            """
+        )
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    read, valid = con.execute(
+        "SELECT count(*), count(*) FILTER (WHERE reason IS NULL) FROM _checked"
+    ).fetchone()
+    rejected = dict(
+        con.execute(
+            "SELECT reason, count(*) FROM _checked WHERE reason IS NOT NULL "
+            "GROUP BY reason ORDER BY count(*) DESC, reason"
+        ).fetchall()
+    )
+    con.execute("DROP TABLE _checked")
+    return ValidationResult(name, read, valid, rejected)
+
+
+def _apply_rate_limit(con: duckdb.DuckDBPyConnection, limit: int) -> None:
+    # A window count over *all* rows finds the tokens that may be over the
+    # limit cheaply; which rows are the excess depends on which earlier ones
+    # were accepted, so those few tokens are replayed in order, as seed 001's
+    # BEFORE INSERT trigger sees them.
+    suspects = con.execute(
+        f"""
+        SELECT session_token, epoch_us(_observed_at) AS t, file, row_number
+        FROM _checked WHERE reason IS NULL AND session_token IN (
+            SELECT DISTINCT session_token FROM (
+                SELECT session_token, count(*) OVER (
+                    PARTITION BY session_token ORDER BY _observed_at
+                    RANGE BETWEEN INTERVAL 1 HOUR PRECEDING AND CURRENT ROW) AS c
+                FROM _checked WHERE reason IS NULL AND session_token IS NOT NULL)
+            WHERE c > {int(limit)})
+        ORDER BY session_token, t, file, row_number
+        """
+    ).fetch_arrow_table()
+    if suspects.num_rows == 0:
+        return
+    tokens = suspects["session_token"].to_numpy(zero_copy_only=False)
+    excess = rate_limit_excess(tokens, suspects["t"].to_numpy(), limit, 3600 * 10**6)
+    con.register("_excess", suspects.filter(pa.array(excess)).select(["file", "row_number"]))
+    try:
+        con.execute(
+            "UPDATE _checked SET reason = 'rate_limited' FROM _excess AS e "
+            "WHERE _checked.file = e.file AND _checked.row_number = e.row_number"
+        )
+    finally:
+        con.unregister("_excess")
+
+
+def rate_limit_excess(tokens: np.ndarray, times: np.ndarray, limit: int, window: int) -> np.ndarray:
+    """Which submissions a per-token "at most ``limit`` per window" trigger refuses.
+
+    Parameters
+    ----------
+    tokens, times : ndarray
+        Sorted by token, then time. A submission at ``t`` is refused when
+        ``limit`` *accepted* ones of its token lie in ``(t - window, t]``.
+
+    Returns
+    -------
+    ndarray of bool
+        True for the refused (rate-limited) submissions.
+    """
+    refused = np.zeros(len(times), bool)
+    accepted: deque[int] = deque()
+    previous = None
+    for i, (token, t) in enumerate(zip(tokens, times)):
+        if token != previous:
+            accepted.clear()
+            previous = token
+        while accepted and accepted[0] <= t - window:
+            accepted.popleft()
+        if len(accepted) >= limit:
+            refused[i] = True
+        else:
+            accepted.append(t)
+    return refused
+
+
+def source_flags(src: object) -> dict[str, bool]:
+    """Whether a source maps ``report_id`` and ``severity`` (see :func:`validate_source`)."""
+    if isinstance(src, FileSource):
+        mapped = src.columns.mapped()
+        return {"id_mapped": "report_id" in mapped, "severity_mapped": "severity" in mapped}
+    return {"id_mapped": True, "severity_mapped": False}

@@ -1,0 +1,115 @@
+"""Every DuckDB connection Hotspots opens goes through this module.
+
+DuckDB lets one process write a database file, and a process that opens the
+same file twice with different settings fails; so connections are made here,
+always with the same settings and the spatial extension loaded from the
+installed ``duckdb-extension-spatial`` wheel (never downloaded).
+
+Across processes, :func:`writer` and :func:`reader` serialise access with an
+advisory lock beside the database file (exclusive for writers, shared for
+readers), so a Dagster run beside a CLI run waits instead of failing on
+DuckDB's own lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+
+import duckdb
+
+from .defaults import DEFAULTS
+from .errors import WarehouseBusyError
+from .schema import TABLES, ddl
+
+SETTINGS = {"TimeZone": "UTC"}
+
+
+@cache
+def spatial_extension_path() -> Path:
+    """Path of the spatial extension shipped in the installed wheel."""
+    import duckdb_extension_spatial
+
+    root = Path(duckdb_extension_spatial.__file__).parent / "extensions"
+    found = sorted(root.glob(f"v{duckdb.__version__}/spatial.duckdb_extension"))
+    if not found:
+        raise RuntimeError(
+            f"no spatial extension for duckdb {duckdb.__version__} under {root}; "
+            "install duckdb-extension-spatial with the same version as duckdb"
+        )
+    return found[0]
+
+
+def connect(path: str | Path | None = None, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open a DuckDB connection with Hotspots' settings and spatial loaded.
+
+    Parameters
+    ----------
+    path : path-like, optional
+        Database file; in-memory when omitted.
+    read_only : bool
+        Open the file read-only.
+    """
+    con = duckdb.connect(str(path) if path else ":memory:", read_only=read_only)
+    try:
+        con.execute(f"LOAD '{spatial_extension_path()}'")
+        for key, value in SETTINGS.items():
+            con.execute(f"SET {key} = '{value}'")
+    except Exception:
+        con.close()
+        raise
+    return con
+
+
+@contextmanager
+def _locked(db: Path, exclusive: bool, timeout: float) -> Iterator[None]:
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_suffix(".lock"), "a+") as fh:
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fh, mode | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise WarehouseBusyError(
+                        f"warehouse {db} is busy: another run held its lock for {timeout:.0f} s"
+                    ) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextmanager
+def writer(db: str | Path, timeout: float = DEFAULTS.lock_timeout_s) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Exclusive read-write connection to the warehouse, tables created."""
+    db = Path(db)
+    with _locked(db, exclusive=True, timeout=timeout):
+        con = connect(db)
+        try:
+            for table in TABLES:
+                con.execute(ddl(table))
+            yield con
+        finally:
+            con.close()
+
+
+@contextmanager
+def reader(db: str | Path, timeout: float = DEFAULTS.lock_timeout_s) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Shared read-only connection to the warehouse (waits for writers)."""
+    db = Path(db)
+    if not db.exists():
+        raise FileNotFoundError(f"no warehouse at {db}: run the extraction first")
+    with _locked(db, exclusive=False, timeout=timeout):
+        con = connect(db, read_only=True)
+        try:
+            yield con
+        finally:
+            con.close()
