@@ -320,7 +320,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
 
 def _config_error(exc: ValidationError, file: str | None) -> ConfigError:
     err = exc.errors(include_url=False)[0]
-    loc = [str(p) for p in err["loc"]]
+    loc = [str(p) for p in err["loc"] if p != "[key]"]
     # Discriminated unions put the tag into the location: drop it.
     if len(loc) >= 3 and loc[0] == "sources" and loc[2] in ("file", "synthetic"):
         del loc[2]

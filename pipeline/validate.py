@@ -258,8 +258,7 @@ def validate_source(
         con.execute("DELETE FROM reports WHERE source = $source", {"source": name})
         con.execute("DELETE FROM rejected_reports WHERE source = $source", {"source": name})
         con.execute(
-            f"INSERT INTO reports SELECT {_canonical_select()} FROM _checked "
-            "WHERE reason IS NULL ORDER BY file, row_number"
+            f"INSERT INTO reports SELECT {_canonical_select()} FROM _checked WHERE reason IS NULL"
         )
         fields = ", ".join(f"'{c}', {quote(c)}" for c in REPORT_COLUMNS if c != "source")
         con.execute(

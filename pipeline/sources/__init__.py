@@ -8,7 +8,7 @@ import duckdb
 
 from ..config import Config, FileSource, SyntheticSource
 from .files import check_columns, stage_files
-from .staging import FileResult, stage_relation
+from .staging import FileResult, numbered_table, stage_relation
 from .synthetic import generate
 
 __all__ = ["FileResult", "check_source_columns", "stage_source"]
@@ -32,7 +32,7 @@ def stage_source(
             con.unregister("_synthetic")
         mapping = {c: c for c in table.column_names}
         label = f"synthetic:{src.domain}:seed={src.seed}:count={src.count}"
-        result = stage_relation(con, name, label, "_file", mapping, src.entity_type or name)
+        result = stage_relation(con, name, label, numbered_table("_file"), mapping, src.entity_type or name)
         con.execute("DROP TABLE _file")
         return [result]
     return stage_files(con, name, src)

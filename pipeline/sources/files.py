@@ -14,7 +14,7 @@ import duckdb
 
 from ..config import FileSource
 from ..errors import ConfigError
-from .staging import FileResult, stage_relation
+from .staging import FileResult, numbered_table, stage_relation
 
 SPATIAL_FORMATS = ("geojson", "gpkg", "shp", "fgb", "spatial")
 
@@ -74,16 +74,20 @@ def stage_files(con: duckdb.DuckDBPyConnection, name: str, src: FileSource) -> l
     results = []
     for path in list_files(src):
         try:
-            con.execute(
-                f"CREATE OR REPLACE TEMP TABLE _file AS SELECT * FROM {reader_sql(src)}",
-                {"path": path},
+            if src.format == "parquet":  # numbered by the reader: no copy needed
+                relation = "(SELECT *, file_row_number + 1 AS _row FROM read_parquet($path, file_row_number = true))"
+                params = {"path": path}
+            else:
+                con.execute(
+                    f"CREATE OR REPLACE TEMP TABLE _file AS SELECT * FROM {reader_sql(src)}",
+                    {"path": path},
+                )
+                relation, params = numbered_table("_file"), {}
+            results.append(
+                stage_relation(con, name, path, relation, mapping, src.entity_type or name, params)
             )
         except duckdb.Error as exc:
             results.append(FileResult(path, 0, _first_line(exc)))
-            continue
-        results.append(
-            stage_relation(con, name, path, "_file", mapping, src.entity_type or name)
-        )
     con.execute("DROP TABLE IF EXISTS _file")
     return results
 

@@ -35,31 +35,45 @@ def _geometry_expr(column: str, duck_type: str) -> str:
     return f"TRY(ST_GeomFromText(CAST({col} AS VARCHAR)))"
 
 
+def numbered_table(table: str) -> str:
+    """A temporary table's rows with ``_row`` counting from 1 in insertion order.
+
+    Rowids follow insertion order but need not start at 0 (they do not in a
+    transaction's local storage): rows are numbered from the first one.
+    """
+    t = quote(table)
+    return f"(SELECT *, rowid - (SELECT min(rowid) FROM {t}) + 1 AS _row FROM {t})"
+
+
 def stage_relation(
     con: duckdb.DuckDBPyConnection,
     source: str,
     file: str,
-    table: str,
+    relation: str,
     mapping: dict[str, str],
     entity_type: str,
+    params: dict | None = None,
 ) -> FileResult:
-    """Append the rows of ``table`` to ``raw_reports`` for ``source``.
+    """Append the rows of ``relation`` to ``raw_reports`` for ``source``.
 
     Parameters
     ----------
     con : DuckDBPyConnection
-        Connection holding both tables.
+        Connection holding ``raw_reports``.
     source, file : str
-        Provenance written on every row; ``row_number`` counts from 1 in
-        the table's insertion order.
-    table : str
-        The (temporary) table holding one file's rows.
+        Provenance written on every row.
+    relation : str
+        A parenthesised query of one file's rows with a column ``_row``
+        numbering them from 1 in file order (see :func:`numbered_table`).
     mapping : dict
-        Canonical column -> column of ``table`` (``geometry`` allowed).
+        Canonical column -> column of ``relation`` (``geometry`` allowed).
     entity_type : str
         Constant entity type when ``entity_type`` is not mapped.
+    params : dict, optional
+        Parameters ``relation`` refers to.
     """
-    described = con.execute(f"DESCRIBE {quote(table)}").fetchall()
+    params = dict(params or {})
+    described = con.execute(f"DESCRIBE SELECT * FROM {relation}", params).fetchall()
     names = {name.lower(): name for name, *_ in described}
     types = {name.lower(): typ for name, typ, *_ in described}
     missing = [c for c in mapping.values() if c.lower() not in names]
@@ -72,7 +86,7 @@ def stage_relation(
     select: dict[str, str] = {
         "source": "$source",
         "file": "$file",
-        "row_number": "rowid + 1",
+        "row_number": "_row",
         "issue": "NULL",
     }
     for canonical in RAW_COLUMNS:
@@ -82,10 +96,9 @@ def stage_relation(
     if "entity_type" not in mapping:
         select["entity_type"] = "$entity_type"
 
-    from_ = quote(table)
     if "geometry" in mapping and not ("lat" in mapping and "lng" in mapping):
         gcol = names[mapping["geometry"].lower()]
-        from_ = f"(SELECT *, {_geometry_expr(gcol, types[gcol.lower()])} AS _g FROM {quote(table)})"
+        relation = f"(SELECT *, {_geometry_expr(gcol, types[gcol.lower()])} AS _g FROM {relation})"
         # A point gives lat/lng; anything else is a reason, not a crash.
         select["lat"] = "CASE WHEN ST_GeometryType(_g) = 'POINT' AND NOT ST_IsEmpty(_g) THEN CAST(ST_Y(_g) AS VARCHAR) END"
         select["lng"] = "CASE WHEN ST_GeometryType(_g) = 'POINT' AND NOT ST_IsEmpty(_g) THEN CAST(ST_X(_g) AS VARCHAR) END"
@@ -99,9 +112,10 @@ def stage_relation(
 
     cols = ", ".join(quote(c) for c in select)
     exprs = ", ".join(select.values())
-    params = {"source": source, "file": file}
+    params.update(source=source, file=file)
     if "entity_type" not in mapping:
         params["entity_type"] = entity_type
-    con.execute(f"INSERT INTO raw_reports ({cols}) SELECT {exprs} FROM {from_}", params)
-    rows = con.execute(f"SELECT count(*) FROM {quote(table)}").fetchone()[0]
+    [(rows,)] = con.execute(
+        f"INSERT INTO raw_reports ({cols}) SELECT {exprs} FROM {relation}", params
+    ).fetchall()
     return FileResult(file, rows)

@@ -1,0 +1,25 @@
+"""`python -m bench [NAME ...]`: run the benchmarks (all by default)."""
+
+from __future__ import annotations
+
+import sys
+
+from . import load
+
+BENCHES = {"load": load.main}
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(BENCHES)
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        print(f"unknown benchmark(s): {', '.join(unknown)} (known: {', '.join(BENCHES)})", file=sys.stderr)
+        return 2
+    ok = True
+    for name in names:
+        ok &= BENCHES[name]()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,62 @@
+"""Shared fixtures: real sample data paths, config files in tmp_path, a fixed as_of."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import extract
+from pipeline.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+AS_OF = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
+IN_CI = bool(os.environ.get("CI"))
+
+
+def shared_file(name: str) -> Path:
+    """A real sample file from ../shared/data (never copied into the repo)."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        if IN_CI:
+            pytest.fail(f"{path} is missing: CI must have ../shared beside the checkout")
+        pytest.skip(f"{path} is not here (needs ../shared/data beside the checkout)")
+    return path
+
+
+@pytest.fixture
+def write_config(tmp_path: Path):
+    """Write a config mapping to tmp_path/hotspots.yaml and return its path."""
+
+    def write(data: dict, name: str = "hotspots.yaml") -> Path:
+        data = {"output": "output", "home": ".hotspots", **data}
+        data.setdefault("tilesets", {name: {"source": name} for name in data["sources"]})
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return write
+
+
+def run_extraction(cfg: Config, as_of: datetime = AS_OF):
+    """Stage and validate every source of cfg; return the validation results."""
+    sources = list(cfg.sources)
+    extract.preflight(cfg, sources)
+    staged = extract.stage(cfg, sources, as_of)
+    return staged, extract.validate(cfg, sources, as_of)
+
+
+@pytest.fixture
+def extract_config(write_config):
+    """Write a config, load it, run extraction; returns (cfg, staged, validated)."""
+
+    def run(data: dict, as_of: datetime = AS_OF):
+        cfg = load_config(write_config(data))
+        staged, validated = run_extraction(cfg, as_of)
+        return cfg, staged, validated
+
+    return run

@@ -1,0 +1,72 @@
+"""`hotspots run` end to end, as a user runs it (a subprocess, a real warehouse)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline import extract, warehouse
+from pipeline.config import load_config
+
+from .conftest import AS_OF
+
+HOTSPOTS = str(Path(sys.executable).parent / "hotspots")
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([HOTSPOTS, "run", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def _config(write_config, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.csv").write_text("id,y,x,t\n1,40.7,-73.9,2026-10-30\n2,,1,2026-10-30\n")
+    return write_config({
+        "sources": {
+            "demo": {"kind": "synthetic", "domain": "campus_issues", "count": 3000},
+            "csv": {"kind": "file", "path": "data/*.csv",
+                    "columns": {"report_id": "id", "lat": "y", "lng": "x", "observed_at": "t"}},
+        },
+        "tilesets": {
+            "campus": {"source": "demo", "profile": "campus_issues", "preset": "emergency"},
+            "points": {"source": "csv"},
+        },
+    })  # fmt: skip
+
+
+def test_run_prints_counts_and_warehouse_and_is_idempotent(write_config, tmp_path):
+    path = _config(write_config, tmp_path)
+    first = _run("--config", str(path), "--as-of", AS_OF.isoformat(), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "csv                           2          1          1" in first.stdout
+    assert f"warehouse: {tmp_path / '.hotspots' / 'warehouse.duckdb'}" in first.stdout
+    second = _run("--config", str(path), "--as-of", AS_OF.isoformat(), cwd=tmp_path)
+    assert second.returncode == 0 and second.stdout == first.stdout
+    cfg = load_config(path)
+    with warehouse.reader(cfg.warehouse_path) as con:
+        rows, distinct = con.execute("SELECT count(*), count(DISTINCT report_id) FROM reports").fetchone()
+    counts = extract.conservation(cfg.warehouse_path, ["demo", "csv"])
+    assert rows == distinct == sum(c.valid for c in counts)
+    assert [c.read for c in counts] == [3000, 2] and all(c.holds for c in counts)
+
+
+def test_run_one_tileset_reads_only_its_source(write_config, tmp_path):
+    path = _config(write_config, tmp_path)
+    out = _run("--config", str(path), "--tileset", "points", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "csv" in out.stdout and "demo" not in out.stdout
+
+
+def test_config_from_env_and_cwd(write_config, tmp_path):
+    _config(write_config, tmp_path)
+    out = _run(cwd=tmp_path)  # ./hotspots.yaml
+    assert out.returncode == 0, out.stderr
+
+
+def test_a_failing_step_exits_1_with_a_one_line_reason(write_config, tmp_path):
+    path = _config(write_config, tmp_path)
+    (tmp_path / ".hotspots" / "warehouse.duckdb").mkdir(parents=True)  # not a database file
+    out = _run("--config", str(path), cwd=tmp_path)
+    assert out.returncode == 1
+    assert "hotspots: step raw_reports failed:" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,164 @@
+"""Config loading: good files load with paths resolved; bad ones name the key and the reason."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from assets.cli import main
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+
+from .conftest import REPO
+
+CSV = {"kind": "file", "path": "data/*.csv", "columns": {"lat": "y", "lng": "x", "observed_at": "t"}}
+
+
+def base() -> dict:
+    return {
+        "sources": {"s": copy.deepcopy(CSV)},
+        "tilesets": {"t": {"source": "s", "profile": "generic"}},
+    }
+
+
+def test_default_config_loads_with_four_seed_profiles():
+    cfg = load_config(REPO / "hotspots.yaml")
+    assert {t.profile for t in cfg.tilesets.values()} == {
+        "community_needs", "road_conditions", "campus_issues", "rail_disruptions",
+    }  # fmt: skip
+    assert all(s.kind == "synthetic" for s in cfg.sources.values())
+    assert cfg.home.is_absolute() and cfg.output.is_absolute()
+
+
+def test_relative_paths_resolve_against_the_config_file(write_config, tmp_path, monkeypatch):
+    monkeypatch.chdir("/")
+    cfg = load_config(write_config(base()))
+    assert cfg.sources["s"].path == str(tmp_path / "data" / "*.csv")
+    assert cfg.warehouse_path == tmp_path / ".hotspots" / "warehouse.duckdb"
+    assert cfg.tilesets["t"].maxzoom == 14 and cfg.tilesets["t"].cell_detail == 6
+
+
+def _set(data: dict, dotted: str, value) -> dict:
+    *parents, last = dotted.split(".")
+    node = data
+    for key in parents:
+        node = node.setdefault(key, {})
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return data
+
+
+_DELETE = object()
+
+BAD = [
+    ("tilesets.t.profile", "nope", "tilesets.t.profile", "generic"),
+    ("tilesets.t.source", "missing", "tilesets.t.source", "unknown source 'missing'"),
+    ("tilesets.t.maxzoom", -1, "tilesets.t.maxzoom", "greater than or equal to 0"),
+    ("tilesets.t.minzoom", 15, "tilesets.t.maxzoom", "must be >= minzoom (15)"),
+    ("tilesets.t.preset", "emergency", "tilesets.t.preset", "unknown preset 'emergency' for profile generic"),
+    ("tilesets.t.strata_detail", 6, "tilesets.t.strata_detail", "must be < cell_detail (6)"),
+    ("tilesets.t.colour", "red", "tilesets.t.colour", "unknown key"),
+    ("tilesets.t.as_of", "yesterday", "tilesets.t.as_of", "datetime"),
+    ("sources.s.kind", "ftp", "sources.s", "unknown kind 'ftp'"),
+    ("sources.s.kind", _DELETE, "sources.s", "missing `kind:`"),
+    ("sources.s.format", "xlsx", "sources.s.format", "'csv'"),
+    ("sources.s.columns.lattitude", "y", "sources.s.columns.lattitude", "unknown key"),
+    ("sources.s.columns.observed_at", _DELETE, "sources.s", "observed_at: required"),
+    ("sources.s.columns.lat", _DELETE, "sources.s", "map lat and lng, or geometry"),
+    ("sources.s.rules.rate_limit_per_hour", 0, "sources.s.rules.rate_limit_per_hour", "greater than or equal to 1"),
+    ("home", "output/state", "home", "must not be inside output"),
+    ("sources", {}, "sources", "at least one source"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "where", "reason"), BAD, ids=[b[0] + "=" + str(b[1])[:12] for b in BAD])
+def test_bad_config_names_key_and_reason(write_config, key, value, where, reason):
+    path = write_config(_set(base(), key, value))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == where
+    assert reason in info.value.reason
+    assert str(info.value).startswith(f"{path}: {where}: ")
+
+
+def test_bad_source_name_is_refused(write_config):
+    data = base()
+    data["sources"] = {"../escape": copy.deepcopy(CSV)}
+    data["tilesets"]["t"]["source"] = "../escape"
+    with pytest.raises(ConfigError) as info:
+        load_config(write_config(data))
+    assert info.value.key == "sources.../escape" and "lowercase" in info.value.reason
+
+
+def test_bad_synthetic_bbox(write_config):
+    data = base()
+    data["sources"]["s"] = {"kind": "synthetic", "domain": "road_conditions", "bbox": [10, 0, 5, 1]}
+    with pytest.raises(ConfigError) as info:
+        load_config(write_config(data))
+    assert info.value.key == "sources.s.bbox" and "west < east" in info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [("sources: [unclosed", "not valid YAML at line 1"), ("- a list", "must be a mapping")],
+)
+def test_not_yaml_or_not_a_mapping(tmp_path, text, reason):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=reason):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_cli_exits_2_with_key_path_on_bad_config(write_config, capsys):
+    path = write_config(_set(base(), "tilesets.t.minzoom", 15))
+    assert main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"hotspots: {path}: tilesets.t.maxzoom: must be >= minzoom (15), got 14"
+
+
+def test_cli_exits_2_on_glob_matching_nothing(write_config, capsys):
+    path = write_config(base())
+    assert main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "source s: path" in err and err.strip().endswith("matches no file")
+
+
+def test_cli_exits_2_on_unknown_column(write_config, tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.csv").write_text("y,x,when\n1,2,2026-01-01\n")
+    path = write_config(base())
+    assert main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "sources.s.columns.observed_at: column 't' is not in" in err and "(it has: y, x, when)" in err
+
+
+def test_cli_exits_2_on_unknown_tileset_and_bad_as_of(write_config, tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.csv").write_text("y,x,t\n1,2,2026-01-01\n")
+    path = write_config(base())
+    assert main(["run", "--config", str(path), "--tileset", "zzz"]) == 2
+    assert "--tileset: unknown tileset 'zzz' (known: t)" in capsys.readouterr().err
+    assert main(["run", "--config", str(path), "--as-of", "soon"]) == 2
+    assert "as_of: not an ISO 8601 time: 'soon'" in capsys.readouterr().err
+
+
+def test_cli_bad_config_is_one_line_without_traceback(write_config):
+    path = write_config(_set(base(), "tilesets.t.profile", "heat"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "assets.cli", "run", "--config", str(path)],
+        capture_output=True, text=True, cwd=Path(path).parent,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "tilesets.t.profile" in proc.stderr

@@ -1,0 +1,80 @@
+"""Synthetic sources: deterministic, clustered, and carrying every seed domain's fields."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import numpy as np
+import pytest
+
+from pipeline.config import SyntheticSource
+from pipeline.sources.synthetic import DEFECTS, generate, positions
+
+from .conftest import AS_OF
+
+DOMAIN_FIELDS = {
+    "community_needs": {"entity_type", "entity_id", "category", "severity", "expires_at", "is_public"},
+    "road_conditions": {"category", "severity", "upvotes", "session_token", "activity", "description"},
+    "campus_issues": {"category", "priority", "status", "severity", "organization", "building"},
+    "rail_disruptions": {"entity_id", "departures", "cancellations", "delays"},
+}
+
+
+def _src(domain, **kw):
+    return SyntheticSource(kind="synthetic", domain=domain, **kw)
+
+
+@pytest.mark.parametrize("domain", sorted(DOMAIN_FIELDS))
+def test_same_seed_same_rows_other_seed_other_rows(domain):
+    a = generate(_src(domain, count=3000, seed=7), AS_OF)
+    b = generate(_src(domain, count=3000, seed=7), AS_OF)
+    c = generate(_src(domain, count=3000, seed=8), AS_OF)
+    assert a.equals(b)
+    assert not a.equals(c)
+    assert a.num_rows == 3000
+    assert DOMAIN_FIELDS[domain] <= set(a.column_names)
+    assert all(a[name].type == "string" for name in a.column_names)
+
+
+def test_positions_cluster_more_than_uniform():
+    rng = np.random.default_rng(0)
+    lng, lat, cluster = positions(rng, 50_000, (0.0, 0.0, 1.0, 1.0))
+    assert (0 <= lng).all() and (lng <= 1).all() and (0 <= lat).all() and (lat <= 1).all()
+    counts = np.bincount((np.floor(lng * 99.999) * 100 + np.floor(lat * 99.999)).astype(int), minlength=10_000)
+    top = np.sort(counts)[::-1]
+    assert top[:100].sum() > 0.15 * counts.sum()  # 1% of the area holds >15% (uniform: 1%)
+    assert (counts > 0).mean() > 0.5  # and the sparse background still reaches most of it
+    assert (cluster == -1).mean() == pytest.approx(0.35, abs=0.02)
+
+
+def test_domain_values_follow_the_seeds():
+    roads = generate(_src("road_conditions", count=5000, bad_fraction=0), AS_OF).to_pydict()
+    assert set(roads["severity"]) == {"1", "2", "3"}
+    assert len(set(roads["category"])) == 14
+    needs = generate(_src("community_needs", count=5000, bad_fraction=0), AS_OF).to_pydict()
+    assert {(c, s) for c, s in zip(needs["category"], needs["severity"])} == {
+        ("urgent", "10"), ("notice", "5"), ("info", "1"),
+    }  # fmt: skip
+    # an entity has one location, however many notes it has
+    by_entity = {}
+    for e, la, ln in zip(needs["entity_id"], needs["lat"], needs["lng"]):
+        by_entity.setdefault(e, set()).add((la, ln))
+    assert max(len(v) for v in by_entity.values()) == 1 and len(by_entity) < 5000
+    rail = generate(_src("rail_disruptions", count=5000, bad_fraction=0), AS_OF).to_pydict()
+    healthy = sum(c == "0" and d == "0" for c, d in zip(rail["cancellations"], rail["delays"]))
+    assert 0.3 < healthy / 5000 < 0.5
+
+
+def test_defects_reach_validation(extract_config):
+    src = {"kind": "synthetic", "domain": "road_conditions", "count": 20_000, "bad_fraction": 0.005}
+    _, _, v = extract_config({"sources": {"demo": src}})
+    rejected = v["demo"].rejected
+    assert set(rejected) == set(DEFECTS) | {"rate_limited"}
+    assert rejected["rate_limited"] == 10  # a flood of 40 in 20 minutes: 30 pass
+    assert v["demo"].read == 20_000 == v["demo"].valid + v["demo"].rejected_total
+
+
+def test_times_lie_in_the_window_before_as_of():
+    t = generate(_src("campus_issues", count=2000, days=10, bad_fraction=0), AS_OF)
+    parsed = [datetime.fromisoformat(x.replace("Z", "+00:00")) for x in t["observed_at"].to_pylist()]
+    assert min(parsed) >= AS_OF - timedelta(days=10) and max(parsed) <= AS_OF
