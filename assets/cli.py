@@ -11,14 +11,15 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timezone
 
 import dagster as dg
 
-from pipeline import extract
+from pipeline import build, extract
 from pipeline.config import ConfigError, check_inputs, load_config, parse_as_of
 from pipeline.errors import HotspotsError
 
-from .definitions import JOB_NAME, build_definitions
+from .location import EXTRACT_JOB, PUBLISH_JOB, build_definitions
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,40 +45,62 @@ def _run(args: argparse.Namespace) -> int:
     for name in args.tileset:
         if name not in cfg.tilesets:
             raise ConfigError("--tileset", f"unknown tileset {name!r} (known: {', '.join(cfg.tilesets)})")
-    as_of = parse_as_of(args.as_of).isoformat() if args.as_of else None
-    sources = cfg.sources_for(args.tileset)
+    tilesets = args.tileset or list(cfg.tilesets)
+    # one as_of for every run of this command, so its tilesets agree
+    as_of = parse_as_of(args.as_of) if args.as_of else None
+    sources = cfg.sources_for(tilesets)
     check_inputs(cfg, sources)
     extract.preflight(cfg, sources)
 
     defs = build_definitions(cfg.file)
-    job = defs.resolve_job_def(JOB_NAME)
-    params = {"as_of": as_of, "tilesets": args.tileset}
-    ops = [node.name for node in job.graph.node_defs]
-    run_config = {
-        "ops": {op: {"config": params} for op in ops if _takes_params(job, op)},
-        "loggers": {"console": {"config": {"log_level": "INFO" if args.verbose else "WARNING"}}},
-    }
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
-    result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
-    if not result.success:
-        for event in result.all_events:
-            if event.is_step_failure:
-                print(f"hotspots: step {event.step_key} failed: {event.step_failure_data.error.message.strip()}",
-                      file=sys.stderr)
+    now = as_of or datetime.now(timezone.utc).replace(microsecond=0)
+    params = {"as_of": as_of.isoformat() if as_of else None, "tilesets": tilesets}
+    if not _execute(defs, EXTRACT_JOB, params, instance, args.verbose):
         return 1
-    _summary(cfg, sources)
+    _print_extraction(cfg, sources)
+    for name in tilesets:
+        # tileset as_of (YAML) applies unless --as-of was given
+        ts_params = {**params, "as_of": (as_of or cfg.tilesets[name].as_of or now).isoformat()}
+        if not _execute(defs, PUBLISH_JOB, ts_params, instance, args.verbose, partition=name):
+            return 1
+        _print_tileset(cfg, name)
     return 0
 
 
-def _takes_params(job: dg.JobDefinition, op: str) -> bool:
-    return job.graph.node_named(op).definition.config_schema is not None
+def _execute(defs, job_name, params, instance, verbose, partition=None) -> bool:
+    job = defs.resolve_job_def(job_name)
+    run_config = {
+        "ops": {node.name: {"config": params} for node in job.graph.node_defs if node.config_schema is not None},
+        "loggers": {"console": {"config": {"log_level": "INFO" if verbose else "WARNING"}}},
+    }
+    result = job.execute_in_process(
+        run_config=run_config, instance=instance, partition_key=partition, raise_on_error=False
+    )
+    if result.success:
+        return True
+    for event in result.all_events:
+        if event.is_step_failure:
+            message = event.step_failure_data.error.message.strip()
+            print(f"hotspots: step {event.step_key} failed: {message}", file=sys.stderr)
+    return False
 
 
-def _summary(cfg, sources: list[str]) -> None:
+def _print_extraction(cfg, sources: list[str]) -> None:
     print(f"{'source':<20} {'read':>10} {'valid':>10} {'rejected':>10}")
     for row in extract.conservation(cfg.warehouse_path, sources):
         print(f"{row.source:<20} {row.read:>10,} {row.valid:>10,} {row.rejected:>10,}")
     print(f"warehouse: {cfg.warehouse_path} (tables reports, rejected_reports)")
+
+
+def _print_tileset(cfg, name: str) -> None:
+    s = build.read_scoring(cfg, name)
+    excluded = ", ".join(f"{r} {n:,}" for r, n in s["excluded"].items()) or "none"
+    zooms = build.read_cells(cfg, name)
+    print(f"tileset {name}: {s['scored']:,} scored, excluded: {excluded}; as_of {s['as_of']}")
+    if zooms:
+        print(f"  cells z{zooms[0]['z']}-z{zooms[-1]['z']}: "
+              f"{sum(z['cells'] for z in zooms):,} cells -> {build.work_dir(cfg, name) / 'cells'}")
 
 
 if __name__ == "__main__":

@@ -16,16 +16,24 @@ class RunParams(dg.Config):
     tilesets: list[str] = []  # tilesets to build; empty: all of them
 
 
-def resolve_as_of(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, params: RunParams) -> datetime:
-    """The run's ``as_of``: as given, else when the run was created.
+Context = dg.AssetExecutionContext | dg.AssetCheckExecutionContext
 
-    Every step of a run resolves the same value, even in separate processes.
-    """
-    if params.as_of:
-        return parse_as_of(params.as_of)
+
+def run_start(context: Context) -> datetime:
+    """When the run was created (UTC, whole seconds): the same in every step of a run."""
     record = context.instance.get_run_record_by_id(context.run_id)
     created = record.create_timestamp if record else datetime.now(timezone.utc)
     return created.astimezone(timezone.utc).replace(microsecond=0)
+
+
+def given_as_of(params: RunParams) -> datetime | None:
+    """The ``as_of`` given in run config, if any."""
+    return parse_as_of(params.as_of) if params.as_of else None
+
+
+def resolve_as_of(context: Context, params: RunParams) -> datetime:
+    """The run's ``as_of``: as given, else when the run was created."""
+    return given_as_of(params) or run_start(context)
 
 
 def selected_sources(cfg: Config, params: RunParams) -> list[str]:

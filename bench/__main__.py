@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from . import load
+from . import load, pyramid
 
-BENCHES = {"load": load.main}
+BENCHES = {"load": load.main, "pyramid": pyramid.main}
 
 
 def main(argv: list[str]) -> int:

@@ -26,16 +26,15 @@ from pydantic import (
 
 from .defaults import DEFAULTS
 from .errors import ConfigError, InputPathError
+from .profiles import PRESETS as PRESET_VALUES
+from .profiles import PROFILES as PROFILE_VALUES
 from .schema import MAPPABLE
 
 CONFIG_ENV = "HOTSPOTS_CONFIG"
 DEFAULT_CONFIG_NAME = "hotspots.yaml"
 
-PROFILES = ("generic", "community_needs", "road_conditions", "campus_issues", "rail_disruptions")
-# Seed 002's presets; the values live with the profile (pipeline/profiles.py).
-PRESETS: dict[str, tuple[str, ...]] = {
-    "campus_issues": ("emergency", "maintenance", "overview", "building"),
-}
+PROFILES = tuple(PROFILE_VALUES)
+PRESETS: dict[str, tuple[str, ...]] = {name: tuple(p) for name, p in PRESET_VALUES.items()}
 FILE_FORMATS = ("csv", "parquet", "ndjson", "geojson", "gpkg", "shp", "fgb", "spatial")
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"  # becomes a folder name under output/
 
@@ -140,14 +139,63 @@ class SyntheticSource(_Strict):
 Source = Annotated[Union[FileSource, SyntheticSource], Field(discriminator="kind")]
 
 
+PositiveDays = Annotated[float, Field(gt=0)]
+
+
+class DecayConfig(_Strict):
+    """Overrides of a profile's decay (see :class:`pipeline.profiles.Decay`)."""
+
+    mode: Literal["none", "half_life", "time_constant", "normalized_exponential"] | None = None
+    # one value for every category, or per category class / category / "default"
+    days: PositiveDays | dict[str, PositiveDays] | None = None
+    factor: float | None = Field(None, ge=0)
+    max_age_days: PositiveDays | None = None
+
+
+class Scoring(_Strict):
+    """Overrides of a profile (``None`` keeps the profile's value)."""
+
+    decay: DecayConfig = DecayConfig()
+    score: Literal["sum", "mean", "boosted_count"] | None = None
+    normalize: Literal["max", "minmax"] | None = None
+    severity_weight_multiplier: float | None = Field(None, ge=0)
+    upvote_weight: float | None = Field(None, ge=0)
+    max_age_days: PositiveDays | None = None
+    metrics: list[Literal["departures", "cancellations", "delays"]] | None = Field(None, min_length=1)
+    representative: Literal["score", "busiest"] | None = None
+    priority_boost: dict[str, Annotated[float, Field(ge=0)]] | None = None
+    category_severity: dict[str, float] | None = None
+
+
+class FilterConfig(_Strict):
+    """Which reports a tileset keeps (seed 000's entity type, seed 001's
+    activity, seed 002's filters); an absent key keeps everything."""
+
+    entity_types: list[str] | None = None
+    categories: list[str] | None = None
+    priorities: list[str] | None = None
+    statuses: list[str] | None = None
+    buildings: list[str] | None = None
+    organizations: list[str] | None = None
+    activities: list[str] | None = None
+    min_severity: float | None = None
+    start_date: datetime | None = None
+    end_date: datetime | None = None
+
+    @field_validator("start_date", "end_date")
+    @classmethod
+    def _utc(cls, v: datetime | None) -> datetime | None:
+        return None if v is None else as_utc(v)
+
+
 class Tileset(_Strict):
     """A named profile + preset + filters + zoom range + budgets over one source."""
 
     source: str
     profile: Literal[PROFILES] = "generic"  # type: ignore[valid-type]
     preset: str | None = None
-    scoring: dict[str, Any] = Field(default_factory=dict)
-    filters: dict[str, Any] = Field(default_factory=dict)
+    scoring: Scoring = Scoring()
+    filters: FilterConfig = FilterConfig()
     minzoom: int = Field(DEFAULTS.minzoom, ge=0, le=20)
     maxzoom: int = Field(DEFAULTS.maxzoom, ge=0, le=20)
     cell_detail: int = Field(DEFAULTS.cell_detail, ge=1, le=10)
@@ -172,6 +220,12 @@ class Tileset(_Strict):
             raise _KeyError(
                 "preset", f"unknown preset {self.preset!r} for profile {self.profile} (known: {known})"
             )
+        if self.preset is not None:
+            for key in PRESET_VALUES[self.profile][self.preset].needs:
+                if not getattr(self.filters, key):
+                    raise _KeyError(f"filters.{key}", f"preset {self.preset} needs a list of {key}")
+        if self.maxzoom + self.cell_detail > 30:
+            raise _KeyError("cell_detail", f"maxzoom + cell_detail must be <= 30, got {self.maxzoom + self.cell_detail}")
         return self
 
     @field_validator("as_of")

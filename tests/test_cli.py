@@ -40,6 +40,9 @@ def test_run_prints_counts_and_warehouse_and_is_idempotent(write_config, tmp_pat
     assert first.returncode == 0, first.stderr
     assert "csv                           2          1          1" in first.stdout
     assert f"warehouse: {tmp_path / '.hotspots' / 'warehouse.duckdb'}" in first.stdout
+    assert "tileset points: 1 scored, excluded: none; as_of 2026-11-01T12:00:00+00:00" in first.stdout
+    assert f"cells z0-z14: 15 cells -> {tmp_path / '.hotspots' / 'work' / 'points' / 'cells'}" in first.stdout
+    assert "tileset campus:" in first.stdout
     second = _run("--config", str(path), "--as-of", AS_OF.isoformat(), cwd=tmp_path)
     assert second.returncode == 0 and second.stdout == first.stdout
     cfg = load_config(path)
@@ -55,6 +58,8 @@ def test_run_one_tileset_reads_only_its_source(write_config, tmp_path):
     out = _run("--config", str(path), "--tileset", "points", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "csv" in out.stdout and "demo" not in out.stdout
+    assert "tileset points:" in out.stdout and "tileset campus" not in out.stdout
+    assert not (tmp_path / ".hotspots" / "work" / "campus").exists()
 
 
 def test_config_from_env_and_cwd(write_config, tmp_path):

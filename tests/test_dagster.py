@@ -15,7 +15,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from assets.definitions import JOB_NAME, build_definitions
+from assets.location import EXTRACT_JOB, PUBLISH_JOB, build_definitions
 from assets.extraction import conservation, raw_reports, validated_reports
 from resources import HotspotsResource
 
@@ -56,20 +56,45 @@ def test_definitions_load(small_config):
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {"raw_reports", "reports", "rejected_reports"}
-    assert defs.resolve_job_def(JOB_NAME) is not None
-    check_keys = {k.name for k in graph.asset_check_keys}
-    assert check_keys == {"conservation"}
+    assert keys == {"raw_reports", "reports", "rejected_reports", "scored_reports", "cells"}
+    assert {k.name for k in graph.asset_check_keys} == {
+        "conservation", "scoring_conservation", "pyramid_conservation",
+    }  # fmt: skip
+    publish = defs.resolve_job_def(PUBLISH_JOB)
+    assert publish.partitions_def.get_partition_keys() == ["rail", "roads"]
+    assert defs.resolve_job_def(EXTRACT_JOB).partitions_def is None
 
 
 def test_materialize_everything(small_config, tmp_path):
+    defs = build_definitions(small_config)
+    instance = dg.DagsterInstance.ephemeral()
+    assets = list(defs.assets)
+    checks = list(defs.asset_checks)
     result = dg.materialize(
         [raw_reports, validated_reports, conservation],
         resources={"hotspots": HotspotsResource(config_path=str(small_config))},
         run_config=_params(*ALL_OPS),
-        instance=dg.DagsterInstance.ephemeral(),
+        instance=instance,
     )
     assert result.success
+    for tileset in ("roads", "rail"):
+        published = dg.materialize(
+            [*assets, *checks],
+            selection=dg.AssetSelection.assets("scored_reports", "cells"),
+            partition_key=tileset,
+            resources={"hotspots": HotspotsResource(config_path=str(small_config))},
+            run_config=_params("scored_reports"),
+            instance=instance,
+        )
+        assert published.success
+        evaluations = {e.check_name: e.passed for e in published.get_asset_check_evaluations()}
+        assert evaluations == {"scoring_conservation": True, "pyramid_conservation": True}
+        meta = {
+            e.materialization.asset_key.to_user_string(): e.materialization.metadata
+            for e in published.get_asset_materialization_events()
+        }
+        assert "| 14 |" in meta["cells"]["zooms"].value and "| 0 |" in meta["cells"]["zooms"].value
+        assert (tmp_path / ".hotspots" / "work" / tileset / "cells" / "zoom=14" / "cells.parquet").exists()
     mats = {
         e.materialization.asset_key.to_user_string(): e.materialization.metadata
         for e in result.get_asset_materialization_events()
@@ -84,6 +109,7 @@ def test_materialize_everything(small_config, tmp_path):
     assert check.passed and check.check_name == "conservation"
     assert (tmp_path / ".hotspots" / "warehouse.duckdb").exists()
     assert not any((tmp_path / "output").glob("**/*.duckdb"))
+    assert not any((tmp_path / "output").glob("**/scored.parquet"))
 
 
 def test_conservation_check_fails_when_a_row_goes_missing(small_config):

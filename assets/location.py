@@ -1,0 +1,50 @@
+"""Builds the Dagster definitions of Hotspots over one config file.
+
+``assets/definitions.py`` (what ``workspace.yaml`` loads) calls it with the
+default config; the CLI calls it with ``--config``. Importing this module
+loads no config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from pipeline.config import default_config_path, load_config
+from resources import HotspotsResource
+
+from .extraction import conservation, raw_reports, validated_reports
+from .tilesets import tileset_assets
+
+EXTRACT_JOB = "extract"
+PUBLISH_JOB = "publish"
+
+
+def build_definitions(config_path: str | Path | None = None) -> dg.Definitions:
+    """Definitions of every asset, check and job, over one config file.
+
+    The tilesets of the config are the partitions of the per-tileset assets.
+    """
+    path = (Path(config_path) if config_path else default_config_path()).resolve()
+    cfg = load_config(path)
+    partitions = dg.StaticPartitionsDefinition(sorted(cfg.tilesets))
+    per_tileset, per_tileset_checks = tileset_assets(partitions)
+    extract_job = dg.define_asset_job(
+        EXTRACT_JOB,
+        selection=dg.AssetSelection.assets(raw_reports, validated_reports),
+        description="Read every source into the warehouse and validate it.",
+    )
+    publish_job = dg.define_asset_job(
+        PUBLISH_JOB,
+        selection=dg.AssetSelection.assets(*per_tileset),
+        partitions_def=partitions,
+        description="Score, build and publish one tileset (a partition).",
+    )
+    return dg.Definitions(
+        assets=[raw_reports, validated_reports, *per_tileset],
+        asset_checks=[conservation, *per_tileset_checks],
+        jobs=[extract_job, publish_job],
+        resources={"hotspots": HotspotsResource(config_path=str(path))},
+    )
+

@@ -1,0 +1,124 @@
+"""Per-tileset assets (partitioned by tileset): scored reports, then the cell pyramid.
+
+No ``from __future__ import annotations``: Dagster reads the ``config:`` annotation.
+"""
+
+import time
+import warnings
+
+import dagster as dg
+
+from pipeline import build
+from resources import HotspotsResource
+
+from .common import RunParams, given_as_of, markdown_table, run_start
+
+
+def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
+    """The per-tileset assets and their checks, over the tilesets' partitions.
+
+    Partitioned asset checks (a result per tileset) are a Dagster preview
+    feature; its warning is silenced here, where it is used on purpose.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        return _tileset_assets(partitions)
+
+
+def _tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
+    @dg.asset(
+        partitions_def=partitions,
+        deps=["reports"],
+        group_name="tilesets",
+        kinds={"polars"},
+        description="Each valid report of the tileset's source weighted by its profile, "
+        "or excluded with a reason (private: `<home>/work/<tileset>/scored.parquet`).",
+    )
+    def scored_reports(
+        context: dg.AssetExecutionContext, config: RunParams, hotspots: HotspotsResource
+    ) -> dg.MaterializeResult:
+        cfg, name = hotspots.load(), context.partition_key
+        as_of = build.tileset_as_of(cfg, name, given_as_of(config), run_start(context))
+        result = build.score_tileset(cfg, name, as_of)
+        ts = cfg.tilesets[name]
+        return dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": result.scored.height,
+                "valid": result.valid,
+                "excluded": markdown_table(
+                    ["reason", "reports"], [[r, n] for r, n in result.excluded.items()] or [["none", 0]]
+                ),
+                "profile": f"{ts.profile}" + (f" / {ts.preset}" if ts.preset else ""),
+                "as_of": as_of.isoformat(),
+                "path": dg.MetadataValue.path(str(build.work_dir(cfg, name) / "scored.parquet")),
+            }
+        )
+
+    @dg.asset_check(
+        asset=scored_reports,
+        partitions_def=partitions,
+        blocking=True,
+        description="valid = scored + excluded, and scored.parquet holds every scored report.",
+    )
+    def scoring_conservation(context: dg.AssetCheckExecutionContext, hotspots: HotspotsResource):
+        cfg, name = hotspots.load(), context.partition_key
+        summary = build.read_scoring(cfg, name)
+        rows = build.parquet_rows(build.work_dir(cfg, name) / "scored.parquet")
+        excluded = sum(summary["excluded"].values())
+        return dg.AssetCheckResult(
+            passed=summary["valid"] == summary["scored"] + excluded and rows == summary["scored"],
+            metadata={"valid": summary["valid"], "scored": rows, "excluded": excluded},
+        )
+
+    @dg.asset(
+        partitions_def=partitions,
+        deps=[scored_reports],
+        group_name="tilesets",
+        kinds={"polars", "parquet"},
+        description="Tile-aligned cells for every zoom, rolled up from the finest "
+        "(`<home>/work/<tileset>/cells/zoom=<z>/cells.parquet`, GeoParquet 1.1).",
+    )
+    def cells(context: dg.AssetExecutionContext, hotspots: HotspotsResource) -> dg.MaterializeResult:
+        cfg, name = hotspots.load(), context.partition_key
+        started = time.perf_counter()
+        zooms = build.build_cells(cfg, name)
+        seconds = round(time.perf_counter() - started, 3)
+        top = build.top_cells(cfg, name, 5)
+        return dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": sum(z.cells for z in zooms),
+                "zooms": markdown_table(
+                    ["z", "cells", "reports", "weight", "max score", "bytes"],
+                    [[z.z, z.cells, z.reports, z.weight, z.max_score, z.bytes] for z in zooms],
+                ),
+                "top_cells": markdown_table(
+                    ["quadkey", "reports", "score", "top category", "lng", "lat"],
+                    [[r["quadkey"], r["report_count"], r["score"], r["top_category"], r["lng"], r["lat"]] for r in top],
+                ),
+                "seconds": seconds,
+                "path": dg.MetadataValue.path(str(build.work_dir(cfg, name) / "cells")),
+            }
+        )
+
+    @dg.asset_check(
+        asset=cells,
+        partitions_def=partitions,
+        blocking=True,
+        description="At every zoom: Σ report_count = scored reports, Σ weight = their weight "
+        "(1e-9 relative), and every centroid inside its cell.",
+    )
+    def pyramid_conservation(context: dg.AssetCheckExecutionContext, hotspots: HotspotsResource):
+        cfg, name = hotspots.load(), context.partition_key
+        rows = build.check_pyramid(cfg, name)
+        return dg.AssetCheckResult(
+            passed=all(r.holds for r in rows),
+            metadata={
+                "zooms": markdown_table(
+                    ["z", "reports", "expected", "weight", "expected", "centroids inside", "holds"],
+                    [[r.z, r.reports, r.expected_reports, r.weight, r.expected_weight, r.centroids_inside, r.holds]
+                     for r in rows],
+                )
+            },
+        )
+
+    return [scored_reports, cells], [scoring_conservation, pyramid_conservation]

@@ -1,0 +1,269 @@
+"""Scoring: each valid report of a tileset's source becomes a weight, or is excluded with a reason.
+
+Exclusion is not rejection: a report that does not count for this tileset at
+this ``as_of`` (expired, too old, a category the profile does not know, ...)
+stays in the warehouse and is counted here by reason, so that
+``valid = scored + excluded`` per tileset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from datetime import datetime
+from pathlib import Path
+from typing import NamedTuple
+
+import polars as pl
+
+from . import warehouse
+from .config import Tileset
+from .profiles import PRESETS, PROFILES, Decay, Filters, Profile, _frozen
+from .schema import METRICS as METRIC_COLUMNS
+
+# Reasons, in the order they are tested; a report takes the first that applies.
+EXCLUSIONS = (
+    "not_public",  # is_public = false: never counted, never published
+    "after_as_of",  # observed after the tileset's as_of
+    "expired",  # expires_at <= as_of (seed 000's active notes)
+    "too_old",  # older than max_age_days
+    "unknown_category",  # not a category the profile knows (or has no decay for)
+    "severity_out_of_range",  # outside the profile's severity range
+    "filtered_out",  # fails one of the tileset's filters
+    "folded_into_entity",  # seed 000: another active note of the same entity and location
+)
+SCORED_COLUMNS = ("lat", "lng", "observed_at", "category", "weight", "severity_boost", "decay")
+READ_COLUMNS = (
+    "report_id", "entity_type", "entity_id", "lat", "lng", "observed_at", "expires_at", "category",
+    "severity", "priority", "status", "organization", "building", "activity", "upvotes",
+    "departures", "cancellations", "delays", "is_public",
+)  # fmt: skip  -- never session_token or description
+DAY_US = 86_400 * 10**6
+
+
+class ScoreResult(NamedTuple):
+    """Scored reports of one tileset and what was excluded."""
+
+    scored: pl.DataFrame
+    valid: int
+    excluded: dict[str, int]
+
+    @property
+    def holds(self) -> bool:
+        """``valid = scored + excluded``."""
+        return self.valid == self.scored.height + sum(self.excluded.values())
+
+
+def resolve(tileset: Tileset) -> tuple[Profile, Filters]:
+    """A tileset's profile and filters: profile <- preset <- the tileset's overrides."""
+    profile, filters = PROFILES[tileset.profile], Filters()
+    if tileset.preset:
+        preset = PRESETS[tileset.profile][tileset.preset]
+        profile, filters = preset.apply(profile), preset.filters
+
+    s, d = tileset.scoring, tileset.scoring.decay
+    days = profile.decay.days
+    if d.days is not None:
+        days = _frozen({"default": d.days} if isinstance(d.days, (int, float)) else d.days)
+    decay = Decay(
+        mode=d.mode or profile.decay.mode,
+        days=days,
+        factor=profile.decay.factor if d.factor is None else d.factor,
+        max_age_days=d.max_age_days or profile.decay.max_age_days,
+    )
+    overrides = {
+        k: getattr(s, k)
+        for k in ("score", "normalize", "severity_weight_multiplier", "upvote_weight",
+                  "max_age_days", "representative")
+        if getattr(s, k) is not None
+    }  # fmt: skip
+    if s.metrics is not None:
+        overrides["metrics"] = tuple(s.metrics)
+    if s.priority_boost is not None:
+        overrides["priority_boost"] = _frozen(s.priority_boost)
+    if s.category_severity is not None:
+        overrides["category_severity"] = _frozen(s.category_severity)
+    profile = replace(profile, decay=decay, **overrides)
+
+    given = {f.name: getattr(tileset.filters, f.name) for f in fields(Filters)}
+    filters = replace(
+        filters,
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None},
+    )
+    return profile, filters
+
+
+def age_days(as_of: datetime) -> pl.Expr:
+    """Age in days at ``as_of`` (never negative)."""
+    return ((pl.lit(as_of) - pl.col("observed_at")).dt.total_microseconds() / DAY_US).clip(lower_bound=0.0)
+
+
+def decay_days(profile: Profile) -> pl.Expr:
+    """Half-life / time constant of each report: by category, then its class, then "default"."""
+    days = profile.decay.days
+    per_category = {c: days[k] for c, k in profile.category_class.items() if k in days}
+    per_category.update({k: v for k, v in days.items() if k not in profile.category_class.values()})
+    per_category.pop("default", None)
+    return pl.col("category").replace_strict(
+        per_category, default=days.get("default"), return_dtype=pl.Float64
+    )
+
+
+def decay(profile: Profile, as_of: datetime) -> pl.Expr:
+    """Decay factor in [0, 1] of each report."""
+    d = profile.decay
+    if d.mode == "half_life":
+        return pl.lit(0.5) ** (age_days(as_of) / decay_days(profile))
+    if d.mode == "time_constant":  # seed 001's literal exp(-age/τ)
+        return (-age_days(as_of) / decay_days(profile)).exp()
+    if d.mode == "normalized_exponential":  # seed 002
+        return (-d.factor * (age_days(as_of) / d.max_age_days).clip(upper_bound=1.0)).exp()
+    return pl.lit(1.0)
+
+
+def severity_score(profile: Profile) -> pl.Expr:
+    """Severity on the profile's scale; for seed 003 the impact (sum of metrics)."""
+    if profile.metrics:
+        return pl.sum_horizontal([pl.col(m).fill_null(0.0) for m in profile.metrics])
+    if profile.category_severity is not None:
+        return pl.col("category").replace_strict(
+            dict(profile.category_severity),
+            default=profile.default_category_severity,
+            return_dtype=pl.Float64,
+        )
+    return pl.col("severity") / profile.severity_scale
+
+
+def priority_boost(profile: Profile) -> pl.Expr:
+    """Seed 002's boost by priority; 1 where the profile has none or the priority is unknown."""
+    if not profile.priority_boost:
+        return pl.lit(1.0)
+    return pl.col("priority").replace_strict(dict(profile.priority_boost), default=1.0, return_dtype=pl.Float64)
+
+
+def weight(profile: Profile) -> pl.Expr:
+    """``severity_boost × decay × (1 + upvote_weight × upvotes)``."""
+    upvotes = 1.0 + profile.upvote_weight * pl.col("upvotes").fill_null(0)
+    return pl.col("severity_boost") * pl.col("decay") * upvotes
+
+
+def _every_category_decays(profile: Profile) -> bool:
+    # True when the profile's category list already excludes every report
+    # whose category has no half-life / time constant.
+    days = profile.decay.days
+    if "default" in days:
+        return True
+    known = profile.categories
+    return known is not None and all(c in days or profile.category_class.get(c) in days for c in known)
+
+
+def _in(column: str, values: tuple[str, ...]) -> pl.Expr:
+    return pl.col(column).is_in(list(values)).fill_null(False)
+
+
+def filter_passes(filters: Filters) -> pl.Expr:
+    """True where a report passes every filter of the tileset."""
+    conds = [
+        _in(col, getattr(filters, name))
+        for name, col in (
+            ("entity_types", "entity_type"), ("categories", "category"), ("priorities", "priority"),
+            ("statuses", "status"), ("buildings", "building"), ("organizations", "organization"),
+            ("activities", "activity"),
+        )  # fmt: skip
+        if getattr(filters, name) is not None
+    ]
+    if filters.min_severity is not None:
+        conds.append(pl.col("severity") >= filters.min_severity)
+    if filters.start_date is not None:
+        conds.append(pl.col("observed_at") >= pl.lit(filters.start_date))
+    if filters.end_date is not None:
+        conds.append(pl.col("observed_at") <= pl.lit(filters.end_date))
+    return pl.all_horizontal(conds) if conds else pl.lit(True)
+
+
+def exclusion(profile: Profile, filters: Filters, as_of: datetime) -> pl.Expr:
+    """The first exclusion reason of each report, or null when it counts."""
+    rules: list[tuple[pl.Expr, str]] = [
+        (pl.col("is_public").not_(), "not_public"),
+        (pl.col("observed_at") > pl.lit(as_of), "after_as_of"),
+        (pl.col("expires_at") <= pl.lit(as_of), "expired"),
+    ]
+    if profile.max_age_days is not None:
+        rules.append((age_days(as_of) > profile.max_age_days, "too_old"))
+    if profile.categories is not None:
+        rules.append((~_in("category", profile.categories), "unknown_category"))
+    if profile.decay.mode in ("half_life", "time_constant") and not _every_category_decays(profile):
+        rules.append((decay_days(profile).is_null(), "unknown_category"))
+    if profile.severity_range is not None:
+        lo, hi = profile.severity_range
+        rules.append((~pl.col("severity").is_between(lo, hi), "severity_out_of_range"))
+    rules.append((~filter_passes(filters), "filtered_out"))
+
+    expr = pl.when(rules[0][0].fill_null(False)).then(pl.lit(rules[0][1]))
+    for cond, reason in rules[1:]:
+        expr = expr.when(cond.fill_null(False)).then(pl.lit(reason))
+    return expr.otherwise(pl.lit(None, dtype=pl.String)).alias("excluded")
+
+
+def score_reports(reports: pl.LazyFrame, profile: Profile, filters: Filters, as_of: datetime) -> ScoreResult:
+    """Weight every report of a tileset, or exclude it with a reason.
+
+    Parameters
+    ----------
+    reports : LazyFrame
+        Canonical reports (:data:`READ_COLUMNS`) of the tileset's source.
+    profile, filters : Profile, Filters
+        From :func:`resolve`.
+    as_of : datetime
+        The tileset's time (UTC).
+
+    Returns
+    -------
+    ScoreResult
+        ``scored`` has :data:`SCORED_COLUMNS` plus the profile's metrics.
+    """
+    judged = reports.with_columns(exclusion(profile, filters, as_of))
+    kept = judged.filter(pl.col("excluded").is_null()).with_columns(
+        (severity_score(profile) * priority_boost(profile)).alias("severity_boost"),
+        decay(profile, as_of).alias("decay"),
+    ).with_columns(weight(profile).alias("weight"))
+    columns = [*SCORED_COLUMNS, *(METRIC_COLUMNS if profile.metrics else ())]
+    if profile.one_point_per_entity:
+        kept = _one_point_per_entity(kept, columns)
+    # one pass: the reason counts and the scored rows share the exclusion work
+    reasons, scored = pl.collect_all([judged.group_by("excluded").len(), kept.select(columns)])
+    valid = int(reasons.get_column("len").sum())
+    excluded = dict(reasons.drop_nulls("excluded").iter_rows())
+    folded = valid - sum(excluded.values()) - scored.height
+    if folded:
+        excluded["folded_into_entity"] = folded
+    order = {r: i for i, r in enumerate(EXCLUSIONS)}
+    excluded = dict(sorted(excluded.items(), key=lambda kv: order[kv[0]]))
+    return ScoreResult(scored, valid, excluded)
+
+
+def _one_point_per_entity(kept: pl.LazyFrame, columns: list[str]) -> pl.LazyFrame:
+    # Seed 000: GROUP BY lat, lng, entity type and id; weight = MAX over active
+    # notes. The point shows its heaviest note's label and its latest time.
+    entity = pl.coalesce(pl.col("entity_id"), pl.col("report_id")).alias("_entity")
+    by_weight = [pl.col("weight"), pl.col("category")]
+    return (
+        kept.with_columns(entity)
+        .group_by(["entity_type", "_entity", "lat", "lng"])
+        .agg(
+            pl.col("weight").max(),
+            pl.col("severity_boost").max(),
+            pl.col("decay").max(),
+            pl.col("observed_at").max(),
+            pl.col("category").sort_by(by_weight, descending=[True, False]).first(),
+        )
+        .sort(["entity_type", "_entity", "lat", "lng"])  # deterministic order
+        .select(columns)
+    )
+
+
+def read_reports(db: Path, source: str) -> pl.LazyFrame:
+    """The valid reports of one source, from the warehouse (read-only), as Arrow."""
+    cols = ", ".join(f'"{c}"' for c in READ_COLUMNS)
+    with warehouse.reader(db) as con:
+        table = con.execute(f"SELECT {cols} FROM reports WHERE source = ?", [source]).fetch_arrow_table()
+    return pl.from_arrow(table).lazy()

@@ -1,0 +1,241 @@
+"""The cell pyramid: conservation, centroids, a brute-force twin per profile, GeoParquet files."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from datetime import datetime, timedelta, timezone
+
+import mercantile
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline import build, pyramid, scoring, warehouse
+from pipeline.config import Tileset, load_config
+from pipeline.profiles import WEATHER
+
+from .conftest import AS_OF, run_extraction
+
+MAX_LAT = 85.0511287798066
+
+
+def _scored(points):
+    return pl.DataFrame(
+        {
+            "lat": [p[1] for p in points],
+            "lng": [p[0] for p in points],
+            "observed_at": [AS_OF - timedelta(hours=p[3]) for p in points],
+            "category": [p[4] for p in points],
+            "weight": [p[2] for p in points],
+            "severity_boost": [p[2] for p in points],
+            "decay": [1.0] * len(points),
+        },
+        schema_overrides={"observed_at": pl.Datetime("us", "UTC"), "category": pl.String},
+    )
+
+
+point = st.tuples(
+    st.floats(-180, 180, allow_nan=False),
+    st.floats(-MAX_LAT, MAX_LAT, allow_nan=False),
+    st.floats(0, 1e6, allow_nan=False),
+    st.integers(0, 1000),
+    st.sampled_from(["a", "b", "c", None]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(point, min_size=1, max_size=60),
+    st.integers(0, 6),
+    st.integers(0, 8),
+    st.integers(1, 8),
+)
+def test_every_zoom_conserves_reports_and_weight_and_centroids_stay_inside(points, minzoom, span, detail):
+    scored = _scored(points)
+    profile, _ = scoring.resolve(Tileset(source="s"))
+    levels = list(pyramid.build(scored, profile, minzoom, minzoom + span, detail))
+    assert [f.get_column("z")[0] for f in levels] == list(range(minzoom + span, minzoom - 1, -1))
+    total = sum(p[2] for p in points)
+    for frame in levels:
+        z = frame.get_column("z")[0]
+        assert frame.get_column("report_count").sum() == len(points)
+        assert math.isclose(frame.get_column("weight").sum(), total, rel_tol=1e-9, abs_tol=1e-9)
+        assert frame.get_column("quadkey").is_sorted() and frame.get_column("quadkey").is_unique().all()
+        for cell in frame.iter_rows(named=True):
+            tile = mercantile.quadkey_to_tile(cell["quadkey"])
+            b = mercantile.bounds(tile)
+            assert b.west <= cell["lng"] <= b.east and b.south <= cell["lat"] <= b.north
+            assert (cell["tile_x"], cell["tile_y"]) == (tile.x >> detail, tile.y >> detail)
+            assert 0.0 <= cell["intensity"] <= 1.0
+        assert frame.get_column("quadkey").str.len_chars().unique().to_list() == [z + detail]
+    # zoom z is the roll-up of zoom z + 1
+    for child, parent in zip(levels, levels[1:]):
+        rolled = child.group_by(pl.col("quadkey").str.slice(0, child.get_column("quadkey").str.len_chars()[0] - 1)) \
+            .agg(pl.col("report_count").sum()).sort("quadkey")  # fmt: skip
+        assert rolled.rows() == parent.select("quadkey", "report_count").rows()
+
+
+# --- an independent brute-force twin, per profile ----------------------------
+
+
+def _brute_weights(profile_name: str, rows: list[dict]) -> list[dict]:
+    """Scored points, computed in plain Python from the seeds' formulas."""
+    out = []
+    for r in rows:
+        if not r["is_public"] or r["observed_at"] > AS_OF or (r["expires_at"] and r["expires_at"] <= AS_OF):
+            continue
+        age = max((AS_OF - r["observed_at"]).total_seconds() / 86400, 0.0)
+        sev = r["severity"]
+        if profile_name == "road_conditions":
+            if age > 90 or not 1 <= sev <= 3:
+                continue
+            half_life = 1.5 if r["category"] in WEATHER else 7.0
+            decay, boost = 0.5 ** (age / half_life), sev
+        elif profile_name == "campus_issues":  # preset overview: 30 days, factor 0.5
+            if age > 30 or not 1 <= sev <= 10:
+                continue
+            decay = math.exp(-0.5 * min(age / 90, 1))
+            boost = sev / 10 * {"CRITICAL": 4, "HIGH": 2.5, "MEDIUM": 1.5, "LOW": 1}.get(r["priority"], 1)
+        elif profile_name == "rail_disruptions":
+            decay, boost = 1.0, (r["cancellations"] or 0) + (r["delays"] or 0)
+        else:  # community_needs
+            decay, boost = 1.0, {"urgent": 10, "notice": 5, "info": 1}.get(r["category"], 1)
+        out.append({**r, "weight": boost * decay, "boost": boost, "decay": decay})
+    if profile_name == "community_needs":
+        entities = defaultdict(list)
+        for p in out:
+            entities[(p["entity_type"], p["entity_id"], p["lat"], p["lng"])].append(p)
+        out = [
+            {**max(notes, key=lambda p: (p["weight"], [-ord(c) for c in p["category"]])),
+             "observed_at": max(p["observed_at"] for p in notes)}
+            for notes in entities.values()
+        ]  # fmt: skip
+    return out
+
+
+def _brute_cells(points: list[dict], profile_name: str, z: int, detail: int) -> dict[str, dict]:
+    groups = defaultdict(list)
+    for p in points:
+        groups[mercantile.quadkey(mercantile.tile(p["lng"], p["lat"], z + detail))].append(p)
+    cells = {}
+    for qk, members in groups.items():
+        n = len(members)
+        weight = sum(p["weight"] for p in members)
+        if profile_name == "campus_issues":
+            score = n * (1 + sum(p["boost"] for p in members) / n * 2.0) * (sum(p["decay"] for p in members) / n)
+        elif profile_name == "road_conditions":
+            score = weight / n  # seed 001's avg_score
+        else:
+            score = weight
+        counts = Counter(p["category"] for p in members if p["category"] is not None)
+        top = min(counts, key=lambda c: (-counts[c], c)) if counts else None
+        cells[qk] = {
+            "report_count": n, "weight": weight, "score": score, "top_category": top,
+            "lng": sum(p["lng"] for p in members) / n, "lat": sum(p["lat"] for p in members) / n,
+            "max_weight": max(p["weight"] for p in members),
+            "first_seen": min(p["observed_at"] for p in members),
+            "last_seen": max(p["observed_at"] for p in members),
+        }  # fmt: skip
+    scores = [c["score"] for c in cells.values()]
+    lo, hi = min(scores), max(scores)
+    for c in cells.values():
+        if profile_name == "campus_issues":
+            c["intensity"] = (c["score"] - lo) / (hi - lo) if hi > lo else (1.0 if hi > 0 else 0.0)
+        else:
+            c["intensity"] = c["score"] / hi if hi > 0 else 0.0
+    return cells
+
+
+@pytest.mark.parametrize(
+    ("domain", "profile_name", "extra"),
+    [
+        ("road_conditions", "road_conditions", {}),
+        ("campus_issues", "campus_issues", {"preset": "overview"}),
+        ("rail_disruptions", "rail_disruptions", {}),
+        ("community_needs", "community_needs", {}),
+    ],
+)
+def test_pyramid_matches_a_brute_force_computation(extract_config, domain, profile_name, extra):
+    src = {"kind": "synthetic", "domain": domain, "count": 3000, "seed": 11, "days": 100, "bbox": [-74.05, 40.65, -73.85, 40.8]}
+    cfg, _, _ = extract_config({"sources": {"s": src}, "tilesets": {"t": {"source": "s", "profile": profile_name, **extra}}})
+    with warehouse.reader(cfg.warehouse_path) as con:
+        rows = con.execute("SELECT * FROM reports").pl().to_dicts()
+    profile, filters = scoring.resolve(cfg.tilesets["t"])
+    result = scoring.score_reports(scoring.read_reports(cfg.warehouse_path, "s"), profile, filters, AS_OF)
+    brute = _brute_weights(profile_name, rows)
+    assert result.scored.height == len(brute) > 100
+    levels = {f.get_column("z")[0]: f for f in pyramid.build(result.scored, profile, 8, 13, 6)}
+    for z in (13, 11, 8):
+        expected = _brute_cells(brute, profile_name, z, 6)
+        got = {c["quadkey"]: c for c in levels[z].iter_rows(named=True)}
+        assert got.keys() == expected.keys()
+        for qk, e in expected.items():
+            g = got[qk]
+            assert g["report_count"] == e["report_count"] and g["top_category"] == e["top_category"], qk
+            for key in ("weight", "score", "intensity", "lng", "lat", "max_weight"):
+                assert g[key] == pytest.approx(e[key], rel=1e-9, abs=1e-9), (qk, key)
+            assert (g["first_seen"], g["last_seen"]) == (e["first_seen"], e["last_seen"])
+
+
+# --- the files ---------------------------------------------------------------
+
+
+def test_cells_are_geoparquet_readable_by_duckdb_spatial_and_pyarrow(write_config):
+    src = {"kind": "synthetic", "domain": "campus_issues", "count": 4000, "bbox": [-122.19, 37.42, -122.15, 37.44]}
+    cfg = load_config(write_config({"sources": {"campus": src},
+                                    "tilesets": {"campus": {"source": "campus", "profile": "campus_issues", "maxzoom": 16}}}))  # fmt: skip
+    run_extraction(cfg)
+    build.score_tileset(cfg, "campus", AS_OF)
+    zooms = build.build_cells(cfg, "campus")
+    assert [z.z for z in zooms] == list(range(0, 17))
+    assert all(r.holds for r in build.check_pyramid(cfg, "campus"))
+    path = build.cells_path(cfg, "campus", 16)
+    assert path.parent.name == "zoom=16"
+
+    table = pq.read_table(path)
+    geo = json.loads(table.schema.metadata[b"geo"])
+    assert geo["version"] == "1.1.0" and geo["primary_column"] == "geometry"
+    assert geo["columns"]["geometry"]["encoding"] == "WKB"
+    assert geo["columns"]["geometry"]["geometry_types"] == ["Point"]
+    west, south, east, north = geo["columns"]["geometry"]["bbox"]
+    assert -122.19 <= west <= east <= -122.15 and 37.42 <= south <= north <= 37.44
+    assert table.column("quadkey").to_pylist() == sorted(table.column("quadkey").to_pylist())
+    for column in ("z", "quadkey", "tile_x", "tile_y", "report_count", "weight", "score", "intensity", "lng",
+                   "lat", "max_weight", "top_category", "first_seen", "last_seen", "severity_boost_sum", "decay_sum"):
+        assert column in table.column_names, column
+
+    with warehouse.connect() as con:
+        rows = con.execute(
+            "SELECT count(*), bool_and(ST_X(geometry) = lng AND ST_Y(geometry) = lat), "
+            "bool_and(bbox.xmin = lng AND bbox.ymax = lat), any_value(ST_GeometryType(geometry)) "
+            "FROM read_parquet(?)",
+            [str(path)],
+        ).fetchone()
+    assert rows == (zooms[-1].cells, True, True, "POINT")
+
+
+def test_empty_tileset_builds_no_cells_and_checks_hold(write_config):
+    src = {"kind": "synthetic", "domain": "road_conditions", "count": 500, "days": 30}
+    cfg = load_config(write_config({"sources": {"r": src}, "tilesets": {"r": {
+        "source": "r", "profile": "road_conditions", "filters": {"activities": ["skating"]}}}}))  # fmt: skip
+    run_extraction(cfg)
+    result = build.score_tileset(cfg, "r", AS_OF)
+    assert result.scored.height == 0 and result.excluded["filtered_out"] > 0
+    assert build.build_cells(cfg, "r") == []
+    assert all(r.holds for r in build.check_pyramid(cfg, "r"))
+
+
+def test_determinism_same_input_same_bytes(write_config, tmp_path):
+    src = {"kind": "synthetic", "domain": "rail_disruptions", "count": 2000}
+    cfg = load_config(write_config({"sources": {"r": src}, "tilesets": {"r": {"source": "r", "profile": "rail_disruptions", "maxzoom": 10}}}))
+    run_extraction(cfg)
+    digests = []
+    for _ in range(2):
+        build.score_tileset(cfg, "r", AS_OF)
+        build.build_cells(cfg, "r")
+        digests.append({p.name + p.parent.name: p.read_bytes() for p in (build.work_dir(cfg, "r") / "cells").rglob("*.parquet")})
+    assert digests[0] == digests[1] and len(digests[0]) == 11
