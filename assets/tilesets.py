@@ -39,7 +39,9 @@ def _tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
     ) -> dg.MaterializeResult:
         cfg, name = hotspots.load(), context.partition_key
         as_of = build.tileset_as_of(cfg, name, given_as_of(config), run_start(context))
+        started = time.perf_counter()
         result = build.score_tileset(cfg, name, as_of)
+        seconds = round(time.perf_counter() - started, 3)
         ts = cfg.tilesets[name]
         return dg.MaterializeResult(
             metadata={
@@ -50,6 +52,7 @@ def _tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
                 ),
                 "profile": f"{ts.profile}" + (f" / {ts.preset}" if ts.preset else ""),
                 "as_of": as_of.isoformat(),
+                "seconds": seconds,
                 "path": dg.MetadataValue.path(str(build.work_dir(cfg, name) / "scored.parquet")),
             }
         )

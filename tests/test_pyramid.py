@@ -102,6 +102,8 @@ def _brute_weights(profile_name: str, rows: list[dict]) -> list[dict]:
             boost = sev / 10 * {"CRITICAL": 4, "HIGH": 2.5, "MEDIUM": 1.5, "LOW": 1}.get(r["priority"], 1)
         elif profile_name == "rail_disruptions":
             decay, boost = 1.0, (r["cancellations"] or 0) + (r["delays"] or 0)
+        elif profile_name == "generic":
+            decay, boost = 1.0, sev
         else:  # community_needs
             decay, boost = 1.0, {"urgent": 10, "notice": 5, "info": 1}.get(r["category"], 1)
         out.append({**r, "weight": boost * decay, "boost": boost, "decay": decay})
@@ -157,6 +159,7 @@ def _brute_cells(points: list[dict], profile_name: str, z: int, detail: int) -> 
         ("campus_issues", "campus_issues", {"preset": "overview"}),
         ("rail_disruptions", "rail_disruptions", {}),
         ("community_needs", "community_needs", {}),
+        ("road_conditions", "generic", {}),
     ],
 )
 def test_pyramid_matches_a_brute_force_computation(extract_config, domain, profile_name, extra):
