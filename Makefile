@@ -21,6 +21,7 @@ test: $(STAMP)  ## the whole test suite
 	$(BIN)/pytest
 
 bench: $(STAMP)  ## benchmarks: print figures and ratios to baselines
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench
 
 dev: $(STAMP)  ## the Dagster UI on http://127.0.0.1:3000

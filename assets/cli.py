@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
-from pipeline import build, extract
+from pipeline import build, extract, publish
 from pipeline.config import ConfigError, check_inputs, load_config, parse_as_of
 from pipeline.errors import HotspotsError
 
@@ -101,6 +101,10 @@ def _print_tileset(cfg, name: str) -> None:
     if zooms:
         print(f"  cells z{zooms[0]['z']}-z{zooms[-1]['z']}: "
               f"{sum(z['cells'] for z in zooms):,} cells -> {build.work_dir(cfg, name) / 'cells'}")
+    latest = publish.read_latest(cfg, name)
+    if latest:
+        print(f"  published: {publish.tileset_root(cfg, name) / latest['path']} "
+              f"(latest: {publish.tileset_root(cfg, name) / publish.LATEST})")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pipeline.config import default_config_path, load_config
 from resources import HotspotsResource
 
 from .extraction import conservation, raw_reports, validated_reports
+from .publishing import publishing_assets, retention_job, schedules_and_sensors
 from .tilesets import tileset_assets
 
 EXTRACT_JOB = "extract"
@@ -30,6 +31,8 @@ def build_definitions(config_path: str | Path | None = None) -> dg.Definitions:
     cfg = load_config(path)
     partitions = dg.StaticPartitionsDefinition(sorted(cfg.tilesets))
     per_tileset, per_tileset_checks = tileset_assets(partitions)
+    published, published_checks = publishing_assets(partitions, upstream=per_tileset[-1])
+    per_tileset, per_tileset_checks = per_tileset + published, per_tileset_checks + published_checks
     extract_job = dg.define_asset_job(
         EXTRACT_JOB,
         selection=dg.AssetSelection.assets(raw_reports, validated_reports),
@@ -41,10 +44,13 @@ def build_definitions(config_path: str | Path | None = None) -> dg.Definitions:
         partitions_def=partitions,
         description="Score, build and publish one tileset (a partition).",
     )
+    schedules_sensors = schedules_and_sensors(extract_job, publish_job, partitions)
     return dg.Definitions(
         assets=[raw_reports, validated_reports, *per_tileset],
         asset_checks=[conservation, *per_tileset_checks],
-        jobs=[extract_job, publish_job],
+        jobs=[extract_job, publish_job, retention_job],
+        schedules=[s for s in schedules_sensors if isinstance(s, dg.ScheduleDefinition)],
+        sensors=[s for s in schedules_sensors if isinstance(s, dg.SensorDefinition)],
         resources={"hotspots": HotspotsResource(config_path=str(path))},
     )
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from . import load, pyramid
+from . import load, pyramid, snapshot
 
-BENCHES = {"load": load.main, "pyramid": pyramid.main}
+BENCHES = {"load": load.main, "pyramid": pyramid.main, "snapshot": snapshot.main}
 
 
 def main(argv: list[str]) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from . import geoparquet, pyramid, scoring
+from . import extract, geoparquet, pyramid, scoring
 from .config import Config
 
 
@@ -60,7 +60,7 @@ def score_tileset(cfg: Config, tileset: str, as_of: datetime) -> scoring.ScoreRe
     _atomic(out / "scored.parquet", lambda p: result.scored.write_parquet(p, compression="zstd"))
     summary = {
         "tileset": tileset,
-        "source": ts.source,
+        "source": {"name": ts.source, **extract.source_counts(cfg.warehouse_path, ts.source)},
         "as_of": as_of.isoformat(),
         "valid": result.valid,
         "scored": result.scored.height,

@@ -104,6 +104,18 @@ def conservation(db: Path, sources: list[str]) -> list[Conservation]:
         ]
 
 
+def source_counts(db: Path, source: str) -> dict:
+    """Rows read, valid and rejected (by reason) for one source, from the warehouse."""
+    with warehouse.reader(db) as con:
+        read = con.execute("SELECT count(*) FROM raw_reports WHERE source = ?", [source]).fetchone()[0]
+        valid = con.execute("SELECT count(*) FROM reports WHERE source = ?", [source]).fetchone()[0]
+        rejected = dict(con.execute(
+            "SELECT reason, count(*) FROM rejected_reports WHERE source = ? GROUP BY reason ORDER BY reason",
+            [source],
+        ).fetchall())  # fmt: skip
+    return {"read": read, "valid": valid, "rejected": rejected}
+
+
 def _forget_removed_sources(con, cfg: Config) -> None:
     keep = list(cfg.sources)
     for table in ("raw_reports", "reports", "rejected_reports", "source_files"):

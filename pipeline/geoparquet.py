@@ -53,10 +53,27 @@ def to_table(frame: pl.DataFrame, lng: str = "lng", lat: str = "lat") -> pa.Tabl
     return table.replace_schema_metadata({"geo": json.dumps(geo, sort_keys=True)})
 
 
+def low_cardinality(frame: pl.DataFrame) -> list[str]:
+    """Text and small-integer columns with few distinct values: worth a dictionary."""
+    small = (pl.String, pl.Boolean, pl.Int8, pl.Int16, pl.Int32)
+    return [
+        c for c, t in frame.schema.items()
+        if isinstance(t, small) or t in small
+        if frame.get_column(c).n_unique() <= max(1000, frame.height // 20)
+    ]  # fmt: skip
+
+
 def write(frame: pl.DataFrame, path: Path) -> int:
-    """Write a point frame as GeoParquet, atomically; returns the file's size."""
+    """Write a point frame as GeoParquet, atomically; returns the file's size.
+
+    Dictionary encoding only where values repeat: on unique values (quadkeys,
+    floats) it costs time and space for nothing.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(to_table(frame), tmp, compression="zstd", row_group_size=128 * 1024)
+    pq.write_table(
+        to_table(frame), tmp, compression="zstd", row_group_size=128 * 1024,
+        use_dictionary=low_cardinality(frame),
+    )  # fmt: skip
     os.replace(tmp, path)
     return path.stat().st_size

@@ -28,6 +28,9 @@ REPORT_COLUMNS: dict[str, str] = {
     "description": "VARCHAR",  # never published
 }
 
+# Where each report came from, kept beside the canonical columns (not mappable).
+PROVENANCE: dict[str, str] = {"file": "VARCHAR", "row_number": "BIGINT"}
+
 # Columns a source may map (`columns:` in the config). `geometry` is not
 # canonical: a point geometry column gives lat/lng.
 MAPPABLE = tuple(c for c in REPORT_COLUMNS if c != "source") + ("geometry",)
@@ -65,7 +68,7 @@ SOURCE_FILES_COLUMNS: dict[str, str] = {
 
 TABLES = {
     "raw_reports": RAW_COLUMNS,
-    "reports": REPORT_COLUMNS,
+    "reports": {**REPORT_COLUMNS, **PROVENANCE},
     "rejected_reports": REJECTED_COLUMNS,
     "source_files": SOURCE_FILES_COLUMNS,
 }

@@ -187,7 +187,8 @@ def _canonical_select() -> str:
         **{m: f"_{m}" for m in METRICS},
     }
     cols = [exprs.get(c, _text(c)) for c in REPORT_COLUMNS]
-    return ", ".join(f"{sql} AS {quote(c)}" for sql, c in zip(cols, REPORT_COLUMNS))
+    canonical = ", ".join(f"{sql} AS {quote(c)}" for sql, c in zip(cols, REPORT_COLUMNS))
+    return canonical + ", file, row_number"  # provenance
 
 
 def validate_source(

@@ -94,8 +94,10 @@ def writer(db: str | Path, timeout: float = DEFAULTS.lock_timeout_s) -> Iterator
     with _locked(db, exclusive=True, timeout=timeout):
         con = connect(db)
         try:
-            for table in TABLES:
+            for table, columns in TABLES.items():
                 con.execute(ddl(table))
+                for name, typ in columns.items():  # a warehouse from an older version
+                    con.execute(f'ALTER TABLE {table} ADD COLUMN IF NOT EXISTS "{name}" {typ}')
             yield con
         finally:
             con.close()

@@ -56,13 +56,21 @@ def test_definitions_load(small_config):
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {"raw_reports", "reports", "rejected_reports", "scored_reports", "cells"}
+    assert keys == {
+        "raw_reports", "reports", "rejected_reports", "scored_reports", "cells", "selection", "tiles", "snapshot",
+    }  # fmt: skip
     assert {k.name for k in graph.asset_check_keys} == {
-        "conservation", "scoring_conservation", "pyramid_conservation",
+        "conservation", "scoring_conservation", "pyramid_conservation", "selection_holds", "latest_is_complete",
     }  # fmt: skip
     publish = defs.resolve_job_def(PUBLISH_JOB)
     assert publish.partitions_def.get_partition_keys() == ["rail", "roads"]
     assert defs.resolve_job_def(EXTRACT_JOB).partitions_def is None
+    schedules = {s.name: (s.cron_schedule, s.execution_timezone, s.job_name) for s in defs.schedules}
+    assert schedules == {
+        "hourly_publish": ("0 * * * *", "UTC", "extract"),
+        "nightly_retention": ("0 2 * * *", "UTC", "retention_job"),
+    }
+    assert [s.name for s in defs.sensors] == ["publish_after_extract"]
 
 
 def test_materialize_everything(small_config, tmp_path):
@@ -80,7 +88,7 @@ def test_materialize_everything(small_config, tmp_path):
     for tileset in ("roads", "rail"):
         published = dg.materialize(
             [*assets, *checks],
-            selection=dg.AssetSelection.assets("scored_reports", "cells"),
+            selection=dg.AssetSelection.assets("scored_reports", "cells", "selection", "tiles", "snapshot"),
             partition_key=tileset,
             resources={"hotspots": HotspotsResource(config_path=str(small_config))},
             run_config=_params("scored_reports"),
@@ -88,13 +96,19 @@ def test_materialize_everything(small_config, tmp_path):
         )
         assert published.success
         evaluations = {e.check_name: e.passed for e in published.get_asset_check_evaluations()}
-        assert evaluations == {"scoring_conservation": True, "pyramid_conservation": True}
+        assert evaluations == {
+            "scoring_conservation": True, "pyramid_conservation": True, "selection_holds": True,
+            "latest_is_complete": True,
+        }  # fmt: skip
         meta = {
             e.materialization.asset_key.to_user_string(): e.materialization.metadata
             for e in published.get_asset_materialization_events()
         }
         assert "| 14 |" in meta["cells"]["zooms"].value and "| 0 |" in meta["cells"]["zooms"].value
         assert (tmp_path / ".hotspots" / "work" / tileset / "cells" / "zoom=14" / "cells.parquet").exists()
+        latest = json.loads((tmp_path / "output" / tileset / "latest.json").read_text())
+        assert meta["snapshot"]["snapshot_id"].value == latest["snapshot_id"]
+        assert (tmp_path / "output" / tileset / latest["path"] / "manifest.json").exists()
     mats = {
         e.materialization.asset_key.to_user_string(): e.materialization.metadata
         for e in result.get_asset_materialization_events()
@@ -110,6 +124,23 @@ def test_materialize_everything(small_config, tmp_path):
     assert (tmp_path / ".hotspots" / "warehouse.duckdb").exists()
     assert not any((tmp_path / "output").glob("**/*.duckdb"))
     assert not any((tmp_path / "output").glob("**/scored.parquet"))
+
+
+def test_sensor_publishes_every_tileset_after_an_extraction(small_config):
+    defs = build_definitions(small_config)
+    instance = dg.DagsterInstance.ephemeral()
+    extract = defs.resolve_job_def(EXTRACT_JOB)
+    result = extract.execute_in_process(run_config=_params(*ALL_OPS), instance=instance)
+    assert result.success
+    [sensor] = defs.sensors
+    context = dg.build_run_status_sensor_context(
+        sensor_name=sensor.name, dagster_instance=instance, dagster_run=result.dagster_run,
+        dagster_event=result.get_run_success_event(),
+    )  # fmt: skip
+    requests = list(sensor(context))
+    assert [r.partition_key for r in requests] == ["rail", "roads"]
+    assert {r.run_key for r in requests} == {f"{result.run_id}:rail", f"{result.run_id}:roads"}
+    assert requests[0].run_config["ops"]["scored_reports"]["config"]["as_of"] == AS_OF.isoformat()
 
 
 def test_conservation_check_fails_when_a_row_goes_missing(small_config):
@@ -186,3 +217,45 @@ def test_webserver_loads_the_hotspots_location(small_config, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         log.close()
+
+
+RUN_JOB = """
+import sys
+from datetime import datetime
+from assets.location import build_definitions
+import dagster as dg
+config, job_name, partition, as_of = sys.argv[1:5]
+defs = build_definitions(config)
+job = defs.resolve_job_def(job_name)
+op = "raw_reports" if job_name == "extract" else "scored_reports"
+ops = {op: {"config": {"as_of": as_of}}}
+if job_name == "extract":
+    ops = {o: {"config": {"as_of": as_of}} for o in ("raw_reports", "validated_reports", "reports_conservation")}
+result = job.execute_in_process(run_config={"ops": ops}, partition_key=partition or None,
+                                instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+print("OK" if result.success else "FAILED")
+"""
+
+
+def test_two_tilesets_and_an_extraction_at_the_same_time_all_succeed(small_config):
+    def start(job, partition=""):
+        return subprocess.Popen(
+            [sys.executable, "-c", RUN_JOB, str(small_config), job, partition, AS_OF.isoformat()],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )  # fmt: skip
+
+    first = start(EXTRACT_JOB)
+    assert first.wait(timeout=240) == 0 and first.stdout.read().strip() == "OK"
+    procs = [start(PUBLISH_JOB, "roads"), start(PUBLISH_JOB, "rail"), start(EXTRACT_JOB)]
+    try:
+        outcomes = [(p.wait(timeout=300), p.stdout.read().strip(), p.stderr.read()) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    for code, out, err in outcomes:
+        assert (code, out) == (0, "OK"), err[-3000:]
+        assert "lock" not in err.lower(), err[-3000:]
+    for tileset in ("roads", "rail"):
+        latest = json.loads((small_config.parent / "output" / tileset / "latest.json").read_text())
+        assert latest["as_of"] == AS_OF.isoformat()

@@ -1,0 +1,178 @@
+"""Per-tileset publishing assets: selection, tiles (staged), the snapshot; plus schedules.
+
+No ``from __future__ import annotations``: Dagster reads the ``config:`` annotation.
+"""
+
+import time
+import warnings
+
+import dagster as dg
+
+from pipeline import publish, retention
+from resources import HotspotsResource
+
+from .common import markdown_table, run_start
+
+
+def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDefinition) -> tuple[list, list]:
+    """Selection, tiles and snapshot assets (partitioned by tileset) and their checks."""
+    with warnings.catch_warnings():  # partitioned checks: a Dagster preview feature, used on purpose
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        return _publishing_assets(partitions, upstream)
+
+
+def _publishing_assets(partitions, upstream):
+    @dg.asset(
+        partitions_def=partitions,
+        deps=[upstream],
+        group_name="publish",
+        kinds={"polars"},
+        description="Per zoom, each tile's and the overview's features: coverage of every "
+        "stratum, then impact, every other cell folded into its nearest chosen one.",
+    )
+    def selection(context: dg.AssetExecutionContext, hotspots: HotspotsResource) -> dg.MaterializeResult:
+        cfg, name = hotspots.load(), context.partition_key
+        started = time.perf_counter()
+        zooms = publish.select_tileset(cfg, name)
+        return dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": sum(z.selected_tile for z in zooms),
+                "zooms": markdown_table(
+                    ["z", "cells", "tile features", "overview features", "stratum zoom", "coarsest", "overview stratum"],
+                    [[z.z, z.cells, z.selected_tile, z.selected_overview, z.stratum_zoom, z.stratum_zoom_coarsest,
+                      "" if z.overview_stratum_zoom is None else z.overview_stratum_zoom] for z in zooms],
+                ),
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+        )
+
+    @dg.asset_check(
+        asset=selection,
+        partitions_def=partitions,
+        blocking=True,
+        description="Per zoom and tile: features <= budget, every non-empty stratum covered, no unchosen "
+        "cell outscores an impact cell, features carry all reports (and the overview's too).",
+    )
+    def selection_holds(context: dg.AssetCheckExecutionContext, hotspots: HotspotsResource):
+        rows = publish.check_selection(hotspots.load(), context.partition_key)
+        return dg.AssetCheckResult(
+            passed=all(r.holds for r in rows),
+            metadata={"zooms": markdown_table(
+                ["z", "fullest tile", "budget", "overview", "overview budget", "empty strata", "impact beaten",
+                 "tiles unbalanced", "overview balanced"],
+                [[r.z, r.max_tile_features, r.budget, r.overview_features, r.overview_budget, r.empty_strata,
+                  r.impact_beaten, r.tiles_unbalanced, r.overview_balanced] for r in rows],
+            )},
+        )  # fmt: skip
+
+    @dg.asset(
+        partitions_def=partitions,
+        deps=[selection],
+        group_name="publish",
+        kinds={"geojson", "parquet"},
+        description="The snapshot's public files, written into `output/<tileset>/snapshots/.tmp-<token>/`: "
+        "cells GeoParquet, overview and tile GeoJSON.",
+    )
+    def tiles(context: dg.AssetExecutionContext, hotspots: HotspotsResource) -> dg.MaterializeResult:
+        cfg, name = hotspots.load(), context.partition_key
+        started = time.perf_counter()
+        staged = publish.stage_snapshot(cfg, name)
+        return dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": sum(z["tiles"] for z in staged["zooms"]),
+                "zooms": markdown_table(
+                    ["z", "tiles", "tile bytes", "overview bytes", "cells bytes"],
+                    [[z["z"], z["tiles"], z["tile_bytes"], z["overview_bytes"], z["cells_bytes"]] for z in staged["zooms"]],
+                ),
+                "files": len(staged["digests"]),
+                "staging": dg.MetadataValue.path(staged["path"]),
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+        )
+
+    @dg.asset(
+        partitions_def=partitions,
+        deps=[tiles],
+        group_name="publish",
+        kinds={"json"},
+        description="The published snapshot: manifest, atomic rename to `snapshots/<id>/`, "
+        "`latest.json` replaced atomically, old snapshots pruned.",
+    )
+    def snapshot(context: dg.AssetExecutionContext, hotspots: HotspotsResource) -> dg.MaterializeResult:
+        cfg, name = hotspots.load(), context.partition_key
+        snap = publish.finalize_snapshot(cfg, name)
+        return dg.MaterializeResult(
+            metadata={
+                "snapshot_id": snap.snapshot_id,
+                "files": snap.files,
+                "bytes": snap.bytes,
+                "reused": snap.reused,
+                "pruned": ", ".join(snap.pruned) or "none",
+                "path": dg.MetadataValue.path(str(snap.path)),
+                "latest": dg.MetadataValue.path(str(publish.tileset_root(cfg, name) / publish.LATEST)),
+            }
+        )
+
+    @dg.asset_check(
+        asset=snapshot,
+        partitions_def=partitions,
+        blocking=True,
+        description="latest.json names a complete snapshot: its manifest and every file it counts are there.",
+    )
+    def latest_is_complete(context: dg.AssetCheckExecutionContext, hotspots: HotspotsResource):
+        cfg, name = hotspots.load(), context.partition_key
+        problem = publish.verify_latest(cfg, name)
+        return dg.AssetCheckResult(passed=problem is None, metadata={"problem": problem or "none"})
+
+    return [selection, tiles, snapshot], [selection_holds, latest_is_complete]
+
+
+@dg.op(description="Delete warehouse reports older than their source's tilesets can use; prune snapshots.")
+def retain(context: dg.OpExecutionContext, hotspots: HotspotsResource) -> None:
+    done = retention.retain(hotspots.load(), run_start(context))
+    context.log.info(f"retention: deleted {done['deleted']}, pruned {done['pruned']}")
+
+
+@dg.job(description="Nightly retention (seed 001's pg_cron job at 02:00 UTC).")
+def retention_job():
+    retain()
+
+
+def schedules_and_sensors(extract_job, publish_job, partitions: dg.StaticPartitionsDefinition) -> list:
+    """``hourly_publish`` (seed 000's hourly snapshot), ``nightly_retention``, and the
+    sensor that publishes every tileset after a successful extraction."""
+    hourly = dg.ScheduleDefinition(
+        name="hourly_publish",
+        cron_schedule="0 * * * *",
+        execution_timezone="UTC",
+        job=extract_job,
+        description="Extract every source; `publish_after_extract` then publishes each tileset.",
+    )
+    nightly = dg.ScheduleDefinition(
+        name="nightly_retention",
+        cron_schedule="0 2 * * *",
+        execution_timezone="UTC",
+        job=retention_job,
+    )
+
+    @dg.run_status_sensor(
+        run_status=dg.DagsterRunStatus.SUCCESS,
+        monitored_jobs=[extract_job],
+        request_job=publish_job,
+        name="publish_after_extract",
+        description="After an extraction, publish each tileset it read, at the same as_of.",
+    )
+    def publish_after_extract(context: dg.RunStatusSensorContext):
+        run = context.dagster_run
+        params = next(iter((run.run_config.get("ops") or {}).values()), {}).get("config", {})
+        record = context.instance.get_run_record_by_id(run.run_id)
+        as_of = params.get("as_of") or record.create_timestamp.replace(microsecond=0).isoformat()
+        tilesets = params.get("tilesets") or partitions.get_partition_keys()
+        for name in tilesets:
+            yield dg.RunRequest(
+                run_key=f"{run.run_id}:{name}",
+                partition_key=name,
+                run_config={"ops": {"scored_reports": {"config": {"as_of": as_of, "tilesets": [name]}}}},
+            )
+
+    return [hourly, nightly, publish_after_extract]

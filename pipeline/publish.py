@@ -1,0 +1,394 @@
+"""Selection, tiles and atomic snapshots: what map clients fetch.
+
+Three steps, each callable on its own (each is a Dagster asset):
+
+* :func:`select_tileset` chooses, per zoom, the features of every tile and of
+  the overview, into ``<home>/work/<tileset>/selected/`` (private);
+* :func:`stage_snapshot` writes the public files into a fresh
+  ``output/<tileset>/snapshots/.tmp-<token>/``;
+* :func:`finalize_snapshot` adds ``manifest.json``, names the snapshot by its
+  ``as_of`` and content hash, renames it into place, replaces ``latest.json``
+  atomically and prunes old snapshots (never the one ``latest.json`` names).
+
+A reader of ``latest.json`` therefore always finds a complete snapshot, even
+if the process dies at any instruction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import polars as pl
+
+from . import geojson, geoparquet, scoring
+from .build import cells_path, read_scoring, work_dir
+from .config import Config
+from .select import choose, features, overview_budget
+
+SNAPSHOTS = "snapshots"
+LATEST = "latest.json"
+STALE_TMP_S = 3600  # a .tmp- folder untouched this long was left by a dead run
+SELECTION_COLUMNS = ("selected_tile", "selected_overview", "tier", "tile_feature", "tile_stratum_zoom")
+
+
+class ZoomSelection(NamedTuple):
+    z: int
+    cells: int
+    selected_tile: int
+    selected_overview: int
+    stratum_zoom: int  # configured: z + strata_detail
+    stratum_zoom_coarsest: int  # the coarsest any tile had to use
+    overview_stratum_zoom: int | None
+
+
+def selected_dir(cfg: Config, tileset: str, z: int) -> Path:
+    return work_dir(cfg, tileset) / "selected" / f"zoom={z}"
+
+
+def select_tileset(cfg: Config, tileset: str) -> list[ZoomSelection]:
+    """Choose each zoom's tile and overview features (see :mod:`pipeline.select`)."""
+    ts = cfg.tilesets[tileset]
+    profile, _ = scoring.resolve(ts)
+    root = work_dir(cfg, tileset) / "selected"
+    shutil.rmtree(root, ignore_errors=True)
+    summary = []
+    for z in range(ts.minzoom, ts.maxzoom + 1):
+        path = cells_path(cfg, tileset, z)
+        if not path.exists():
+            continue
+        cells = pl.read_parquet(path).drop("geometry", "bbox")
+        common = dict(z=z, detail=ts.cell_detail, strata_detail=ts.strata_detail, representative=profile.representative)
+        tile_choice = choose(cells, budget=ts.max_features_per_tile, group_zoom=z, **common)
+        tile_features = features(cells, tile_choice, profile)
+        overview = z <= ts.overview_maxzoom
+        if overview:
+            over_choice = choose(cells, budget=overview_budget(z), group_zoom=0, **common)
+            over_features = features(cells, over_choice, profile)
+        key_to_quadkey = cells.select("cell_key", "quadkey")
+        annotated = cells.join(
+            tile_choice.join(key_to_quadkey.rename({"cell_key": "target_key", "quadkey": "tile_feature"}), on="target_key")
+            .select("cell_key", pl.col("chosen").alias("selected_tile"), "tier", "tile_feature",
+                    pl.col("stratum_zoom").alias("tile_stratum_zoom")),
+            on="cell_key",
+        ).with_columns(
+            (pl.col("cell_key").is_in(over_choice.filter("chosen").get_column("cell_key").implode())
+             if overview else pl.lit(False)).alias("selected_overview")
+        ).sort("cell_key")  # fmt: skip
+        out = selected_dir(cfg, tileset, z)
+        geoparquet.write(annotated, out / "cells.parquet")  # published as is
+        _write_ipc(tile_features, out / "tile_features.arrow")  # private, read once: uncompressed Arrow
+        if overview:
+            _write_ipc(over_features, out / "overview_features.arrow")
+        summary.append(ZoomSelection(
+            z, cells.height, tile_features.height, over_features.height if overview else 0,
+            z + ts.strata_detail, int(tile_choice.get_column("stratum_zoom").min()),
+            int(over_choice.get_column("stratum_zoom").min()) if overview else None,
+        ))  # fmt: skip
+    _write_json(work_dir(cfg, tileset) / "selected.json", [s._asdict() for s in summary])
+    return summary
+
+
+def read_selection(cfg: Config, tileset: str) -> list[dict]:
+    return json.loads((work_dir(cfg, tileset) / "selected.json").read_text())
+
+
+# --- checks -----------------------------------------------------------------
+
+
+class SelectionCheck(NamedTuple):
+    """One zoom's selection, checked from the files."""
+
+    z: int
+    max_tile_features: int  # the fullest tile's feature count
+    budget: int
+    overview_features: int
+    overview_budget: int
+    empty_strata: int  # non-empty strata with no chosen cell
+    impact_beaten: int  # tiles where an unchosen cell outscores an impact cell
+    tiles_unbalanced: int  # tiles whose features do not carry all their reports
+    overview_balanced: bool
+
+    @property
+    def holds(self) -> bool:
+        return (
+            self.max_tile_features <= self.budget
+            and self.overview_features <= self.overview_budget
+            and self.empty_strata == 0
+            and self.impact_beaten == 0
+            and self.tiles_unbalanced == 0
+            and self.overview_balanced
+        )
+
+
+def check_selection(cfg: Config, tileset: str) -> list[SelectionCheck]:
+    """Budgets, coverage, impact order and fold conservation, read back per zoom."""
+    ts = cfg.tilesets[tileset]
+    rows = []
+    for s in read_selection(cfg, tileset):
+        z, d = s["z"], ts.cell_detail
+        folder = selected_dir(cfg, tileset, z)
+        cells = pl.read_parquet(folder / "cells.parquet")
+        feats = pl.read_ipc(folder / "tile_features.arrow")
+        tile = ["tile_x", "tile_y"]
+        per_tile = feats.group_by(tile).agg(pl.len().alias("n"), pl.col("report_count").sum().alias("carried"))
+        reports = cells.group_by(tile).agg(pl.col("report_count").sum().alias("reports"))
+        unbalanced = per_tile.join(reports, on=tile, how="full", coalesce=True).filter(
+            pl.col("carried").fill_null(0) != pl.col("reports").fill_null(0)
+        )
+        shift = pl.lit(4, pl.UInt64) ** (z + d - pl.col("tile_stratum_zoom")).cast(pl.UInt64)
+        strata = cells.group_by(pl.col("cell_key") // shift).agg(pl.col("selected_tile").any())
+        impact = cells.group_by(tile).agg(
+            pl.col("score").filter(pl.col("tier") == "impact").min().alias("lowest_impact"),
+            pl.col("score").filter(~pl.col("selected_tile")).max().alias("best_unchosen"),
+        )
+        beaten = impact.filter(pl.col("best_unchosen") > pl.col("lowest_impact")).height
+        overview_file = folder / "overview_features.arrow"
+        over = pl.read_ipc(overview_file) if overview_file.exists() else None
+        rows.append(SelectionCheck(
+            z, int(per_tile.get_column("n").max() or 0), ts.max_features_per_tile,
+            over.height if over is not None else 0, overview_budget(z),
+            strata.filter(~pl.col("selected_tile")).height, beaten, unbalanced.height,
+            over is None or int(over.get_column("report_count").sum()) == int(cells.get_column("report_count").sum()),
+        ))  # fmt: skip
+    return rows
+
+
+# --- snapshots ----------------------------------------------------------------
+
+
+def tileset_root(cfg: Config, tileset: str) -> Path:
+    return cfg.output / tileset
+
+
+def stage_snapshot(cfg: Config, tileset: str) -> dict:
+    """Write the public files of a snapshot into a fresh ``.tmp-`` folder in ``output/``.
+
+    Returns the staging summary (also kept in ``<work>/staged.json``).
+    """
+    ts = cfg.tilesets[tileset]
+    snapshots = tileset_root(cfg, tileset) / SNAPSHOTS
+    snapshots.mkdir(parents=True, exist_ok=True)
+    tmp = snapshots / f".tmp-{secrets.token_hex(6)}"
+    tmp.mkdir()
+    digests: dict[str, str] = {}
+    zooms = []
+    for s in read_selection(cfg, tileset):
+        z = s["z"]
+        folder = selected_dir(cfg, tileset, z)
+        cells_out = tmp / "cells" / f"zoom={z}" / "cells.parquet"
+        cells_out.parent.mkdir(parents=True)
+        _link_or_copy(folder / "cells.parquet", cells_out)
+        digests[cells_out.relative_to(tmp).as_posix()] = _sha256(cells_out)
+        tiles, size = geojson.write_tiles(pl.read_ipc(folder / "tile_features.arrow"), z, tmp, digests)
+        overview_bytes = 0
+        if (folder / "overview_features.arrow").exists():
+            (tmp / "overview").mkdir(exist_ok=True)
+            text = geojson.collection(pl.read_ipc(folder / "overview_features.arrow"))
+            overview_bytes = geojson.write_file(tmp / "overview" / f"{z}.geojson", text, digests, tmp)
+        zooms.append({**s, "tiles": tiles, "tile_bytes": size, "overview_bytes": overview_bytes,
+                      "cells_bytes": cells_out.stat().st_size})  # fmt: skip
+    staged = {"path": str(tmp), "zooms": zooms, "digests": digests, "max_features_per_tile": ts.max_features_per_tile}
+    _write_json(work_dir(cfg, tileset) / "staged.json", staged)
+    return staged
+
+
+class Snapshot(NamedTuple):
+    snapshot_id: str
+    path: Path
+    files: int
+    bytes: int
+    pruned: list[str]
+    reused: bool  # the same content was already published under this id
+
+
+def finalize_snapshot(cfg: Config, tileset: str, now: datetime | None = None) -> Snapshot:
+    """Name the staged snapshot, move it into place, point ``latest.json`` at it, prune."""
+    staged = json.loads((work_dir(cfg, tileset) / "staged.json").read_text())
+    tmp = Path(staged["path"])
+    manifest = build_manifest(cfg, tileset, staged)
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    digests = dict(staged["digests"])
+    geojson.write_file(tmp / "manifest.json", text, digests, tmp)
+    content = hashlib.sha256("".join(f"{p}\0{h}\n" for p, h in sorted(digests.items())).encode()).hexdigest()
+    as_of = datetime.fromisoformat(manifest["as_of"])
+    snapshot_id = f"{as_of:%Y%m%dT%H%M%SZ}-{content[:12]}"
+    final = tmp.parent / snapshot_id
+    reused = final.exists() and _complete(final) is None
+    if reused:  # identical content under its content-hash name
+        shutil.rmtree(tmp)
+        os.utime(final)  # published again: the newest, for retention
+    else:
+        if final.exists():  # an incomplete leftover under this name: never point at it
+            _discard(final)
+        os.sync()  # the files reach the disk before the rename makes them visible
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+    generated = (now or datetime.now(timezone.utc)).replace(microsecond=0)
+    _write_json(
+        tileset_root(cfg, tileset) / LATEST,
+        {"snapshot_id": snapshot_id, "generated_at": generated.isoformat().replace("+00:00", "Z"),
+         "as_of": manifest["as_of"], "path": f"{SNAPSHOTS}/{snapshot_id}/"},
+        durable=True,
+    )  # fmt: skip
+    pruned = prune(cfg, tileset, cfg.tilesets[tileset].retain_snapshots)
+    sizes = sum(z["tile_bytes"] + z["overview_bytes"] + z["cells_bytes"] for z in staged["zooms"]) + len(text)
+    return Snapshot(snapshot_id, final, len(digests), sizes, pruned, reused)
+
+
+def build_manifest(cfg: Config, tileset: str, staged: dict) -> dict:
+    """What a snapshot holds and how it was made; no private path or field."""
+    ts = cfg.tilesets[tileset]
+    scored = read_scoring(cfg, tileset)
+    profile, filters = scoring.resolve(ts)
+    return {
+        "tileset": tileset,
+        "as_of": scored["as_of"],
+        "config": ts.model_dump(mode="json", exclude={"source", "as_of"}),
+        "profile": _jsonable(profile),
+        "filters": _jsonable(filters),
+        "source": {"kind": cfg.sources[ts.source].kind},
+        "counts": {
+            "read": scored["source"]["read"],
+            "valid": scored["source"]["valid"],
+            "rejected": scored["source"]["rejected"],
+            "scored": scored["scored"],
+            "excluded": scored["excluded"],
+        },
+        "zooms": [
+            {k: z[k] for k in ("z", "cells", "selected_tile", "selected_overview", "stratum_zoom",
+                               "stratum_zoom_coarsest", "overview_stratum_zoom", "tiles", "tile_bytes",
+                               "overview_bytes", "cells_bytes")}
+            for z in staged["zooms"]
+        ],  # fmt: skip
+        "files": len(staged["digests"]) + 1,
+        "layout": {
+            "cells": "cells/zoom=<z>/cells.parquet",
+            "overview": "overview/<z>.geojson",
+            "tiles": "tiles/<z>/<x>/<y>.geojson",
+        },
+    }
+
+
+def read_latest(cfg: Config, tileset: str) -> dict | None:
+    path = tileset_root(cfg, tileset) / LATEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def verify_latest(cfg: Config, tileset: str) -> str | None:
+    """None if ``latest.json`` names a complete snapshot, else what is wrong."""
+    latest = read_latest(cfg, tileset)
+    if latest is None:
+        return "no latest.json"
+    problem = _complete(tileset_root(cfg, tileset) / latest["path"])
+    return f"{latest['snapshot_id']}: {problem}" if problem else None
+
+
+def _complete(folder: Path) -> str | None:
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"manifest unreadable ({exc})"
+    files = sum(1 for p in folder.rglob("*") if p.is_file())
+    if files != manifest["files"]:
+        return f"{files} files, manifest counts {manifest['files']}"
+    return None
+
+
+def prune(cfg: Config, tileset: str, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` snapshots (and stale ``.tmp-`` folders).
+
+    The snapshot ``latest.json`` names is never deleted.
+    """
+    snapshots = tileset_root(cfg, tileset) / SNAPSHOTS
+    if not snapshots.exists():
+        return []
+    latest = (read_latest(cfg, tileset) or {}).get("snapshot_id")
+    done = [p for p in snapshots.iterdir() if p.is_dir() and not p.name.startswith(".tmp-")]
+    done.sort(key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
+    doomed = [p for p in done[keep:] if p.name != latest]
+    cutoff = time.time() - STALE_TMP_S
+    stale = [p for p in snapshots.glob(".tmp-*") if p.stat().st_mtime < cutoff]
+    for path in doomed + stale + list(snapshots.glob(".deleting-*")):
+        _discard(path)
+    return sorted(p.name for p in doomed)
+
+
+def _discard(path: Path) -> None:
+    # Out of the snapshot names first (one atomic rename), then deleted: a
+    # crash mid-delete leaves a .deleting- folder, never a half snapshot
+    # under a name that could be published again.
+    doomed = path.with_name(f".deleting-{path.name}-{secrets.token_hex(3)}")
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _jsonable(value):
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _jsonable(getattr(value, k)) for k in value.__dataclass_fields__}
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    return value
+
+
+def _write_ipc(frame: pl.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.write_ipc(tmp, compression="uncompressed")
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    # the work file is only ever replaced (os.replace), never changed in place,
+    # so a hard link stays a faithful, cheap copy
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _write_json(path: Path, value, durable: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(value, fh, indent=2)
+        fh.write("\n")
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+

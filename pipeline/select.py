@@ -1,0 +1,152 @@
+"""Stratified selection (seed 003, generalised to every zoom and every tile).
+
+A map shows only so many features. For each zoom and each *group* — a tile,
+or the whole world for the per-zoom overview — with budget ``B``:
+
+1. **coverage**: strata are the tiles at ``z + strata_detail`` (coarsened
+   while the group has more non-empty strata than ``B``); every non-empty
+   stratum keeps its best cell (by score, or the busiest);
+2. **impact**: the rest of ``B`` goes to the highest-score cells not chosen;
+3. **fold**: every unchosen cell's additive aggregates go to the nearest
+   chosen cell of its stratum, so a group's features carry all its reports;
+4. ties break on the cell key (the quadkey), so the result is deterministic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from . import pyramid
+from .profiles import Profile
+
+FOLDED_SUMS = ("report_count", "weight", "departures", "cancellations", "delays", "severity_boost_sum", "decay_sum")
+
+
+def overview_budget(z: int) -> int:
+    """Seed 003's ``resolve_max_points`` by zoom: 500 up to z5, 1000 up to z8, then 2000."""
+    return 500 if z <= 5 else 1000 if z <= 8 else 2000
+
+
+def choose(
+    cells: pl.DataFrame,
+    *,
+    z: int,
+    detail: int,
+    strata_detail: int,
+    budget: int,
+    group_zoom: int,
+    representative: str = "score",
+) -> pl.DataFrame:
+    """Choose the cells of one zoom that a group shows, and where the others fold.
+
+    Parameters
+    ----------
+    cells : DataFrame
+        One zoom of the pyramid (``cell_key``, ``score``, ``report_count``,
+        ``lng``, ``lat``, optionally ``departures``).
+    z, detail, strata_detail : int
+        The zoom, its cell detail, and the strata's detail below ``z``.
+    budget : int
+        Features per group.
+    group_zoom : int
+        ``z`` for a group per tile, ``0`` for one group (the overview).
+    representative : {"score", "busiest"}
+        What makes a stratum's best cell.
+
+    Returns
+    -------
+    DataFrame
+        Per cell, in ``cell_key`` order: ``cell_key``, ``chosen``, ``tier``
+        (``coverage`` / ``impact`` / null), ``target_key`` (the chosen cell it
+        folds into; its own key when chosen) and ``stratum_zoom`` (its
+        group's effective stratum zoom).
+    """
+    level = z + detail
+
+    def at(zoom: int) -> pl.Expr:  # each cell's ancestor (key) at a zoom
+        return pl.col("cell_key") // (4 ** (level - zoom))
+
+    finest = min(z + strata_detail, level)
+    needed = dict.fromkeys(["cell_key", "score", "report_count", "lng", "lat", *_busy(cells, representative)])
+    frame = cells.lazy().select(*needed)
+    frame = frame.with_columns(at(group_zoom).alias("group"))
+    # the finest stratum zoom at which the group's non-empty strata fit the budget
+    fits = [
+        pl.when(at(zoom).n_unique().over("group") <= budget).then(zoom)
+        for zoom in range(finest, group_zoom - 1, -1)
+    ]
+    frame = frame.with_columns(pl.coalesce(fits).cast(pl.Int32).alias("stratum_zoom"))
+    stratum = pl.when(pl.col("stratum_zoom") == finest).then(at(finest))
+    for zoom in range(finest - 1, group_zoom - 1, -1):
+        stratum = stratum.when(pl.col("stratum_zoom") == zoom).then(at(zoom))
+    frame = frame.with_columns(stratum.alias("stratum"))
+
+    best_first = [*_busy(cells, representative), "score", "cell_key"]
+    descending = [True] * (len(best_first) - 1) + [False]
+    frame = frame.sort(best_first, descending=descending, maintain_order=True)
+    coverage = pl.int_range(pl.len()).over(["group", "stratum"]) == 0
+    frame = frame.with_columns(coverage.alias("coverage"))
+    by_score = frame.sort(["coverage", "score", "cell_key"], descending=[True, True, False])
+    slot = pl.int_range(pl.len()).over("group")  # coverage cells come first in each group
+    frame = by_score.with_columns((slot < budget).alias("chosen")).with_columns(
+        pl.when(pl.col("coverage")).then(pl.lit("coverage"))
+        .when(pl.col("chosen")).then(pl.lit("impact"))
+        .alias("tier")
+    ).collect()  # fmt: skip
+    return _fold(frame).sort("cell_key").select("cell_key", "chosen", "tier", "target_key", "stratum_zoom")
+
+
+def _busy(cells: pl.DataFrame, representative: str) -> list[str]:
+    if representative != "busiest":
+        return []
+    return ["departures", "report_count"] if "departures" in cells.columns else ["report_count"]
+
+
+def _fold(frame: pl.DataFrame) -> pl.DataFrame:
+    """Each unchosen cell's target: the nearest chosen cell of its stratum."""
+    chosen = frame.filter("chosen").select(
+        "group", "stratum", pl.col("cell_key").alias("target_key"),
+        pl.col("lng").alias("t_lng"), pl.col("lat").alias("t_lat"),
+    )  # fmt: skip
+    rest = frame.filter(~pl.col("chosen"))
+    if rest.height == 0:
+        return frame.with_columns(pl.col("cell_key").alias("target_key"))
+    # equirectangular distance: strata are small, and only the order matters
+    dx = (pl.col("lng") - pl.col("t_lng")) * pl.col("cos_lat")
+    dy = pl.col("lat") - pl.col("t_lat")
+    nearest = (
+        rest.lazy().select("group", "stratum", "cell_key", "lng", "lat", pl.col("lat").radians().cos().alias("cos_lat"))
+        .join(chosen.lazy(), on=["group", "stratum"])
+        .with_columns((dx * dx + dy * dy).alias("d2"))
+        .filter(pl.col("d2") == pl.col("d2").min().over("cell_key"))
+        .group_by("cell_key").agg(pl.col("target_key").min())  # equally near: the first quadkey
+        .collect()
+    )  # fmt: skip
+    return frame.join(nearest, on="cell_key", how="left").with_columns(
+        pl.coalesce("target_key", "cell_key").alias("target_key")
+    )
+
+
+def features(cells: pl.DataFrame, choice: pl.DataFrame, profile: Profile) -> pl.DataFrame:
+    """The chosen cells as features, with every folded cell's aggregates added.
+
+    Position, quadkey and top category stay the chosen cell's own; counts,
+    weights and metrics are summed (in a fixed order: byte-identical runs),
+    the max weight and times combined; score and intensity are recomputed.
+    """
+    sums = [c for c in FOLDED_SUMS if c in cells.columns]
+    merged = cells.join(choice.select("cell_key", "target_key", "tier"), on="cell_key").sort(["target_key", "cell_key"])
+    target = merged.get_column("target_key").to_numpy()
+    starts = np.flatnonzero(np.r_[True, target[1:] != target[:-1]])
+    own = merged.filter(pl.col("cell_key") == pl.col("target_key")).sort("cell_key")
+    if own.height != len(starts):
+        raise RuntimeError("a cell folds into a cell that is not chosen")
+    folded = {c: np.add.reduceat(merged.get_column(c).to_numpy(), starts) for c in sums}
+    folded["max_weight"] = np.maximum.reduceat(merged.get_column("max_weight").to_numpy(), starts)
+    for c, reduce in (("first_seen", np.minimum), ("last_seen", np.maximum)):
+        times = merged.get_column(c).dt.epoch("us").to_numpy()
+        folded[c] = pl.Series(reduce.reduceat(times, starts)).cast(pl.Datetime("us", "UTC"))
+    out = own.with_columns(**{c: pl.Series(v) if not isinstance(v, pl.Series) else v for c, v in folded.items()})
+    out = out.with_columns(pyramid.score(profile).alias("score"))
+    return out.with_columns(pyramid.intensity(profile).alias("intensity"), (pl.col("score") == 0).alias("healthy"))
