@@ -133,7 +133,7 @@ def retain(context: dg.OpExecutionContext, hotspots: HotspotsResource) -> None:
     context.log.info(f"retention: deleted {done['deleted']}, pruned {done['pruned']}")
 
 
-@dg.job(description="Nightly retention (seed 001's pg_cron job at 02:00 UTC).")
+@dg.job(name="retention", description="Nightly retention (seed 001's pg_cron job at 02:00 UTC).")
 def retention_job():
     retain()
 
@@ -141,11 +141,13 @@ def retention_job():
 def schedules_and_sensors(extract_job, publish_job, partitions: dg.StaticPartitionsDefinition) -> list:
     """``hourly_publish`` (seed 000's hourly snapshot), ``nightly_retention``, and the
     sensor that publishes every tileset after a successful extraction."""
+    # On by default: Hotspots is a scheduled batch; `dagster dev` runs them (turn off in the UI)
     hourly = dg.ScheduleDefinition(
         name="hourly_publish",
         cron_schedule="0 * * * *",
         execution_timezone="UTC",
         job=extract_job,
+        default_status=dg.DefaultScheduleStatus.RUNNING,
         description="Extract every source; `publish_after_extract` then publishes each tileset.",
     )
     nightly = dg.ScheduleDefinition(
@@ -153,6 +155,7 @@ def schedules_and_sensors(extract_job, publish_job, partitions: dg.StaticPartiti
         cron_schedule="0 2 * * *",
         execution_timezone="UTC",
         job=retention_job,
+        default_status=dg.DefaultScheduleStatus.RUNNING,
     )
 
     @dg.run_status_sensor(
@@ -160,6 +163,7 @@ def schedules_and_sensors(extract_job, publish_job, partitions: dg.StaticPartiti
         monitored_jobs=[extract_job],
         request_job=publish_job,
         name="publish_after_extract",
+        default_status=dg.DefaultSensorStatus.RUNNING,
         description="After an extraction, publish each tileset it read, at the same as_of.",
     )
     def publish_after_extract(context: dg.RunStatusSensorContext):

@@ -68,7 +68,7 @@ def test_definitions_load(small_config):
     schedules = {s.name: (s.cron_schedule, s.execution_timezone, s.job_name) for s in defs.schedules}
     assert schedules == {
         "hourly_publish": ("0 * * * *", "UTC", "extract"),
-        "nightly_retention": ("0 2 * * *", "UTC", "retention_job"),
+        "nightly_retention": ("0 2 * * *", "UTC", "retention"),
     }
     assert [s.name for s in defs.sensors] == ["publish_after_extract"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import json
 import os
 import random
@@ -142,8 +143,6 @@ def test_same_input_and_as_of_give_identical_files(roads, tmp_path):
     before = _digests(roads.output / "roads")
     latest_before = json.loads((roads.output / "roads" / "latest.json").read_text())
     # a fresh build from scratch: other work folder, same warehouse and as_of
-    import shutil
-
     shutil.rmtree(build.work_dir(roads, "roads"))
     shutil.rmtree(roads.output / "roads")
     second = _publish(roads, "roads")
@@ -262,3 +261,23 @@ def test_sigkill_at_random_points_always_leaves_a_complete_latest_snapshot(roads
                 json.loads(path.read_text())  # every file of it parses
             assert manifest["as_of"] == latest["as_of"]
     assert published_before > 0, "no publish finished between kills: raise the sleep"
+
+
+def test_the_default_run_publishes_every_tileset_within_its_contract(tmp_path):
+    """`hotspots run` on the shipped hotspots.yaml: checks, files and RFC 7946 for every zoom and tile."""
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copy(repo / "hotspots.yaml", tmp_path / "hotspots.yaml")
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "hotspots"), "run", "--as-of", AS_OF.isoformat()],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    cfg = load_config(tmp_path / "hotspots.yaml")
+    assert set(cfg.tilesets) == {"community_needs", "road_conditions", "campus_issues", "rail_disruptions"}
+    for name in cfg.tilesets:
+        assert all(check.holds for check in publish.check_selection(cfg, name)), name
+        assert publish.verify_latest(cfg, name) is None
+        latest = publish.read_latest(cfg, name)
+        assert f"published: {cfg.output / name / 'snapshots' / latest['snapshot_id']} " in run.stdout
+        for path in (cfg.output / name / latest["path"]).rglob("*.geojson"):
+            assert _is_rfc7946(json.loads(path.read_text())) == [], path
