@@ -4,7 +4,6 @@ No ``from __future__ import annotations``: Dagster reads the ``config:`` annotat
 """
 
 import time
-import warnings
 
 import dagster as dg
 
@@ -16,12 +15,7 @@ from .common import markdown_table, run_start
 
 def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDefinition) -> tuple[list, list]:
     """Selection, tiles and snapshot assets (partitioned by tileset) and their checks."""
-    with warnings.catch_warnings():  # partitioned checks: a Dagster preview feature, used on purpose
-        warnings.simplefilter("ignore", dg.PreviewWarning)
-        return _publishing_assets(partitions, upstream)
 
-
-def _publishing_assets(partitions, upstream):
     @dg.asset(
         partitions_def=partitions,
         deps=[upstream],

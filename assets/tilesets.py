@@ -4,7 +4,6 @@ No ``from __future__ import annotations``: Dagster reads the ``config:`` annotat
 """
 
 import time
-import warnings
 
 import dagster as dg
 
@@ -15,17 +14,8 @@ from .common import RunParams, given_as_of, markdown_table, run_start
 
 
 def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
-    """The per-tileset assets and their checks, over the tilesets' partitions.
+    """The per-tileset scoring and pyramid assets and their checks."""
 
-    Partitioned asset checks (a result per tileset) are a Dagster preview
-    feature; its warning is silenced here, where it is used on purpose.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", dg.PreviewWarning)
-        return _tileset_assets(partitions)
-
-
-def _tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
     @dg.asset(
         partitions_def=partitions,
         deps=["reports"],
