@@ -29,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--config", help="config file (default: $HOTSPOTS_CONFIG or ./hotspots.yaml)")
     run.add_argument("--tileset", action="append", default=[], help="only this tileset (repeatable)")
     run.add_argument("--as-of", help="ISO 8601 time the run is computed at (default: now)")
+    run.add_argument("--full-refresh", action="store_true", help="database sources: read every row again")
     run.add_argument("-v", "--verbose", action="store_true", help="show Dagster's step logs")
     args = parser.parse_args(argv)
     try:
@@ -55,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
     defs = build_definitions(cfg.file)
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     now = as_of or datetime.now(timezone.utc).replace(microsecond=0)
-    params = {"as_of": as_of.isoformat() if as_of else None, "tilesets": tilesets}
+    params = {"as_of": as_of.isoformat() if as_of else None, "tilesets": tilesets, "full_refresh": args.full_refresh}
     if not _execute(defs, EXTRACT_JOB, params, instance, args.verbose):
         return 1
     _print_extraction(cfg, sources)
@@ -72,7 +73,8 @@ def _execute(defs, job_name, params, instance, verbose, partition=None) -> bool:
     job = defs.resolve_job_def(job_name)
     run_config = {
         "ops": {node.name: {"config": params} for node in job.graph.node_defs if node.config_schema is not None},
-        "loggers": {"console": {"config": {"log_level": "INFO" if verbose else "WARNING"}}},
+        # failures are reported below in one line; -v shows Dagster's own logs
+        "loggers": {"console": {"config": {"log_level": "INFO" if verbose else "CRITICAL"}}},
     }
     result = job.execute_in_process(
         run_config=run_config, instance=instance, partition_key=partition, raise_on_error=False
@@ -81,9 +83,19 @@ def _execute(defs, job_name, params, instance, verbose, partition=None) -> bool:
         return True
     for event in result.all_events:
         if event.is_step_failure:
-            message = event.step_failure_data.error.message.strip()
-            print(f"hotspots: step {event.step_key} failed: {message}", file=sys.stderr)
+            print(f"hotspots: step {event.step_key} failed: {_root_cause(event.step_failure_data.error)}",
+                  file=sys.stderr)  # fmt: skip
     return False
+
+
+def _root_cause(error) -> str:
+    """The innermost error's first line; our own errors without their class name."""
+    while getattr(error, "cause", None) is not None:
+        error = error.cause
+    message = error.message.strip().splitlines()[0] if error.message.strip() else error.cls_name
+    for name in ("SourceError", "ConfigError", "InputPathError", "WarehouseBusyError", "HotspotsError"):
+        message = message.removeprefix(f"{name}: ")
+    return message
 
 
 def _print_extraction(cfg, sources: list[str]) -> None:

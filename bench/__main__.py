@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from . import load, pyramid, snapshot
+from . import load, postgres, pyramid, snapshot
 
-BENCHES = {"load": load.main, "pyramid": pyramid.main, "snapshot": snapshot.main}
+BENCHES = {"load": load.main, "postgres": postgres.main, "pyramid": pyramid.main, "snapshot": snapshot.main}
 
 
 def main(argv: list[str]) -> int:

@@ -136,7 +136,44 @@ class SyntheticSource(_Strict):
         return v
 
 
-Source = Annotated[Union[FileSource, SyntheticSource], Field(discriminator="kind")]
+class PostgresSource(_Strict):
+    """A PostgreSQL/PostGIS database: a seed adapter, a table, or a query."""
+
+    kind: Literal["postgres"]
+    host: str = "127.0.0.1"
+    port: int = Field(5432, ge=1, le=65535)
+    database: str
+    user: str
+    password_env: str | None = None  # the password is read from this environment variable
+    adapter: Literal["community_needs", "road_conditions", "campus_issues", "rail_disruptions"] | None = None
+    table: str | None = None
+    query: str | None = None
+    columns: Columns | None = None
+    watermark: str | None = None  # column for incremental reads (adapters bring their own)
+    incremental: bool = True
+    time_range_hours: float = Field(24.0, gt=0)  # rail adapter: stats summed over this window
+    entity_type: str | None = None
+    rules: Rules = Rules()
+
+    @model_validator(mode="after")
+    def _one_way_in(self) -> "PostgresSource":
+        given = [k for k in ("adapter", "table", "query") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of adapter, table or query")
+        if self.adapter is None:
+            if self.columns is None:
+                raise ValueError("columns: map the table's or query's columns (lat/lng or geometry, observed_at)")
+            cols = self.columns
+            if cols.observed_at is None or (cols.geometry is None and (cols.lat is None or cols.lng is None)):
+                raise ValueError("columns: map observed_at, and lat and lng or geometry")
+            if cols.report_id is None:
+                raise ValueError("columns.report_id: required for a database source (incremental reads upsert by id)")
+        elif self.columns is not None:
+            raise ValueError("columns: an adapter maps its own columns")
+        return self
+
+
+Source = Annotated[Union[FileSource, SyntheticSource, PostgresSource], Field(discriminator="kind")]
 
 
 PositiveDays = Annotated[float, Field(gt=0)]
@@ -376,7 +413,7 @@ def _config_error(exc: ValidationError, file: str | None) -> ConfigError:
     err = exc.errors(include_url=False)[0]
     loc = [str(p) for p in err["loc"] if p != "[key]"]
     # Discriminated unions put the tag into the location: drop it.
-    if len(loc) >= 3 and loc[0] == "sources" and loc[2] in ("file", "synthetic"):
+    if len(loc) >= 3 and loc[0] == "sources" and loc[2] in ("file", "synthetic", "postgres"):
         del loc[2]
     ctx_error = (err.get("ctx") or {}).get("error")
     if isinstance(ctx_error, _KeyError):
@@ -387,9 +424,9 @@ def _config_error(exc: ValidationError, file: str | None) -> ConfigError:
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     elif err["type"] == "union_tag_invalid":
-        msg = f"unknown kind {err['input'].get('kind')!r} (known: file, synthetic)"
+        msg = f"unknown kind {err['input'].get('kind')!r} (known: file, postgres, synthetic)"
     elif err["type"] == "union_tag_not_found":
-        msg = "missing `kind:` (file or synthetic)"
+        msg = "missing `kind:` (file, postgres or synthetic)"
     elif err["type"] == "literal_error":
         msg = f"{msg}, got {err['input']!r}"
     elif err["type"] == "string_pattern_mismatch":

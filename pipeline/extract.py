@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from . import warehouse
-from .config import Config, SyntheticSource
-from .sources import FileResult, check_source_columns, stage_source
+from .config import Config, FileSource
+from .sources import FileResult, check_source_columns, prefetch, stage_source
 from .validate import ValidationResult, source_flags, validate_source
 
 
@@ -50,15 +50,21 @@ def preflight(cfg: Config, sources: list[str]) -> None:
         con.close()
 
 
-def stage(cfg: Config, sources: list[str], as_of: datetime) -> dict[str, list[FileResult]]:
-    """Read each source into ``raw_reports``; one :class:`FileResult` per file."""
+def stage(
+    cfg: Config, sources: list[str], as_of: datetime, full_refresh: bool = False
+) -> dict[str, list[FileResult]]:
+    """Read each source into ``raw_reports``; one :class:`FileResult` per file.
+
+    A source that fails raises; what it had staged before stays as it was.
+    """
     results: dict[str, list[FileResult]] = {}
     with warehouse.writer(cfg.warehouse_path) as con:
         _forget_removed_sources(con, cfg)
         for name in sources:
+            fetched = prefetch(con, name, cfg, as_of, full_refresh)  # a database's rows, read first
             con.execute("BEGIN TRANSACTION")
             try:
-                files = stage_source(con, name, cfg, as_of)
+                files = stage_source(con, name, cfg, as_of, fetched)
                 con.execute("DELETE FROM source_files WHERE source = ?", [name])
                 con.executemany(
                     "INSERT INTO source_files VALUES (?, ?, ?, ?, ?)",
@@ -78,7 +84,7 @@ def validate(cfg: Config, sources: list[str], as_of: datetime) -> dict[str, Vali
     with warehouse.writer(cfg.warehouse_path) as con:
         for name in sources:
             src = cfg.sources[name]
-            formats = [] if isinstance(src, SyntheticSource) else src.formats()
+            formats = src.formats() if isinstance(src, FileSource) else []
             results[name] = validate_source(
                 con, name, src.rules, formats, as_of, **source_flags(src)
             )
@@ -118,5 +124,5 @@ def source_counts(db: Path, source: str) -> dict:
 
 def _forget_removed_sources(con, cfg: Config) -> None:
     keep = list(cfg.sources)
-    for table in ("raw_reports", "reports", "rejected_reports", "source_files"):
+    for table in ("raw_reports", "reports", "rejected_reports", "source_files", "source_state"):
         con.execute(f"DELETE FROM {table} WHERE NOT list_contains($keep, source)", {"keep": keep})

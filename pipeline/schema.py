@@ -66,11 +66,19 @@ SOURCE_FILES_COLUMNS: dict[str, str] = {
     "extracted_at": "TIMESTAMPTZ",
 }
 
+# The last watermark read per database source (incremental extraction).
+SOURCE_STATE_COLUMNS: dict[str, str] = {
+    "source": "VARCHAR",
+    "watermark": "VARCHAR",
+    "extracted_at": "TIMESTAMPTZ",
+}
+
 TABLES = {
     "raw_reports": RAW_COLUMNS,
     "reports": {**REPORT_COLUMNS, **PROVENANCE},
     "rejected_reports": REJECTED_COLUMNS,
     "source_files": SOURCE_FILES_COLUMNS,
+    "source_state": SOURCE_STATE_COLUMNS,
 }
 
 

@@ -25,7 +25,7 @@ EXCLUSIONS = (
     "not_public",  # is_public = false: never counted, never published
     "after_as_of",  # observed after the tileset's as_of
     "expired",  # expires_at <= as_of (seed 000's active notes)
-    "too_old",  # older than max_age_days
+    "too_old",  # max_age_days old or older
     "unknown_category",  # not a category the profile knows (or has no decay for)
     "severity_out_of_range",  # outside the profile's severity range
     "filtered_out",  # fails one of the tileset's filters
@@ -187,8 +187,8 @@ def exclusion(profile: Profile, filters: Filters, as_of: datetime) -> pl.Expr:
         (pl.col("observed_at") > pl.lit(as_of), "after_as_of"),
         (pl.col("expires_at") <= pl.lit(as_of), "expired"),
     ]
-    if profile.max_age_days is not None:
-        rules.append((age_days(as_of) > profile.max_age_days, "too_old"))
+    if profile.max_age_days is not None:  # seed 001: counts while submitted_at > now - 90 days
+        rules.append((age_days(as_of) >= profile.max_age_days, "too_old"))
     if profile.categories is not None:
         rules.append((~_in("category", profile.categories), "unknown_category"))
     if profile.decay.mode in ("half_life", "time_constant") and not _every_category_decays(profile):

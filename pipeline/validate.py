@@ -47,7 +47,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from .config import FileSource, Rules
+from .config import FileSource, PostgresSource, Rules
 from .schema import METRICS, REPORT_COLUMNS
 from .sources.staging import quote
 
@@ -350,7 +350,12 @@ def rate_limit_excess(tokens: np.ndarray, times: np.ndarray, limit: int, window:
 
 def source_flags(src: object) -> dict[str, bool]:
     """Whether a source maps ``report_id`` and ``severity`` (see :func:`validate_source`)."""
+    from .sources.postgres import column_mapping
+
     if isinstance(src, FileSource):
         mapped = src.columns.mapped()
-        return {"id_mapped": "report_id" in mapped, "severity_mapped": "severity" in mapped}
-    return {"id_mapped": True, "severity_mapped": False}
+    elif isinstance(src, PostgresSource):
+        mapped = column_mapping(src)
+    else:  # synthetic: ids always, severity where the domain has one
+        return {"id_mapped": True, "severity_mapped": False}
+    return {"id_mapped": "report_id" in mapped, "severity_mapped": "severity" in mapped}

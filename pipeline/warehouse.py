@@ -44,6 +44,29 @@ def spatial_extension_path() -> Path:
     return found[0]
 
 
+@cache
+def _wheel_extension(package: str, name: str) -> Path:
+    module = __import__(package)
+    root = Path(module.__file__).parent / "extensions" / f"v{duckdb.__version__}"
+    path = root / f"{name}.duckdb_extension"
+    if not path.exists():
+        raise RuntimeError(f"no {name} extension for duckdb {duckdb.__version__} under {root}")
+    return path
+
+
+def load_postgres(con: duckdb.DuckDBPyConnection, extension_dir: Path) -> None:
+    """Load the postgres extension from the ``duckdb-extension-postgres`` wheel.
+
+    DuckDB names an extension's entry point after its file, so it is
+    installed from the wheel's file (a local copy into ``extension_dir``,
+    no download) and loaded by name.
+    """
+    extension_dir.mkdir(parents=True, exist_ok=True)
+    con.execute(f"SET extension_directory = '{extension_dir}'")
+    con.execute(f"INSTALL '{_wheel_extension('duckdb_extension_postgres', 'postgres')}'")
+    con.execute("LOAD postgres")
+
+
 def connect(path: str | Path | None = None, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """Open a DuckDB connection with Hotspots' settings and spatial loaded.
 

@@ -162,3 +162,38 @@ def test_cli_bad_config_is_one_line_without_traceback(write_config):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and "tilesets.t.profile" in proc.stderr
+
+
+PG = {"kind": "postgres", "database": "roads", "user": "hotspots", "password_env": "PGPW"}
+
+
+@pytest.mark.parametrize(
+    ("source", "reason"),
+    [
+        ({}, "give exactly one of adapter, table or query"),
+        ({"adapter": "road_conditions", "table": "t"}, "give exactly one of adapter, table or query"),
+        ({"adapter": "roads"}, "'community_needs', 'road_conditions', 'campus_issues' or 'rail_disruptions'"),
+        ({"table": "t"}, "columns: map the table's or query's columns"),
+        ({"table": "t", "columns": {"lat": "y", "lng": "x", "observed_at": "t"}}, "columns.report_id: required"),
+        ({"adapter": "road_conditions", "columns": {"lat": "y"}}, "an adapter maps its own columns"),
+        ({"adapter": "road_conditions", "port": 70000}, "less than or equal to 65535"),
+    ],
+)
+def test_bad_postgres_sources(write_config, source, reason):
+    data = base()
+    data["sources"]["s"] = {**PG, **source}
+    with pytest.raises(ConfigError) as info:
+        load_config(write_config(data))
+    assert info.value.key.startswith("sources.s") and reason in info.value.reason
+
+
+def test_good_postgres_sources(write_config):
+    data = base()
+    data["sources"] = {
+        "a": {**PG, "adapter": "community_needs"},
+        "b": {**PG, "query": "SELECT 1", "watermark": "updated_at",
+              "columns": {"report_id": "id", "geometry": "geog", "observed_at": "t"}},
+    }  # fmt: skip
+    data["tilesets"] = {"t": {"source": "a", "profile": "community_needs"}}
+    cfg = load_config(write_config(data))
+    assert cfg.sources["a"].incremental and cfg.sources["b"].watermark == "updated_at"

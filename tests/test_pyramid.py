@@ -91,12 +91,12 @@ def _brute_weights(profile_name: str, rows: list[dict]) -> list[dict]:
         age = max((AS_OF - r["observed_at"]).total_seconds() / 86400, 0.0)
         sev = r["severity"]
         if profile_name == "road_conditions":
-            if age > 90 or not 1 <= sev <= 3:
+            if age >= 90 or not 1 <= sev <= 3:
                 continue
             half_life = 1.5 if r["category"] in WEATHER else 7.0
             decay, boost = 0.5 ** (age / half_life), sev
         elif profile_name == "campus_issues":  # preset overview: 30 days, factor 0.5
-            if age > 30 or not 1 <= sev <= 10:
+            if age >= 30 or not 1 <= sev <= 10:
                 continue
             decay = math.exp(-0.5 * min(age / 90, 1))
             boost = sev / 10 * {"CRITICAL": 4, "HIGH": 2.5, "MEDIUM": 1.5, "LOW": 1}.get(r["priority"], 1)

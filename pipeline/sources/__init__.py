@@ -6,22 +6,44 @@ from datetime import datetime
 
 import duckdb
 
-from ..config import Config, FileSource, SyntheticSource
+from .. import warehouse
+from ..config import Config, FileSource, PostgresSource, SyntheticSource
 from .files import check_columns, stage_files
+from .postgres import Fetched, fetch, stage_fetched
 from .staging import FileResult, numbered_table, stage_relation
 from .synthetic import generate
 
-__all__ = ["FileResult", "check_source_columns", "stage_source"]
+__all__ = ["FileResult", "check_source_columns", "prefetch", "stage_source"]
+
+
+def prefetch(
+    con: duckdb.DuckDBPyConnection, name: str, cfg: Config, as_of: datetime, full_refresh: bool = False
+) -> Fetched | None:
+    """Read a database source's rows (changed since its last read, unless
+    ``full_refresh``) before the write transaction; None for other kinds."""
+    src = cfg.sources[name]
+    if not isinstance(src, PostgresSource):
+        return None
+    warehouse.load_postgres(con, cfg.home / "duckdb_extensions")
+    row = con.execute("SELECT watermark FROM source_state WHERE source = ?", [name]).fetchone()
+    return fetch(con, name, src, as_of, full_refresh, row[0] if row else None)
 
 
 def stage_source(
-    con: duckdb.DuckDBPyConnection, name: str, cfg: Config, as_of: datetime
+    con: duckdb.DuckDBPyConnection, name: str, cfg: Config, as_of: datetime, fetched: Fetched | None = None
 ) -> list[FileResult]:
-    """Replace the source's rows in ``raw_reports`` with a fresh read.
+    """Replace the source's rows in ``raw_reports`` with a fresh read
+    (a database source: with what :func:`prefetch` read).
 
-    Returns one :class:`FileResult` per file (or synthetic batch).
+    Returns one :class:`FileResult` per file (or synthetic batch, or query).
     """
     src = cfg.sources[name]
+    if isinstance(src, PostgresSource):
+        results, mark = stage_fetched(con, name, src, fetched, as_of)
+        con.execute("DELETE FROM source_state WHERE source = ?", [name])
+        con.execute("INSERT INTO source_state VALUES (?, ?, ?)", [name, mark, as_of])
+        con.execute(f"DROP TABLE {fetched.table}")
+        return results
     con.execute("DELETE FROM raw_reports WHERE source = ?", [name])
     if isinstance(src, SyntheticSource):
         table = generate(src, as_of)

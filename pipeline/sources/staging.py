@@ -32,17 +32,18 @@ def _geometry_expr(column: str, duck_type: str) -> str:
         return col
     if duck_type == "BLOB":
         return f"TRY(ST_GeomFromWKB({col}))"
-    return f"TRY(ST_GeomFromText(CAST({col} AS VARCHAR)))"
+    text = f"CAST({col} AS VARCHAR)"  # WKT, or PostGIS's hex EWKB
+    return f"COALESCE(TRY(ST_GeomFromText({text})), TRY(ST_GeomFromHEXEWKB({text})))"
 
 
-def numbered_table(table: str) -> str:
-    """A temporary table's rows with ``_row`` counting from 1 in insertion order.
+def numbered_table(table: str, start: int = 1) -> str:
+    """A temporary table's rows with ``_row`` counting from ``start`` in insertion order.
 
     Rowids follow insertion order but need not start at 0 (they do not in a
     transaction's local storage): rows are numbered from the first one.
     """
     t = quote(table)
-    return f"(SELECT *, rowid - (SELECT min(rowid) FROM {t}) + 1 AS _row FROM {t})"
+    return f"(SELECT *, rowid - (SELECT min(rowid) FROM {t}) + {int(start)} AS _row FROM {t})"
 
 
 def stage_relation(
