@@ -4,12 +4,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench dev clean
+.PHONY: install run test bench dev serve clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml web/package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# MapLibre GL and PMTiles for the offline viewer (`hotspots serve`); skipped without npm
+	if command -v npm >/dev/null; then npm ci --prefix web --no-audit --no-fund --loglevel=error; fi
 	touch $@
 
 install: $(STAMP)
@@ -23,6 +25,9 @@ test: $(STAMP)  ## the whole test suite
 bench: $(STAMP)  ## benchmarks: print figures and ratios to baselines
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench
+
+serve: $(STAMP)  ## the viewer on http://127.0.0.1:8000/index.html
+	$(BIN)/hotspots serve
 
 dev: $(STAMP)  ## the Dagster UI on http://127.0.0.1:3000
 	mkdir -p .hotspots/dagster

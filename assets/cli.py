@@ -31,9 +31,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--as-of", help="ISO 8601 time the run is computed at (default: now)")
     run.add_argument("--full-refresh", action="store_true", help="database sources: read every row again")
     run.add_argument("-v", "--verbose", action="store_true", help="show Dagster's step logs")
+    serve = sub.add_parser("serve", help="serve the publish root (viewer at /index.html) like a static host")
+    serve.add_argument("--config", help="config file (default: $HOTSPOTS_CONFIG or ./hotspots.yaml)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
     try:
-        return _run(args)
+        return _serve(args) if args.command == "serve" else _run(args)
     except HotspotsError as exc:
         print(f"hotspots: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -66,6 +70,19 @@ def _run(args: argparse.Namespace) -> int:
         if not _execute(defs, PUBLISH_JOB, ts_params, instance, args.verbose, partition=name):
             return 1
         _print_tileset(cfg, name)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pipeline.serve import serve
+
+    cfg = load_config(args.config)
+    server = serve(cfg.output, args.host, args.port)
+    print(f"serving {cfg.output} at http://{args.host}:{server.server_address[1]}/index.html", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
     return 0
 
 

@@ -267,6 +267,7 @@ def finalize_snapshot(cfg: Config, tileset: str, now: datetime | None = None) ->
          "as_of": manifest["as_of"], "path": f"{SNAPSHOTS}/{snapshot_id}/"},
         durable=True,
     )  # fmt: skip
+    write_viewer(cfg)
     pruned = prune(cfg, tileset, cfg.tilesets[tileset].retain_snapshots)
     sizes = sum(z["tile_bytes"] + z["overview_bytes"] + z["cells_bytes"] + z["mvt_bytes"] for z in staged["zooms"])
     sizes += staged["pmtiles_bytes"] + len(text)
@@ -309,6 +310,20 @@ def build_manifest(cfg: Config, tileset: str, staged: dict) -> dict:
             "tilejson": "tiles.json",
         },
     }
+
+
+def write_viewer(cfg: Config) -> None:
+    """``output/index.html`` (the MapLibre viewer) and ``output/tilesets.json`` (what it offers)."""
+    offered = []
+    for name, ts in cfg.tilesets.items():
+        if read_latest(cfg, name) is not None:
+            profile, _ = scoring.resolve(ts)
+            offered.append({"name": name, "profile": ts.profile, "metrics": list(profile.metrics)})
+    _write_json(cfg.output / "tilesets.json", offered)
+    page = (Path(__file__).parent / "viewer.html").read_bytes()
+    tmp = cfg.output / f".index.html.{os.getpid()}.tmp"
+    tmp.write_bytes(page)
+    os.replace(tmp, cfg.output / "index.html")
 
 
 def read_latest(cfg: Config, tileset: str) -> dict | None:
