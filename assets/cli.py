@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
-from pipeline import build, extract, publish
+from pipeline import build, extract, publish, warehouse
 from pipeline.config import ConfigError, check_inputs, load_config, parse_as_of
 from pipeline.errors import HotspotsError
 
@@ -67,8 +67,10 @@ def _run(args: argparse.Namespace) -> int:
     for name in tilesets:
         # tileset as_of (YAML) applies unless --as-of was given
         ts_params = {**params, "as_of": (as_of or cfg.tilesets[name].as_of or now).isoformat()}
-        if not _execute(defs, PUBLISH_JOB, ts_params, instance, args.verbose, partition=name):
-            return 1
+        # one build of a tileset at a time: its steps share <home>/work/<tileset>/
+        with warehouse.file_lock(build.work_dir(cfg, name)):
+            if not _execute(defs, PUBLISH_JOB, ts_params, instance, args.verbose, partition=name):
+                return 1
         _print_tileset(cfg, name)
     return 0
 

@@ -14,6 +14,7 @@ constant. ``half_life`` mode is a true half-life, ``0.5 ** (age / h)``;
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Literal, Mapping
@@ -128,7 +129,7 @@ STRUCTURAL = (
 )  # fmt: skip
 
 PROFILES: dict[str, Profile] = {
-    "generic": Profile(name="generic"),
+    "generic": Profile(name="generic", severity_range=(0.0, math.inf)),  # a weight is never negative
     # seed 000: MAX(CASE severity WHEN 'urgent' THEN 10 WHEN 'notice' THEN 5 ELSE 1)
     "community_needs": Profile(
         name="community_needs",

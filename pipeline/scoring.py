@@ -38,6 +38,12 @@ READ_COLUMNS = (
     "departures", "cancellations", "delays", "is_public",
 )  # fmt: skip  -- never session_token or description
 DAY_US = 86_400 * 10**6
+READ_TYPES = {
+    **{c: pl.String for c in READ_COLUMNS},
+    "lat": pl.Float64, "lng": pl.Float64, "severity": pl.Float64, "departures": pl.Float64,
+    "cancellations": pl.Float64, "delays": pl.Float64, "upvotes": pl.Int64, "is_public": pl.Boolean,
+    "observed_at": pl.Datetime("us", "UTC"), "expires_at": pl.Datetime("us", "UTC"),
+}  # fmt: skip
 
 
 class ScoreResult(NamedTuple):
@@ -221,6 +227,9 @@ def score_reports(reports: pl.LazyFrame, profile: Profile, filters: Filters, as_
     ScoreResult
         ``scored`` has :data:`SCORED_COLUMNS` plus the profile's metrics.
     """
+    present = reports.collect_schema().names()
+    # the canonical types, whatever the caller built (an all-null column has no type of its own)
+    reports = reports.with_columns(pl.col(c).cast(t) for c, t in READ_TYPES.items() if c in present)
     judged = reports.with_columns(exclusion(profile, filters, as_of))
     kept = judged.filter(pl.col("excluded").is_null()).with_columns(
         (severity_score(profile) * priority_boost(profile)).alias("severity_boost"),

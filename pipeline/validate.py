@@ -6,6 +6,7 @@ rejected row has exactly one reason and ``read = valid + rejected`` holds:
 ======================  =====================================================
 reason                  rule
 ======================  =====================================================
+malformed_line          a CSV line the reader could not read (e.g. bad encoding)
 invalid_geometry        a geometry column that does not parse
 empty_geometry          an empty geometry
 non_point_geometry      a line, polygon, ... (only points have a position)
@@ -55,7 +56,7 @@ MERCATOR_MAX_LAT = 85.0511287798066  # atan(sinh(pi)) in degrees
 EPOCH_RANGE = (1e8, 1e14)  # |number| read as epoch seconds (< 1e11) or ms (>= 1e11)
 
 REASONS = (
-    "invalid_geometry", "empty_geometry", "non_point_geometry", "missing_report_id",
+    "malformed_line", "invalid_geometry", "empty_geometry", "non_point_geometry", "missing_report_id",
     "missing_coordinates", "non_numeric_coordinates", "nan_coordinates", "infinite_coordinates",
     "latitude_out_of_range", "longitude_out_of_range", "outside_mercator", "missing_timestamp",
     "unparseable_timestamp", "future_timestamp", "unparseable_expires_at", "missing_severity",

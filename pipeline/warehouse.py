@@ -89,6 +89,13 @@ def connect(path: str | Path | None = None, *, read_only: bool = False) -> duckd
 
 
 @contextmanager
+def file_lock(path: Path, exclusive: bool = True, timeout: float = DEFAULTS.lock_timeout_s) -> Iterator[None]:
+    """An advisory lock on ``path`` (created), across processes; waits up to ``timeout``."""
+    with _locked(path.with_suffix(".db"), exclusive, timeout):
+        yield
+
+
+@contextmanager
 def _locked(db: Path, exclusive: bool, timeout: float) -> Iterator[None]:
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_suffix(".lock"), "a+") as fh:
@@ -101,7 +108,7 @@ def _locked(db: Path, exclusive: bool, timeout: float) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise WarehouseBusyError(
-                        f"warehouse {db} is busy: another run held its lock for {timeout:.0f} s"
+                        f"{db.with_suffix('')} is busy: another run held its lock for {timeout:.0f} s"
                     ) from None
                 time.sleep(0.05)
         try:

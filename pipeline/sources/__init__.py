@@ -8,7 +8,7 @@ import duckdb
 
 from .. import warehouse
 from ..config import Config, FileSource, PostgresSource, SyntheticSource
-from .files import check_columns, stage_files
+from .files import FetchedFile, check_columns, fetch_files, stage_files
 from .postgres import Fetched, fetch, stage_fetched
 from .staging import FileResult, numbered_table, stage_relation
 from .synthetic import generate
@@ -18,10 +18,13 @@ __all__ = ["FileResult", "check_source_columns", "prefetch", "stage_source"]
 
 def prefetch(
     con: duckdb.DuckDBPyConnection, name: str, cfg: Config, as_of: datetime, full_refresh: bool = False
-) -> Fetched | None:
-    """Read a database source's rows (changed since its last read, unless
-    ``full_refresh``) before the write transaction; None for other kinds."""
+) -> Fetched | list[FetchedFile] | None:
+    """Read a source before the write transaction, so that a failing read
+    cannot abort it: each file into a temporary table, or a database's rows
+    (changed since its last read, unless ``full_refresh``); None for synthetic."""
     src = cfg.sources[name]
+    if isinstance(src, FileSource):
+        return fetch_files(con, name, src)
     if not isinstance(src, PostgresSource):
         return None
     warehouse.load_postgres(con, cfg.home / "duckdb_extensions")
@@ -30,7 +33,8 @@ def prefetch(
 
 
 def stage_source(
-    con: duckdb.DuckDBPyConnection, name: str, cfg: Config, as_of: datetime, fetched: Fetched | None = None
+    con: duckdb.DuckDBPyConnection, name: str, cfg: Config, as_of: datetime,
+    fetched: Fetched | list[FetchedFile] | None = None,
 ) -> list[FileResult]:
     """Replace the source's rows in ``raw_reports`` with a fresh read
     (a database source: with what :func:`prefetch` read).
@@ -45,6 +49,8 @@ def stage_source(
         con.execute(f"DROP TABLE {fetched.table}")
         return results
     con.execute("DELETE FROM raw_reports WHERE source = ?", [name])
+    if isinstance(src, FileSource):
+        return stage_files(con, name, src, fetched)
     if isinstance(src, SyntheticSource):
         table = generate(src, as_of)
         con.register("_synthetic", table)
@@ -57,7 +63,7 @@ def stage_source(
         result = stage_relation(con, name, label, numbered_table("_file"), mapping, src.entity_type or name)
         con.execute("DROP TABLE _file")
         return [result]
-    return stage_files(con, name, src)
+    raise TypeError(f"unknown source kind {type(src).__name__}")
 
 
 def check_source_columns(con: duckdb.DuckDBPyConnection, cfg: Config, names: list[str]) -> None:

@@ -84,6 +84,12 @@ def stage_relation(
     def col(canonical: str) -> str:
         return quote(names[mapping[canonical].lower()])
 
+    def text(canonical: str) -> str:
+        # JSON values (NDJSON fields of mixed types) as their text, not JSON: "x" -> x
+        if types[mapping[canonical].lower()] == "JSON":
+            return f"({col(canonical)} ->> '$')"
+        return f"CAST({col(canonical)} AS VARCHAR)"
+
     select: dict[str, str] = {
         "source": "$source",
         "file": "$file",
@@ -93,7 +99,7 @@ def stage_relation(
     for canonical in RAW_COLUMNS:
         if canonical in select:
             continue
-        select[canonical] = f"CAST({col(canonical)} AS VARCHAR)" if canonical in mapping else "NULL"
+        select[canonical] = text(canonical) if canonical in mapping else "NULL"
     if "entity_type" not in mapping:
         select["entity_type"] = "$entity_type"
 
