@@ -101,6 +101,13 @@ def browser():
         browser.close()
 
 
+def _await(page, promise: str, seconds: int = 30):
+    """Evaluate a JS promise, failing (not hanging) after ``seconds``."""
+    return page.evaluate(
+        f"Promise.race([{promise}, new Promise((_, no) => setTimeout(() => no(new Error('timed out: {promise[:40]}')), {seconds * 1000}))])"
+    )
+
+
 def _open(browser, url: str):
     page = browser.new_page(viewport={"width": 900, "height": 700})
     problems, tiles = [], []
@@ -108,14 +115,15 @@ def _open(browser, url: str):
     page.on("pageerror", lambda e: problems.append(str(e)))
     page.on("requestfinished", lambda r: tiles.append((r.url, r.response().status)) if "heatmap.pmtiles" in r.url else None)
     page.goto(url)
-    page.evaluate("window.hotspotsReady")
+    _await(page, "window.hotspotsReady", 60)
     return page, problems, tiles
 
 
 def _features_at(page, lng: float, lat: float, zoom: int) -> int:
     page.evaluate(f"window.hotspotsMap.jumpTo({{center: [{lng}, {lat}], zoom: {zoom}}})")
     page.wait_for_function("window.hotspotsMap.loaded() && window.hotspotsMap.areTilesLoaded()", timeout=30000)
-    page.evaluate("new Promise((r) => window.hotspotsMap.once('idle', r) || window.hotspotsMap.triggerRepaint())")
+    # wait for a fresh render; repaint explicitly, since an idle map fires no new 'idle'
+    _await(page, "new Promise((r) => { window.hotspotsMap.once('idle', r); window.hotspotsMap.triggerRepaint(); })")
     visible = page.evaluate(
         f"(() => {{ const l = window.hotspotsMap.getLayer('heatmap'); return {zoom} >= (l.minzoom ?? 0) && {zoom} < (l.maxzoom ?? 24) "
         "&& window.hotspotsMap.getLayoutProperty('heatmap', 'visibility') !== 'none'; })()"
