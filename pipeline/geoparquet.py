@@ -23,14 +23,17 @@ def wkb_points(x: np.ndarray, y: np.ndarray) -> pa.Array:
     return fixed.cast(pa.binary())
 
 
-def to_table(frame: pl.DataFrame, lng: str = "lng", lat: str = "lat") -> pa.Table:
-    """A point table with ``geometry``, ``bbox`` and GeoParquet metadata."""
-    table = frame.to_arrow()
-    # plain string columns, readable everywhere (polars exports string views)
-    table = table.cast(pa.schema([
+def plain_strings(table: pa.Table) -> pa.Table:
+    """String columns as plain ``string``, readable everywhere (polars exports string views)."""
+    return table.cast(pa.schema([
         pa.field(f.name, pa.string() if pa.types.is_string_view(f.type) or pa.types.is_large_string(f.type) else f.type)
         for f in table.schema
     ]))  # fmt: skip
+
+
+def to_table(frame: pl.DataFrame, lng: str = "lng", lat: str = "lat") -> pa.Table:
+    """A point table with ``geometry``, ``bbox`` and GeoParquet metadata."""
+    table = plain_strings(frame.to_arrow())
     x = frame.get_column(lng).to_numpy().astype(np.float64, copy=False)
     y = frame.get_column(lat).to_numpy().astype(np.float64, copy=False)
     bbox = pa.StructArray.from_arrays(

@@ -18,12 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import polars as pl
-import pyarrow as pa
 from pmtiles.tile import Compression, TileType, zxy_to_tileid
 from pmtiles.writer import Writer
 
 from . import warehouse
 from .geojson import METRICS
+from .geoparquet import plain_strings
 
 LAYER = "cells"
 EXTENT = 4096
@@ -89,11 +89,8 @@ def encode(features_by_zoom: dict[int, pl.DataFrame]) -> list[tuple[int, int, in
     props = ", ".join(
         f"'{name}': CAST({column} AS {typ})" for name, (typ, column) in PROPERTIES.items() if column in rows.columns
     )
-    table = rows.select("tz", "tx", "ty", "gx", "gy", *[c for _, c in PROPERTIES.values() if c in rows.columns]).to_arrow()
-    table = table.cast(pa.schema([
-        pa.field(f.name, pa.string() if pa.types.is_string_view(f.type) or pa.types.is_large_string(f.type) else f.type)
-        for f in table.schema
-    ]))  # fmt: skip
+    columns = [c for _, c in PROPERTIES.values() if c in rows.columns]
+    table = plain_strings(rows.select("tz", "tx", "ty", "gx", "gy", *columns).to_arrow())
     con = warehouse.connect()
     try:
         con.register("features", table)
