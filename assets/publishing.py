@@ -63,9 +63,9 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
         partitions_def=partitions,
         deps=[selection],
         group_name="publish",
-        kinds={"geojson", "parquet"},
+        kinds={"geojson", "parquet", "pmtiles"},
         description="The snapshot's public files, written into `output/<tileset>/snapshots/.tmp-<token>/`: "
-        "cells GeoParquet, overview and tile GeoJSON.",
+        "cells GeoParquet, overview and tile GeoJSON, MVT tiles, heatmap.pmtiles and tiles.json.",
     )
     def tiles(context: dg.AssetExecutionContext, hotspots: HotspotsResource) -> dg.MaterializeResult:
         cfg, name = hotspots.load(), context.partition_key
@@ -75,9 +75,11 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
             metadata={
                 "dagster/row_count": sum(z["tiles"] for z in staged["zooms"]),
                 "zooms": markdown_table(
-                    ["z", "tiles", "tile bytes", "overview bytes", "cells bytes"],
-                    [[z["z"], z["tiles"], z["tile_bytes"], z["overview_bytes"], z["cells_bytes"]] for z in staged["zooms"]],
+                    ["z", "tiles", "tile bytes", "MVT tiles", "MVT bytes", "largest MVT", "overview bytes", "cells bytes"],
+                    [[z["z"], z["tiles"], z["tile_bytes"], z["mvt_tiles"], z["mvt_bytes"], z["mvt_max_tile_bytes"],
+                      z["overview_bytes"], z["cells_bytes"]] for z in staged["zooms"]],
                 ),
+                "pmtiles_bytes": staged["pmtiles_bytes"],
                 "files": len(staged["digests"]),
                 "staging": dg.MetadataValue.path(staged["path"]),
                 "seconds": round(time.perf_counter() - started, 3),

@@ -37,7 +37,6 @@ from .select import choose, features, overview_budget
 SNAPSHOTS = "snapshots"
 LATEST = "latest.json"
 STALE_TMP_S = 3600  # a .tmp- folder untouched this long was left by a dead run
-SELECTION_COLUMNS = ("selected_tile", "selected_overview", "tier", "tile_feature", "tile_stratum_zoom")
 
 
 class ZoomSelection(NamedTuple):

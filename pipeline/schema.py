@@ -34,9 +34,7 @@ PROVENANCE: dict[str, str] = {"file": "VARCHAR", "row_number": "BIGINT"}
 # Columns a source may map (`columns:` in the config). `geometry` is not
 # canonical: a point geometry column gives lat/lng.
 MAPPABLE = tuple(c for c in REPORT_COLUMNS if c != "source") + ("geometry",)
-NUMERIC = ("lat", "lng", "severity", "departures", "cancellations", "delays")
 METRICS = ("departures", "cancellations", "delays")
-TIMESTAMPS = ("observed_at", "expires_at")
 PRIVATE = ("session_token", "description")  # never published, whatever the tileset
 
 # Text-typed staging copy of what a source gave, before validation.
