@@ -61,16 +61,18 @@ def _run(args: argparse.Namespace) -> int:
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     now = as_of or datetime.now(timezone.utc).replace(microsecond=0)
     params = {"as_of": as_of.isoformat() if as_of else None, "tilesets": tilesets, "full_refresh": args.full_refresh}
-    if not _execute(defs, EXTRACT_JOB, params, instance, args.verbose):
+    if not _execute(defs, EXTRACT_JOB, params, instance, args.verbose)[0]:
         return 1
     _print_extraction(cfg, sources)
     for name in tilesets:
         # tileset as_of (YAML) applies unless --as-of was given
         ts_params = {**params, "as_of": (as_of or cfg.tilesets[name].as_of or now).isoformat()}
-        # one build of a tileset at a time: its steps share <home>/work/<tileset>/
-        with warehouse.file_lock(build.work_dir(cfg, name)):
-            if not _execute(defs, PUBLISH_JOB, ts_params, instance, args.verbose, partition=name):
-                return 1
+        # the job's steps take the tileset's lease (other runs of it wait); a job that
+        # stops early hands it back here instead of letting it expire
+        ok, run_id = _execute(defs, PUBLISH_JOB, ts_params, instance, args.verbose, partition=name)
+        warehouse.release(build.lease_path(cfg, name), run_id)
+        if not ok:
+            return 1
         _print_tileset(cfg, name)
     return 0
 
@@ -88,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _execute(defs, job_name, params, instance, verbose, partition=None) -> bool:
+def _execute(defs, job_name, params, instance, verbose, partition=None) -> tuple[bool, str]:
     job = defs.resolve_job_def(job_name)
     run_config = {
         "ops": {node.name: {"config": params} for node in job.graph.node_defs if node.config_schema is not None},
@@ -99,22 +101,21 @@ def _execute(defs, job_name, params, instance, verbose, partition=None) -> bool:
         run_config=run_config, instance=instance, partition_key=partition, raise_on_error=False
     )
     if result.success:
-        return True
+        return True, result.run_id
     for event in result.all_events:
         if event.is_step_failure:
             print(f"hotspots: step {event.step_key} failed: {_root_cause(event.step_failure_data.error)}",
                   file=sys.stderr)  # fmt: skip
-    return False
+    return False, result.run_id
 
 
 def _root_cause(error) -> str:
     """The innermost error's first line; our own errors without their class name."""
-    while getattr(error, "cause", None) is not None:
+    ours = {cls.__name__ for cls in (HotspotsError, *HotspotsError.__subclasses__())}
+    while getattr(error, "cause", None) is not None and error.cls_name not in ours:
         error = error.cause
     message = error.message.strip().splitlines()[0] if error.message.strip() else error.cls_name
-    for name in ("SourceError", "ConfigError", "InputPathError", "WarehouseBusyError", "HotspotsError"):
-        message = message.removeprefix(f"{name}: ")
-    return message
+    return message.split(f"{error.cls_name}: ", 1)[-1] if error.cls_name in ours else message
 
 
 def _print_extraction(cfg, sources: list[str]) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import dagster as dg
 
+from pipeline import build, warehouse
 from pipeline.config import Config, parse_as_of
 
 
@@ -25,6 +28,17 @@ def run_start(context: Context) -> datetime:
     record = context.instance.get_run_record_by_id(context.run_id)
     created = record.create_timestamp if record else datetime.now(timezone.utc)
     return created.astimezone(timezone.utc).replace(microsecond=0)
+
+
+@contextmanager
+def tileset_step(context: Context, cfg: Config, tileset: str, last: bool = False) -> Iterator[None]:
+    """One step of this run on the tileset's work folder: another run's steps wait.
+
+    Runs of one tileset (a CLI run, a scheduled run, a click in the UI) never
+    interleave their steps; see :func:`pipeline.warehouse.run_step`.
+    """
+    with warehouse.run_step(build.lease_path(cfg, tileset), context.run.run_id, last=last):
+        yield
 
 
 def given_as_of(params: RunParams) -> datetime | None:

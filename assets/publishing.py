@@ -10,7 +10,7 @@ import dagster as dg
 from pipeline import publish, retention
 from resources import HotspotsResource
 
-from .common import markdown_table, run_start
+from .common import markdown_table, run_start, tileset_step
 
 
 def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDefinition) -> tuple[list, list]:
@@ -27,7 +27,8 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
     def selection(context: dg.AssetExecutionContext, hotspots: HotspotsResource) -> dg.MaterializeResult:
         cfg, name = hotspots.load(), context.partition_key
         started = time.perf_counter()
-        zooms = publish.select_tileset(cfg, name)
+        with tileset_step(context, cfg, name):
+            zooms = publish.select_tileset(cfg, name)
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": sum(z.selected_tile for z in zooms),
@@ -48,7 +49,9 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
         "cell outscores an impact cell, features carry all reports (and the overview's too).",
     )
     def selection_holds(context: dg.AssetCheckExecutionContext, hotspots: HotspotsResource):
-        rows = publish.check_selection(hotspots.load(), context.partition_key)
+        cfg, name = hotspots.load(), context.partition_key
+        with tileset_step(context, cfg, name):
+            rows = publish.check_selection(cfg, name)
         return dg.AssetCheckResult(
             passed=all(r.holds for r in rows),
             metadata={"zooms": markdown_table(
@@ -70,7 +73,8 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
     def tiles(context: dg.AssetExecutionContext, hotspots: HotspotsResource) -> dg.MaterializeResult:
         cfg, name = hotspots.load(), context.partition_key
         started = time.perf_counter()
-        staged = publish.stage_snapshot(cfg, name)
+        with tileset_step(context, cfg, name):
+            staged = publish.stage_snapshot(cfg, name)
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": sum(z["tiles"] for z in staged["zooms"]),
@@ -96,7 +100,8 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
     )
     def snapshot(context: dg.AssetExecutionContext, hotspots: HotspotsResource) -> dg.MaterializeResult:
         cfg, name = hotspots.load(), context.partition_key
-        snap = publish.finalize_snapshot(cfg, name)
+        with tileset_step(context, cfg, name, last=True):
+            snap = publish.finalize_snapshot(cfg, name)
         return dg.MaterializeResult(
             metadata={
                 "snapshot_id": snap.snapshot_id,

@@ -10,7 +10,7 @@ import dagster as dg
 from pipeline import build
 from resources import HotspotsResource
 
-from .common import RunParams, given_as_of, markdown_table, run_start
+from .common import RunParams, given_as_of, markdown_table, run_start, tileset_step
 
 
 def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
@@ -30,7 +30,8 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
         cfg, name = hotspots.load(), context.partition_key
         as_of = build.tileset_as_of(cfg, name, given_as_of(config), run_start(context))
         started = time.perf_counter()
-        result = build.score_tileset(cfg, name, as_of)
+        with tileset_step(context, cfg, name):
+            result = build.score_tileset(cfg, name, as_of)
         seconds = round(time.perf_counter() - started, 3)
         ts = cfg.tilesets[name]
         return dg.MaterializeResult(
@@ -55,8 +56,9 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
     )
     def scoring_conservation(context: dg.AssetCheckExecutionContext, hotspots: HotspotsResource):
         cfg, name = hotspots.load(), context.partition_key
-        summary = build.read_scoring(cfg, name)
-        rows = build.parquet_rows(build.work_dir(cfg, name) / "scored.parquet")
+        with tileset_step(context, cfg, name):
+            summary = build.read_scoring(cfg, name)
+            rows = build.parquet_rows(build.work_dir(cfg, name) / "scored.parquet")
         excluded = sum(summary["excluded"].values())
         return dg.AssetCheckResult(
             passed=summary["valid"] == summary["scored"] + excluded and rows == summary["scored"],
@@ -74,9 +76,10 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
     def cells(context: dg.AssetExecutionContext, hotspots: HotspotsResource) -> dg.MaterializeResult:
         cfg, name = hotspots.load(), context.partition_key
         started = time.perf_counter()
-        zooms = build.build_cells(cfg, name)
-        seconds = round(time.perf_counter() - started, 3)
-        top = build.top_cells(cfg, name, 5)
+        with tileset_step(context, cfg, name):
+            zooms = build.build_cells(cfg, name)
+            seconds = round(time.perf_counter() - started, 3)
+            top = build.top_cells(cfg, name, 5)
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": sum(z.cells for z in zooms),
@@ -102,7 +105,8 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
     )
     def pyramid_conservation(context: dg.AssetCheckExecutionContext, hotspots: HotspotsResource):
         cfg, name = hotspots.load(), context.partition_key
-        rows = build.check_pyramid(cfg, name)
+        with tileset_step(context, cfg, name):
+            rows = build.check_pyramid(cfg, name)
         return dg.AssetCheckResult(
             passed=all(r.holds for r in rows),
             metadata={

@@ -14,13 +14,12 @@ time is the best of a few runs (``RUNS``), as ``timeit`` reports, because this
 from __future__ import annotations
 
 import json
-import math
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np

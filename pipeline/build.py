@@ -40,6 +40,11 @@ def work_dir(cfg: Config, tileset: str) -> Path:
     return cfg.home / "work" / tileset
 
 
+def lease_path(cfg: Config, tileset: str) -> Path:
+    """The lease that keeps two runs' steps on a tileset's work folder from interleaving."""
+    return cfg.home / "work" / f"{tileset}.lease"
+
+
 def cells_path(cfg: Config, tileset: str, z: int) -> Path:
     return work_dir(cfg, tileset) / "cells" / f"zoom={z}" / "cells.parquet"
 

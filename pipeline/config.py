@@ -276,6 +276,8 @@ class Config(_Strict):
 
     output: Path = Path("output")
     home: Path = Path(".hotspots")
+    # Folders output and home must be in (default: the config file's folder).
+    roots: list[Path] = Field(min_length=1)
     sources: dict[Name, Source]
     tilesets: dict[Name, Tileset]
     file: Path | None = Field(None, exclude=True)  # where it was loaded from
@@ -290,7 +292,13 @@ class Config(_Strict):
                 raise _KeyError(
                     f"tilesets.{name}.source", f"unknown source {ts.source!r} (known: {known})"
                 )
-        out, home = self.output.resolve(), self.home.resolve()
+        out, home = self.output.resolve(), self.home.resolve()  # symlinks followed: no escape through one
+        roots = [r.resolve() for r in self.roots]
+        for key, path in (("output", out), ("home", home)):
+            if not any(path == r or r in path.parents for r in roots):
+                allowed = ", ".join(map(str, roots))
+                hint = "list a folder holding it under `roots:`"
+                raise _KeyError(key, f"{path} is outside the allowed roots ({allowed}); {hint}")
         if out == home or out in home.parents:
             raise _KeyError("home", f"must not be inside output ({out}): it would be published")
         if home in out.parents:
@@ -387,11 +395,16 @@ def validate_config(data: dict[str, Any], base: Path, file: str | None = None) -
         cfg = Config.model_validate(_resolve_paths(data, base))
     except ValidationError as exc:
         raise _config_error(exc, file) from None
+    if file and cfg.output.resolve() in Path(file).resolve().parents:
+        raise ConfigError("output", f"must not hold the config file ({file}): it would be published", file)
     return cfg.model_copy(update={"file": Path(file).resolve() if file else None})
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     data = dict(data)
+    roots = data.get("roots", ["."])
+    if isinstance(roots, list):
+        data["roots"] = [os.path.normpath(base / r) if isinstance(r, str) else r for r in roots]
     for key, default in (("output", "output"), ("home", ".hotspots")):
         value = data.get(key, default)
         if isinstance(value, str):

@@ -48,3 +48,7 @@ class SourceError(HotspotsError):
 
 class WarehouseBusyError(HotspotsError):
     """Another process held the warehouse lock for longer than the timeout."""
+
+
+class PublishError(HotspotsError):
+    """A snapshot could not be written (a full disk, a read-only folder); the previous one stays published."""

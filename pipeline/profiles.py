@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Literal, Mapping
 
+from .defaults import DEFAULTS
+
 DecayMode = Literal["none", "half_life", "time_constant", "normalized_exponential"]
 ScoreMode = Literal["sum", "mean", "boosted_count"]
 Normalize = Literal["max", "minmax"]
@@ -101,6 +103,9 @@ class Profile:
     representative : {"score", "busiest"}
         Which cell keeps a stratum in stratified selection ("busiest": the
         most reports or departures, seed 003's ``total_departures DESC``).
+    min_count : int
+        Fewest reports a published position may stand for; sparser cells
+        are placed at their stratum's centre (:mod:`pipeline.privacy`).
     """
 
     name: str
@@ -120,6 +125,7 @@ class Profile:
     metrics: tuple[Metric, ...] = ()
     one_point_per_entity: bool = False
     representative: Literal["score", "busiest"] = "score"
+    min_count: int = DEFAULTS.min_count
 
 
 WEATHER = ("ice", "snow", "mud", "flooding", "standing_water")
@@ -136,6 +142,7 @@ PROFILES: dict[str, Profile] = {
         category_severity=_frozen({"urgent": 10.0, "notice": 5.0, "info": 1.0}),
         default_category_severity=1.0,
         one_point_per_entity=True,
+        min_count=3,  # people ask for help at their homes: never show one household
     ),
     # seed 001: severity 1-3, two decay classes, AVG(decay_score), 90 days
     "road_conditions": Profile(

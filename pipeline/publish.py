@@ -22,6 +22,8 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
@@ -29,9 +31,10 @@ from typing import NamedTuple
 import numpy as np
 import polars as pl
 
-from . import geojson, geoparquet, scoring, vector
+from . import geojson, geoparquet, privacy, scoring, vector
 from .build import cells_path, read_scoring, work_dir
 from .config import Config
+from .errors import PublishError
 from .select import choose, features, overview_budget
 
 SNAPSHOTS = "snapshots"
@@ -65,6 +68,8 @@ def select_tileset(cfg: Config, tileset: str) -> list[ZoomSelection]:
         if not path.exists():
             continue
         cells = pl.read_parquet(path).drop("geometry", "bbox")
+        cells = privacy.coarsen(cells, z=z, detail=ts.cell_detail, strata_detail=ts.strata_detail,
+                                min_count=profile.min_count)
         common = dict(z=z, detail=ts.cell_detail, strata_detail=ts.strata_detail, representative=profile.representative)
         tile_choice = choose(cells, budget=ts.max_features_per_tile, group_zoom=z, **common)
         tile_features = features(cells, tile_choice, profile)
@@ -81,7 +86,8 @@ def select_tileset(cfg: Config, tileset: str) -> list[ZoomSelection]:
         ).with_columns(
             (pl.col("cell_key").is_in(over_choice.filter("chosen").get_column("cell_key").implode())
              if overview else pl.lit(False)).alias("selected_overview")
-        ).sort("cell_key")  # fmt: skip
+        ).sort("cell_key").drop("cell_key")  # fmt: skip
+        # cell_key, the exact quadkey as a number, stays private (see privacy.coarsen)
         out = selected_dir(cfg, tileset, z)
         geoparquet.write(annotated, out / "cells.parquet")  # published as is
         _write_ipc(tile_features, out / "tile_features.arrow")  # private, read once: uncompressed Arrow
@@ -133,7 +139,7 @@ def check_selection(cfg: Config, tileset: str) -> list[SelectionCheck]:
     ts = cfg.tilesets[tileset]
     rows = []
     for s in read_selection(cfg, tileset):
-        z, d = s["z"], ts.cell_detail
+        z = s["z"]
         folder = selected_dir(cfg, tileset, z)
         cells = pl.read_parquet(folder / "cells.parquet")
         feats = pl.read_ipc(folder / "tile_features.arrow")
@@ -143,8 +149,10 @@ def check_selection(cfg: Config, tileset: str) -> list[SelectionCheck]:
         unbalanced = per_tile.join(reports, on=tile, how="full", coalesce=True).filter(
             pl.col("carried").fill_null(0) != pl.col("reports").fill_null(0)
         )
-        shift = pl.lit(4, pl.UInt64) ** (z + d - pl.col("tile_stratum_zoom")).cast(pl.UInt64)
-        strata = cells.group_by(pl.col("cell_key") // shift).agg(pl.col("selected_tile").any())
+        # a stratum is a quadkey prefix (a coarsened cell's quadkey is its stratum's)
+        strata = cells.group_by(pl.col("quadkey").str.head(pl.col("tile_stratum_zoom"))).agg(
+            pl.col("selected_tile").any()
+        )
         impact = cells.group_by(tile).agg(
             pl.col("score").filter(pl.col("tier") == "impact").min().alias("lowest_impact"),
             pl.col("score").filter(~pl.col("selected_tile")).max().alias("best_unchosen"),
@@ -173,11 +181,32 @@ def stage_snapshot(cfg: Config, tileset: str) -> dict:
 
     Returns the staging summary (also kept in ``<work>/staged.json``).
     """
-    ts = cfg.tilesets[tileset]
     snapshots = tileset_root(cfg, tileset) / SNAPSHOTS
-    snapshots.mkdir(parents=True, exist_ok=True)
-    tmp = snapshots / f".tmp-{secrets.token_hex(6)}"
-    tmp.mkdir()
+    with _writing(snapshots):
+        snapshots.mkdir(parents=True, exist_ok=True)
+        tmp = snapshots / f".tmp-{secrets.token_hex(6)}"
+        tmp.mkdir()
+    try:
+        with _writing(snapshots):
+            return _stage_into(cfg, tileset, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back
+        raise
+
+
+@contextmanager
+def _writing(folder: Path, published: str | None = None) -> Iterator[None]:
+    """Turn a failed write (a full disk, a read-only folder) into one clear error."""
+    try:
+        yield
+    except OSError as exc:
+        after = (f"snapshot {published} is published, but index.html or pruning is not done" if published
+                 else "the previous snapshot stays published")
+        raise PublishError(f"cannot write in {folder}: {exc.strerror or exc}; {after}") from exc
+
+
+def _stage_into(cfg: Config, tileset: str, tmp: Path) -> dict:
+    ts = cfg.tilesets[tileset]
     digests: dict[str, str] = {}
     zooms = []
     features_by_zoom: dict[int, pl.DataFrame] = {}
@@ -243,31 +272,39 @@ def finalize_snapshot(cfg: Config, tileset: str, now: datetime | None = None) ->
     tmp = Path(staged["path"])
     manifest = build_manifest(cfg, tileset, staged)
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    digests = dict(staged["digests"])
-    geojson.write_file(tmp / "manifest.json", text, digests, tmp)
-    content = hashlib.sha256("".join(f"{p}\0{h}\n" for p, h in sorted(digests.items())).encode()).hexdigest()
-    as_of = datetime.fromisoformat(manifest["as_of"])
-    snapshot_id = f"{as_of:%Y%m%dT%H%M%SZ}-{content[:12]}"
-    final = tmp.parent / snapshot_id
-    reused = final.exists() and _complete(final) is None
-    if reused:  # identical content under its content-hash name
-        shutil.rmtree(tmp)
-        os.utime(final)  # published again: the newest, for retention
-    else:
-        if final.exists():  # an incomplete leftover under this name: never point at it
-            _discard(final)
-        os.sync()  # the files reach the disk before the rename makes them visible
-        os.rename(tmp, final)
-        _fsync_dir(final.parent)
-    generated = (now or datetime.now(timezone.utc)).replace(microsecond=0)
-    _write_json(
-        tileset_root(cfg, tileset) / LATEST,
-        {"snapshot_id": snapshot_id, "generated_at": generated.isoformat().replace("+00:00", "Z"),
-         "as_of": manifest["as_of"], "path": f"{SNAPSHOTS}/{snapshot_id}/"},
-        durable=True,
-    )  # fmt: skip
-    write_viewer(cfg)
-    pruned = prune(cfg, tileset, cfg.tilesets[tileset].retain_snapshots)
+    root = tileset_root(cfg, tileset)
+    try:
+        with _writing(root):
+            digests = dict(staged["digests"])
+            geojson.write_file(tmp / "manifest.json", text, digests, tmp)
+            listing = "".join(f"{p}\0{h}\n" for p, h in sorted(digests.items()))
+            content = hashlib.sha256(listing.encode()).hexdigest()
+            as_of = datetime.fromisoformat(manifest["as_of"])
+            snapshot_id = f"{as_of:%Y%m%dT%H%M%SZ}-{content[:12]}"
+            final = tmp.parent / snapshot_id
+            reused = final.exists() and _complete(final) is None
+            if reused:  # identical content under its content-hash name
+                shutil.rmtree(tmp)
+                os.utime(final)  # published again: the newest, for retention
+            else:
+                if final.exists():  # an incomplete leftover under this name: never point at it
+                    _discard(final)
+                os.sync()  # the files reach the disk before the rename makes them visible
+                os.rename(tmp, final)
+                _fsync_dir(final.parent)
+            generated = (now or datetime.now(timezone.utc)).replace(microsecond=0)
+            _write_json(
+                root / LATEST,
+                {"snapshot_id": snapshot_id, "generated_at": generated.isoformat().replace("+00:00", "Z"),
+                 "as_of": manifest["as_of"], "path": f"{SNAPSHOTS}/{snapshot_id}/"},
+                durable=True,
+            )  # fmt: skip
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never published: give the space back
+        raise
+    with _writing(cfg.output, published=snapshot_id):
+        write_viewer(cfg)
+        pruned = prune(cfg, tileset, cfg.tilesets[tileset].retain_snapshots)
     sizes = sum(z["tile_bytes"] + z["overview_bytes"] + z["cells_bytes"] + z["mvt_bytes"] for z in staged["zooms"])
     sizes += staged["pmtiles_bytes"] + len(text)
     return Snapshot(snapshot_id, final, len(digests), sizes, pruned, reused)
@@ -321,8 +358,12 @@ def write_viewer(cfg: Config) -> None:
     _write_json(cfg.output / "tilesets.json", offered)
     page = (Path(__file__).parent / "viewer.html").read_bytes()
     tmp = cfg.output / f".index.html.{os.getpid()}.tmp"
-    tmp.write_bytes(page)
-    os.replace(tmp, cfg.output / "index.html")
+    try:
+        tmp.write_bytes(page)
+        os.replace(tmp, cfg.output / "index.html")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_latest(cfg: Config, tileset: str) -> dict | None:
@@ -421,13 +462,17 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def _write_json(path: Path, value, durable: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(value, fh, indent=2)
-        fh.write("\n")
-        if durable:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(value, fh, indent=2)
+            fh.write("\n")
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if durable:
         _fsync_dir(path.parent)
 

@@ -88,6 +88,8 @@ def resolve(tileset: Tileset) -> tuple[Profile, Filters]:
         overrides["priority_boost"] = _frozen(s.priority_boost)
     if s.category_severity is not None:
         overrides["category_severity"] = _frozen(s.category_severity)
+    if tileset.min_count is not None:
+        overrides["min_count"] = tileset.min_count
     profile = replace(profile, decay=decay, **overrides)
 
     given = {f.name: getattr(tileset.filters, f.name) for f in fields(Filters)}

@@ -14,6 +14,8 @@ DuckDB's own lock.
 from __future__ import annotations
 
 import fcntl
+import json
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,6 +95,68 @@ def file_lock(path: Path, exclusive: bool = True, timeout: float = DEFAULTS.lock
     """An advisory lock on ``path`` (created), across processes; waits up to ``timeout``."""
     with _locked(path.with_suffix(".db"), exclusive, timeout):
         yield
+
+
+LEASE_S = 60.0  # longer than the gap between two steps of a run; a killed run frees it after this
+
+
+@contextmanager
+def run_step(path: Path, run_id: str, *, last: bool = False, timeout: float = DEFAULTS.lock_timeout_s) -> Iterator[None]:
+    """Run one step of run ``run_id`` on something all the steps of a run share.
+
+    A run's steps hand files to each other (a tileset's work folder), so the
+    steps of two runs must not interleave. The step holds ``path``'s lock
+    while it works, and a *lease* (``path``, naming the run) bridges the gaps
+    between the run's steps: other runs wait until the run's ``last`` step
+    or a failing step releases it, or until it expires (a killed run).
+
+    Raises
+    ------
+    WarehouseBusyError
+        If another run kept it for longer than ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        with file_lock(path, timeout=max(deadline - time.monotonic(), 0.0)):
+            holder = _read_lease(path)
+            if holder is None or holder.get("run_id") == run_id or holder.get("expires", 0) < time.time():
+                _write_lease(path, run_id)
+                try:
+                    yield
+                except BaseException:
+                    path.unlink(missing_ok=True)  # the run stops here: its later steps will not come
+                    raise
+                if last:
+                    path.unlink(missing_ok=True)
+                else:
+                    _write_lease(path, run_id)  # the gap to the next step starts now
+                return
+        if time.monotonic() >= deadline:
+            raise WarehouseBusyError(f"{path.with_suffix('')} is busy: run {holder.get('run_id')} held it for {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def release(path: Path, run_id: str) -> None:
+    """Release ``run_id``'s lease on ``path`` (a run that ends before its last step)."""
+    with file_lock(path):
+        holder = _read_lease(path)
+        if holder is not None and holder.get("run_id") == run_id:
+            path.unlink(missing_ok=True)
+
+
+def _read_lease(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:  # torn by a crash mid-write: nobody's
+        return None
+
+
+def _write_lease(path: Path, run_id: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"run_id": run_id, "pid": os.getpid(), "expires": time.time() + LEASE_S}))
+    os.replace(tmp, path)
 
 
 @contextmanager

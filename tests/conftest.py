@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import extract
+from pipeline import build, extract, publish
 from pipeline.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +48,15 @@ def run_extraction(cfg: Config, as_of: datetime = AS_OF):
     extract.preflight(cfg, sources)
     staged = extract.stage(cfg, sources, as_of)
     return staged, extract.validate(cfg, sources, as_of)
+
+
+def publish_tileset(cfg: Config, tileset: str, as_of: datetime = AS_OF) -> publish.Snapshot:
+    """Score, build, select, stage and publish one tileset (extraction done); the snapshot."""
+    build.score_tileset(cfg, tileset, as_of)
+    build.build_cells(cfg, tileset)
+    publish.select_tileset(cfg, tileset)
+    publish.stage_snapshot(cfg, tileset)
+    return publish.finalize_snapshot(cfg, tileset)
 
 
 @pytest.fixture

@@ -73,6 +73,10 @@ BAD = [
     ("sources.s.columns.lat", _DELETE, "sources.s", "map lat and lng, or geometry"),
     ("sources.s.rules.rate_limit_per_hour", 0, "sources.s.rules.rate_limit_per_hour", "greater than or equal to 1"),
     ("home", "output/state", "home", "must not be inside output"),
+    ("output", "../public", "output", "is outside the allowed roots"),
+    ("home", "/var/tmp/hotspots", "home", "is outside the allowed roots"),
+    ("output", "output/../../x", "output", "is outside the allowed roots"),
+    ("roots", [], "roots", "at least 1 item"),
     ("sources", {}, "sources", "at least one source"),
 ]
 
@@ -85,6 +89,20 @@ def test_bad_config_names_key_and_reason(write_config, key, value, where, reason
     assert info.value.key == where
     assert reason in info.value.reason
     assert str(info.value).startswith(f"{path}: {where}: ")
+
+
+def test_roots_confine_output_and_home(write_config, tmp_path):
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "public").symlink_to(elsewhere)  # an escape through a symlink is seen through
+    with pytest.raises(ConfigError, match=r"^.*: output: .*-elsewhere is outside the allowed roots") as info:
+        load_config(write_config({**base(), "output": "public"}))
+    assert str(tmp_path) in info.value.reason
+    cfg = load_config(write_config({**base(), "output": "public", "roots": [".", str(elsewhere)]}))
+    assert cfg.output == tmp_path / "public"
+    # the config file (it may name a database and its user) is never inside output
+    with pytest.raises(ConfigError, match="output: must not hold the config file"):
+        load_config(write_config({**base(), "output": ".", "home": "../state", "roots": [".."]}))
 
 
 def test_bad_source_name_is_refused(write_config):

@@ -17,6 +17,8 @@ import pytest
 
 from assets.location import EXTRACT_JOB, PUBLISH_JOB, build_definitions
 from assets.extraction import conservation, raw_reports, validated_reports
+from pipeline import build, publish, warehouse
+from pipeline.config import load_config
 from resources import HotspotsResource
 
 from .conftest import AS_OF, REPO
@@ -259,3 +261,40 @@ def test_two_tilesets_and_an_extraction_at_the_same_time_all_succeed(small_confi
     for tileset in ("roads", "rail"):
         latest = json.loads((small_config.parent / "output" / tileset / "latest.json").read_text())
         assert latest["as_of"] == AS_OF.isoformat()
+
+
+def test_a_dagster_run_beside_a_cli_run_of_the_same_tileset(small_config, tmp_path):
+    """A multiprocess Dagster run (each step its own process) and `hotspots run`, at once, on one tileset."""
+    env = _env(small_config, tmp_path)
+    first = subprocess.run([str(BIN / "hotspots"), "run", "--tileset", "roads", "--as-of", AS_OF.isoformat()],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    middle, later = AS_OF.replace(hour=15), AS_OF.replace(hour=18)
+    (tmp_path / "run.yaml").write_text(json.dumps({"ops": {"scored_reports": {"config": {"as_of": middle.isoformat()}}}}))
+    dagster_run = [str(BIN / "dagster"), "job", "execute", "-m", "assets.definitions", "-a", "defs",
+                   "-j", PUBLISH_JOB, "--tags", json.dumps({"dagster/partition": "roads"}), "-c", "run.yaml"]
+    cli_run = [str(BIN / "hotspots"), "run", "--tileset", "roads", "--as-of", later.isoformat()]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True) for cmd in (dagster_run, cli_run)]  # fmt: skip
+    try:
+        outcomes = [(p.wait(timeout=300), p.stdout.read()) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    for code, out in outcomes:
+        assert code == 0, out[-4000:]
+        assert "WarehouseBusyError" not in out and "is busy" not in out, out[-4000:]
+    assert "RUN_SUCCESS" in outcomes[0][1]
+    # each run published its own as_of, whole: its steps were not mixed with the other's
+    snapshots = small_config.parent / "output" / "roads" / "snapshots"
+    published = {p.name.split("-")[0]: json.loads((p / "manifest.json").read_text()) for p in snapshots.iterdir()
+                 if not p.name.startswith(".")}  # fmt: skip
+    assert set(published) == {f"{t:%Y%m%dT%H%M%SZ}" for t in (AS_OF, middle, later)}
+    for manifest in published.values():
+        assert manifest["counts"]["scored"] + sum(manifest["counts"]["excluded"].values()) == manifest["counts"]["valid"]
+    cfg = load_config(small_config)
+    assert publish.verify_latest(cfg, "roads") is None
+    assert not build.lease_path(cfg, "roads").exists()  # both runs handed the tileset back
+    with warehouse.reader(cfg.warehouse_path) as con:
+        assert con.execute("SELECT count(*) FROM reports WHERE source = 'roads'").fetchone()[0] > 3900

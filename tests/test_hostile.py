@@ -7,11 +7,10 @@ import io
 import json
 import math
 import string
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import polars as pl
-import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -149,6 +148,28 @@ def test_a_file_that_vanishes_mid_run_is_a_per_file_error(tmp_path, write_config
     staged, validated = run_extraction(cfg)
     gone = [f for f in staged["h"] if f.file.endswith("gone.csv")][0]
     assert gone.rows == 0 and gone.error and validated["h"].valid == 1
+
+
+def test_files_that_change_mid_run_are_read_as_they_are_then(tmp_path, write_config, monkeypatch):
+    (tmp_path / "a.csv").write_text(_csv_text([["a1", *GOOD[1:]]]))
+    (tmp_path / "b.csv").write_text(_csv_text([["b1", *GOOD[1:]]]))
+    cfg = load_config(write_config({"sources": {"h": _source("*.csv")}}))
+    extract.preflight(cfg, ["h"])  # both files fit the mapping here...
+    listed = file_sources.list_files
+
+    def then_changed(src):
+        files = listed(src)
+        (tmp_path / "a.csv").write_text(_csv_text([["a1", *GOOD[1:]], ["a2", *GOOD[1:]], ["a3", "x", *GOOD[2:]]]))
+        (tmp_path / "b.csv").write_text("id,nothing\nb1,else\n")  # ...and then b loses its columns
+        return files
+
+    monkeypatch.setattr(file_sources, "list_files", then_changed)
+    staged = extract.stage(cfg, ["h"], AS_OF)
+    result = extract.validate(cfg, ["h"], AS_OF)["h"]
+    files = {Path(f.file).name: f for f in staged["h"]}
+    assert files["a.csv"].rows == 3 and files["a.csv"].error is None
+    assert files["b.csv"].rows == 0 and "missing column(s)" in files["b.csv"].error
+    assert (result.read, result.valid, result.rejected_total) == (3, 2, 1)
 
 
 def test_identifiers_and_values_never_become_sql(tmp_path, write_config):

@@ -21,15 +21,10 @@ from pipeline import build, extract, publish, retention, warehouse
 from pipeline.config import load_config
 from pipeline.select import overview_budget
 
-from .conftest import AS_OF, run_extraction
+from .conftest import AS_OF, publish_tileset, run_extraction
 
 
-def _publish(cfg, tileset, as_of=AS_OF):
-    build.score_tileset(cfg, tileset, as_of)
-    build.build_cells(cfg, tileset)
-    publish.select_tileset(cfg, tileset)
-    publish.stage_snapshot(cfg, tileset)
-    return publish.finalize_snapshot(cfg, tileset)
+_publish = publish_tileset
 
 
 @pytest.fixture

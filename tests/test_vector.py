@@ -12,11 +12,10 @@ import pytest
 from pmtiles.reader import MmapSource, Reader, all_tiles
 from pmtiles.tile import Compression, TileType
 
-from pipeline import build, publish
 from pipeline.config import load_config
 from pipeline.vector import BUFFER, EXTENT, MAX_TILE_BYTES
 
-from .conftest import AS_OF, run_extraction
+from .conftest import publish_tileset, run_extraction
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +29,7 @@ def snapshot(tmp_path_factory):
     }))  # fmt: skip
     cfg = load_config(root / "hotspots.yaml")
     run_extraction(cfg)
-    build.score_tileset(cfg, "rail", AS_OF)
-    build.build_cells(cfg, "rail")
-    publish.select_tileset(cfg, "rail")
-    publish.stage_snapshot(cfg, "rail")
-    return publish.finalize_snapshot(cfg, "rail").path
+    return publish_tileset(cfg, "rail").path
 
 
 def _pixel(lng: float, lat: float, z: int, x: int, y: int) -> tuple[float, float]:

@@ -109,7 +109,7 @@ def fetch_files(con: duckdb.DuckDBPyConnection, name: str, src: FileSource) -> l
         table = f"_file_{i}"
         try:
             if src.format == "parquet":  # numbered by the reader
-                sql = f"SELECT *, file_row_number + 1 AS _row FROM read_parquet($path, file_row_number = true)"
+                sql = "SELECT *, file_row_number + 1 AS _row FROM read_parquet($path, file_row_number = true)"
             else:
                 sql = f"SELECT * FROM {reader_sql(src)}"
             con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS {sql}", {"path": path})
