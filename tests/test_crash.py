@@ -52,6 +52,16 @@ def _extract(config: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+def _timed(config: Path) -> dict[str, float]:
+    """Seconds from start until each step of an uninterrupted extraction was done."""
+    started, marks = time.monotonic(), {}
+    proc = _extract(config)
+    for line in proc.stdout:
+        marks[line.strip()] = time.monotonic() - started
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    return marks
+
+
 def _state(db: Path) -> tuple[tuple, tuple]:
     """What the staged and the validated tables hold: (rows, an order-free checksum of the ids)."""
     with warehouse.reader(db) as con:
@@ -73,9 +83,7 @@ def test_a_kill_during_extraction_leaves_each_table_as_it_was_or_as_it_will_be(t
     assert before[0] != after[0] and before[1] != after[1]
 
     new = _config(tmp_path, 300_000, 2)
-    started = time.monotonic()
-    assert _extract(new).wait(timeout=300) == 0
-    duration = time.monotonic() - started
+    marks = _timed(new)  # when each step of an uninterrupted run committed
     _config(tmp_path, 20_000, 1)
     assert _extract(old).wait(timeout=300) == 0  # back to the before state
     assert _state(tmp_path / ".hotspots" / "warehouse.duckdb") == before
@@ -83,16 +91,20 @@ def test_a_kill_during_extraction_leaves_each_table_as_it_was_or_as_it_will_be(t
     _config(tmp_path, 300_000, 2)
     rng = random.Random(7)
     seen = set()
-    for delay in sorted(rng.uniform(0.2, duration) for _ in range(10)):
+    for i in range(10):
         proc = _extract(new)
-        time.sleep(delay)
+        if i < 5:  # while staging...
+            time.sleep(rng.uniform(0.2, 0.8 * marks["staged"]))
+        else:  # ...then once staged, while validating
+            assert proc.stdout.readline().strip() == "staged"
+            time.sleep(rng.uniform(0.0, marks["validated"] - marks["staged"]))
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         staged, validated = _state(tmp_path / ".hotspots" / "warehouse.duckdb")  # DuckDB opens: not corrupted
-        assert staged in (before[0], after[0]), delay
-        assert validated in (before[1], after[1]), delay
+        assert staged in (before[0], after[0]), i
+        assert validated in (before[1], after[1]), i
         seen.add((staged == after[0], validated == after[1]))
-    assert len(seen) >= 2, seen  # the kills landed in different steps
+    assert (False, False) in seen and (True, False) in seen, seen  # kills landed in both steps
     # a run after the crashes completes: read = valid + rejected, the after state
     assert _extract(new).wait(timeout=300) == 0
     assert _state(tmp_path / ".hotspots" / "warehouse.duckdb") == after
