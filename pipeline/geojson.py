@@ -31,6 +31,7 @@ def properties(features: pl.DataFrame) -> pl.Expr:
         pl.col("last_seen").dt.strftime("%Y-%m-%dT%H:%M:%SZ").alias("last_seen"),
         pl.col("tier"),
         pl.col("healthy"),
+        pl.col("coarsened"),  # placed at its stratum's centre: fewer than min_count reports
         *[pl.col(m) for m in METRICS if m in features.columns],
     ]
     return pl.struct(fields).struct.json_encode()

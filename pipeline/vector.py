@@ -42,6 +42,7 @@ PROPERTIES = {
     "last_seen": ("VARCHAR", "last_seen_text"),
     "tier": ("VARCHAR", "tier"),
     "healthy": ("BOOLEAN", "healthy"),
+    "coarsened": ("BOOLEAN", "coarsened"),
     **{m: ("DOUBLE", m) for m in METRICS},
 }
 

@@ -132,6 +132,7 @@ def test_coarsened_cells_keep_their_counts_and_hide_their_cell(coarsened):
         assert not cells.filter(pl.col("report_count") >= 3)["coarsened"].any()
     tiles = [f for p in (snapshot / "tiles").rglob("*.geojson") for f in json.loads(p.read_text())["features"]]
     assert sum(f["properties"]["count"] for f in tiles) == reports * 15
+    assert [f["properties"]["coarsened"] for f in tiles] == [f["properties"]["count"] < 3 for f in tiles]
 
 
 def test_without_min_count_the_addresses_would_be_published(tmp_path):

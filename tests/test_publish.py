@@ -112,7 +112,8 @@ def _is_rfc7946(doc: dict) -> list[str]:
         props = f["properties"]
         if any(isinstance(v, (dict, list)) for v in props.values()):
             problems.append("nested property")
-        if set(props) < {"cell", "z", "count", "weight", "score", "intensity", "top_category", "last_seen", "tier", "healthy"}:
+        if set(props) < {"cell", "z", "count", "weight", "score", "intensity", "top_category", "last_seen", "tier", "healthy",
+                         "coarsened"}:
             problems.append(f"missing properties {sorted(props)}")
     return problems
 
