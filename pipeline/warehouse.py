@@ -132,7 +132,8 @@ def run_step(path: Path, run_id: str, *, last: bool = False, timeout: float = DE
                     _write_lease(path, run_id)  # the gap to the next step starts now
                 return
         if time.monotonic() >= deadline:
-            raise WarehouseBusyError(f"{path.with_suffix('')} is busy: run {holder.get('run_id')} held it for {timeout:.0f} s")
+            who = holder.get("run_id")
+            raise WarehouseBusyError(f"{path.with_suffix('')} is busy: run {who} held it for {timeout:.0f} s")
         time.sleep(0.2)
 
 
@@ -149,7 +150,7 @@ def _read_lease(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except ValueError:  # torn by a crash mid-write: nobody's
+    except ValueError:  # not a lease we wrote: nobody's
         return None
 
 
