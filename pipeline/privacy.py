@@ -17,23 +17,19 @@ exact cells.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import polars as pl
 
-from .pyramid import cell_xy
+from .pyramid import cell_bounds, cell_xy
 
 
 def stratum_centres(cell_key: np.ndarray, level: int, stratum_level: int) -> tuple[np.ndarray, np.ndarray]:
     """Longitude and latitude of the centre (in Web Mercator) of each cell's stratum tile."""
     x, y = cell_xy(cell_key)
     shift = level - stratum_level
-    n = 2.0**stratum_level
-    sx, sy = (x >> shift) + 0.5, (y >> shift) + 0.5
-    lng = sx / n * 360.0 - 180.0
-    lat = np.degrees(np.arctan(np.sinh(math.pi * (1.0 - 2.0 * sy / n))))
-    return lng, lat
+    # a tile's centre is the north-west corner of its south-east child
+    west, _, _, north = cell_bounds(((x >> shift) << 1) + 1, ((y >> shift) << 1) + 1, stratum_level + 1)
+    return west, north
 
 
 def coarsen(cells: pl.DataFrame, *, z: int, detail: int, strata_detail: int, min_count: int) -> pl.DataFrame:
@@ -55,10 +51,10 @@ def coarsen(cells: pl.DataFrame, *, z: int, detail: int, strata_detail: int, min
         ``cells`` with ``lng``, ``lat`` and ``quadkey`` generalised where
         ``report_count < min_count``, and a boolean ``coarsened`` column.
     """
-    sparse = pl.col("report_count") < min_count
     if min_count <= 1 or cells.height == 0:
         return cells.with_columns(pl.lit(False).alias("coarsened"))
-    stratum_level = z + min(strata_detail, detail - 1)
+    sparse = pl.col("report_count") < min_count
+    stratum_level = z + strata_detail  # coarser than the cell: the config keeps strata_detail < cell_detail
     lng, lat = stratum_centres(cells.get_column("cell_key").to_numpy(), z + detail, stratum_level)
     return cells.with_columns(
         pl.when(sparse).then(pl.Series(lng)).otherwise(pl.col("lng")).alias("lng"),

@@ -186,12 +186,11 @@ def stage_snapshot(cfg: Config, tileset: str) -> dict:
         snapshots.mkdir(parents=True, exist_ok=True)
         tmp = snapshots / f".tmp-{secrets.token_hex(6)}"
         tmp.mkdir()
-    try:
-        with _writing(snapshots):
+        try:
             return _stage_into(cfg, tileset, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back
-        raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back
+            raise
 
 
 @contextmanager
