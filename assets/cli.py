@@ -1,8 +1,10 @@
 """``hotspots``: run the pipeline from the command line.
 
-``hotspots run [--config F] [--tileset T] [--as-of ISO]`` runs the Dagster
-asset job in-process. Exit codes: 0 ok, 2 bad config or input path, 1 any
-other failure. Errors are one line on stderr, never a traceback.
+``hotspots run [--config F] [--tileset T] [--as-of ISO] [--force]`` runs the
+Dagster asset jobs in-process; ``hotspots serve`` serves the publish root;
+``hotspots rejected SOURCE`` shows rejected rows. Exit codes: 0 ok, 2 bad
+config or input path, 1 any other failure (a source or tileset that lost its
+data included). Errors are one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
-from pipeline import build, extract, publish, warehouse
+from pipeline import build, extract, guard, publish, warehouse
 from pipeline.config import ConfigError, check_inputs, load_config, parse_as_of
-from pipeline.errors import HotspotsError
+from pipeline.errors import HotspotsError, InputPathError
 
 from .location import EXTRACT_JOB, PUBLISH_JOB, build_definitions
 
@@ -30,14 +32,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--tileset", action="append", default=[], help="only this tileset (repeatable)")
     run.add_argument("--as-of", help="ISO 8601 time the run is computed at (default: now)")
     run.add_argument("--full-refresh", action="store_true", help="database sources: read every row again")
+    run.add_argument("--force", action="store_true",
+                     help="publish even if a source or tileset lost its data (see max_rejected_fraction)")
     run.add_argument("-v", "--verbose", action="store_true", help="show Dagster's step logs")
     serve = sub.add_parser("serve", help="serve the publish root (viewer at /index.html) like a static host")
     serve.add_argument("--config", help="config file (default: $HOTSPOTS_CONFIG or ./hotspots.yaml)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    rejected = sub.add_parser("rejected", help="sample rejected rows of a source: file, line, reason, raw fields")
+    rejected.add_argument("source")
+    rejected.add_argument("--config", help="config file (default: $HOTSPOTS_CONFIG or ./hotspots.yaml)")
+    rejected.add_argument("--reason", help="only rows rejected for this reason")
+    rejected.add_argument("--limit", type=int, default=10, help="rows to show (default 10)")
     args = parser.parse_args(argv)
+    commands = {"run": _run, "serve": _serve, "rejected": _rejected}
     try:
-        return _serve(args) if args.command == "serve" else _run(args)
+        return commands[args.command](args)
     except HotspotsError as exc:
         print(f"hotspots: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -60,21 +70,101 @@ def _run(args: argparse.Namespace) -> int:
     defs = build_definitions(cfg.file)
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     now = as_of or datetime.now(timezone.utc).replace(microsecond=0)
-    params = {"as_of": as_of.isoformat() if as_of else None, "tilesets": tilesets, "full_refresh": args.full_refresh}
-    if not _execute(defs, EXTRACT_JOB, params, instance, args.verbose)[0]:
+    params = {"as_of": as_of.isoformat() if as_of else None, "tilesets": tilesets,
+              "full_refresh": args.full_refresh, "force": args.force}  # fmt: skip
+    ok, _, failures = _execute(defs, EXTRACT_JOB, params, instance, args.verbose)
+    # a source that lost its data fails the `rejected_share` check after validation:
+    # its tilesets are not published, the others are
+    if not ok and (not failures or any(step != CHECK_STEP for step, _ in failures)):
+        _say_failures(failures)
         return 1
+    lost = {} if args.force else _lost_sources(cfg, sources)
     _print_extraction(cfg, sources)
+    for loss in lost.values():
+        print(f"hotspots: {loss.message}", file=sys.stderr)
+    failed = bool(lost)
     for name in tilesets:
+        if cfg.tilesets[name].source in lost:
+            continue
         # tileset as_of (YAML) applies unless --as-of was given
         ts_params = {**params, "as_of": (as_of or cfg.tilesets[name].as_of or now).isoformat()}
         # the job's steps take the tileset's lease (other runs of it wait); a job that
         # stops early hands it back here instead of letting it expire
-        ok, run_id = _execute(defs, PUBLISH_JOB, ts_params, instance, args.verbose, partition=name)
+        ok, run_id, failures = _execute(defs, PUBLISH_JOB, ts_params, instance, args.verbose, partition=name)
         warehouse.release(build.lease_path(cfg, name), run_id)
         if not ok:
-            return 1
+            loss = None if args.force else _tileset_loss(cfg, name)
+            if loss is None:
+                _say_failures(failures)
+                return 1
+            print(f"hotspots: {loss.message}", file=sys.stderr)
+            failed = True
+            continue
         _print_tileset(cfg, name)
+    if not failed:
+        print(f"map: `hotspots serve{_config_flag(args)}` (make serve), then open http://127.0.0.1:8000/index.html")
+    return 1 if failed else 0
+
+
+CHECK_STEP = "reports_rejected_share"  # the extract job's step of the `rejected_share` check
+
+
+def _lost_sources(cfg, sources: list[str]) -> dict:
+    lost = {}
+    for name in sources:
+        counts = extract.source_counts(cfg.warehouse_path, name)
+        loss = guard.source_loss(cfg, name, counts["read"], counts["rejected"])
+        if loss:
+            lost[name] = loss
+    return lost
+
+
+def _tileset_loss(cfg, name: str):
+    try:
+        return guard.guard_tileset(cfg, name, build.read_scoring(cfg, name))
+    except (OSError, ValueError, KeyError):
+        return None  # scoring did not finish: the step failure says why
+
+
+def _config_flag(args: argparse.Namespace) -> str:
+    return f" --config {args.config}" if args.config else ""
+
+
+def _rejected(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    if args.source not in cfg.sources:
+        raise ConfigError("source", f"unknown source {args.source!r} (known: {', '.join(cfg.sources)})")
+    if args.limit < 0:
+        raise ConfigError("--limit", f"must be >= 0, got {args.limit}")
+    if not cfg.warehouse_path.exists():
+        raise InputPathError(f"no warehouse at {cfg.warehouse_path}: run `hotspots run` first")
+    counts = extract.source_counts(cfg.warehouse_path, args.source)
+    reasons = counts["rejected"]
+    if args.reason and args.reason not in reasons:
+        known = ", ".join(f"{r} {n:,}" for r, n in guard.top_reasons(reasons, len(reasons))) or "none"
+        raise ConfigError("--reason", f"no row of source {args.source} was rejected for {args.reason!r} (reasons: {known})")
+    total = sum(reasons.values())
+    print(f"source {args.source}: {total:,} of {counts['read']:,} rows rejected")
+    for reason, n in guard.top_reasons(reasons, len(reasons)):
+        print(f"  {reason:<28} {n:>10,}")
+    for file, error in extract.unreadable_files(cfg.warehouse_path, args.source):
+        print(f"  unreadable file {_printable(file)}: {_printable(error)}")
+    rows = extract.rejected_rows(cfg.warehouse_path, args.source, args.reason, args.limit)
+    if rows:
+        print(f"{'file':<40} {'line':>7}  {'reason':<24} fields")
+    for row in rows:
+        fields = ", ".join(f"{k}={_printable(v, 60)}" for k, v in row.fields.items())
+        print(f"{_printable(row.file, 40):<40} {row.line:>7}  {row.reason:<24} {fields}")
     return 0
+
+
+def _printable(value: object, width: int | None = None) -> str:
+    """Untrusted text for a terminal: control characters escaped (no escape
+    sequence from the data reaches the terminal), long values cut."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
+    if width and len(text) > width:
+        text = text[: width - 1] + "…"
+    return text
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -90,23 +180,28 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _execute(defs, job_name, params, instance, verbose, partition=None) -> tuple[bool, str]:
+def _execute(defs, job_name, params, instance, verbose, partition=None) -> tuple[bool, str, list]:
+    """Run a job in-process; (success, run id, [(failed step, its root cause)])."""
     job = defs.resolve_job_def(job_name)
     run_config = {
         "ops": {node.name: {"config": params} for node in job.graph.node_defs if node.config_schema is not None},
-        # failures are reported below in one line; -v shows Dagster's own logs
-        "loggers": {"console": {"config": {"log_level": "INFO" if verbose else "CRITICAL"}}},
+        # failures are reported in one line; -v shows Dagster's own logs
+        "loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "CRITICAL"}}},
     }
     result = job.execute_in_process(
         run_config=run_config, instance=instance, partition_key=partition, raise_on_error=False
     )
-    if result.success:
-        return True, result.run_id
-    for event in result.all_events:
-        if event.is_step_failure:
-            print(f"hotspots: step {event.step_key} failed: {_root_cause(event.step_failure_data.error)}",
-                  file=sys.stderr)  # fmt: skip
-    return False, result.run_id
+    failures = [
+        (event.step_key, _root_cause(event.step_failure_data.error))
+        for event in result.all_events
+        if event.is_step_failure
+    ]
+    return result.success, result.run_id, failures
+
+
+def _say_failures(failures: list) -> None:
+    for step, cause in failures:
+        print(f"hotspots: step {step} failed: {cause}", file=sys.stderr)
 
 
 def _root_cause(error) -> str:
@@ -122,12 +217,17 @@ def _print_extraction(cfg, sources: list[str]) -> None:
     print(f"{'source':<20} {'read':>10} {'valid':>10} {'rejected':>10}")
     for row in extract.conservation(cfg.warehouse_path, sources):
         print(f"{row.source:<20} {row.read:>10,} {row.valid:>10,} {row.rejected:>10,}")
+        reasons = extract.source_counts(cfg.warehouse_path, row.source)["rejected"]
+        if reasons:
+            print(f"  rejected: {guard.reasons_text(reasons)} (`hotspots rejected {row.source}` shows them)")
+        for file, error in extract.unreadable_files(cfg.warehouse_path, row.source):
+            print(f"  skipped unreadable file {_printable(file)}: {_printable(error)}")
     print(f"warehouse: {cfg.warehouse_path} (tables reports, rejected_reports)")
 
 
 def _print_tileset(cfg, name: str) -> None:
     s = build.read_scoring(cfg, name)
-    excluded = ", ".join(f"{r} {n:,}" for r, n in s["excluded"].items()) or "none"
+    excluded = ", ".join(f"{r} {n:,}" for r, n in guard.top_reasons(s["excluded"], len(s["excluded"]))) or "none"
     zooms = build.read_cells(cfg, name)
     print(f"tileset {name}: {s['scored']:,} scored, excluded: {excluded}; as_of {s['as_of']}")
     if zooms:

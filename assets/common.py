@@ -18,6 +18,7 @@ class RunParams(dg.Config):
     as_of: str | None = None  # ISO 8601; default: the run's start (UTC)
     tilesets: list[str] = []  # tilesets to build; empty: all of them
     full_refresh: bool = False  # database sources: read everything, not only what changed
+    force: bool = False  # publish even if a source or tileset lost its data (see pipeline.guard)
 
 
 Context = dg.AssetExecutionContext | dg.AssetCheckExecutionContext

@@ -8,7 +8,7 @@ import time
 
 import dagster as dg
 
-from pipeline import extract
+from pipeline import extract, guard
 from resources import HotspotsResource
 
 from .common import RunParams, markdown_table, resolve_as_of, selected_sources
@@ -113,5 +113,32 @@ def conservation(config: RunParams, hotspots: HotspotsResource) -> dg.AssetCheck
                 ["source", "read", "valid", "rejected", "holds"],
                 [[r.source, r.read, r.valid, r.rejected, r.holds] for r in rows],
             )
+        },
+    )
+
+
+@dg.asset_check(
+    asset="reports",
+    blocking=True,
+    description="No source lost its data: at most `max_rejected_fraction` (default 0.5) of the rows "
+    "each source read were rejected. A failure publishes nothing of that source; `--force` publishes.",
+)
+def rejected_share(config: RunParams, hotspots: HotspotsResource) -> dg.AssetCheckResult:
+    cfg = hotspots.load()
+    rows, lost = [], []
+    for name in selected_sources(cfg, config):
+        counts = extract.source_counts(cfg.warehouse_path, name)
+        loss = guard.source_loss(cfg, name, counts["read"], counts["rejected"])
+        rejected = sum(counts["rejected"].values())
+        rows.append([name, counts["read"], rejected, guard.share_rejected(counts["read"], rejected),
+                     cfg.sources[name].max_rejected_fraction, guard.reasons_text(counts["rejected"]) or "none"])
+        if loss:
+            lost.append(loss.message)
+    return dg.AssetCheckResult(
+        passed=not lost or config.force,
+        metadata={
+            "by_source": markdown_table(["source", "read", "rejected", "share", "max", "top reasons"], rows),
+            "lost": "\n".join(lost) or "none",
+            "forced": config.force,
         },
     )

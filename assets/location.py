@@ -15,7 +15,7 @@ import dagster as dg
 from pipeline.config import default_config_path, load_config
 from resources import HotspotsResource
 
-from .extraction import conservation, raw_reports, validated_reports
+from .extraction import conservation, raw_reports, rejected_share, validated_reports
 from .publishing import publishing_assets, retention_job, schedules_and_sensors
 from .tilesets import tileset_assets
 
@@ -52,7 +52,7 @@ def build_definitions(config_path: str | Path | None = None) -> dg.Definitions:
     schedules_sensors = schedules_and_sensors(extract_job, publish_job, partitions)
     return dg.Definitions(
         assets=[raw_reports, validated_reports, *per_tileset],
-        asset_checks=[conservation, *per_tileset_checks],
+        asset_checks=[conservation, rejected_share, *per_tileset_checks],
         jobs=[extract_job, publish_job, retention_job],
         schedules=[s for s in schedules_sensors if isinstance(s, dg.ScheduleDefinition)],
         sensors=[s for s in schedules_sensors if isinstance(s, dg.SensorDefinition)],

@@ -159,15 +159,7 @@ def schedules_and_sensors(extract_job, publish_job, partitions: dg.StaticPartiti
         default_status=dg.DefaultScheduleStatus.RUNNING,
     )
 
-    @dg.run_status_sensor(
-        run_status=dg.DagsterRunStatus.SUCCESS,
-        monitored_jobs=[extract_job],
-        request_job=publish_job,
-        name="publish_after_extract",
-        default_status=dg.DefaultSensorStatus.RUNNING,
-        description="After an extraction, publish each tileset it read, at the same as_of.",
-    )
-    def publish_after_extract(context: dg.RunStatusSensorContext):
+    def publish_requests(context: dg.RunStatusSensorContext):
         run = context.dagster_run
         params = next(iter((run.run_config.get("ops") or {}).values()), {}).get("config", {})
         record = context.instance.get_run_record_by_id(run.run_id)
@@ -180,4 +172,31 @@ def schedules_and_sensors(extract_job, publish_job, partitions: dg.StaticPartiti
                 run_config={"ops": {"scored_reports": {"config": {"as_of": as_of, "tilesets": [name]}}}},
             )
 
-    return [hourly, nightly, publish_after_extract]
+    @dg.run_status_sensor(
+        run_status=dg.DagsterRunStatus.SUCCESS,
+        monitored_jobs=[extract_job],
+        request_job=publish_job,
+        name="publish_after_extract",
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="After an extraction, publish each tileset it read, at the same as_of.",
+    )
+    def publish_after_extract(context: dg.RunStatusSensorContext):
+        yield from publish_requests(context)
+
+    @dg.run_status_sensor(
+        run_status=dg.DagsterRunStatus.FAILURE,
+        monitored_jobs=[extract_job],
+        request_job=publish_job,
+        name="publish_after_partial_extract",
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="An extraction whose reports were validated but whose `rejected_share` check failed "
+        "(a source lost its data): publish its tilesets anyway; each tileset's blocking `publish_guard` "
+        "keeps the live snapshot of a tileset whose source lost its data, and the others are published.",
+    )
+    def publish_after_partial_extract(context: dg.RunStatusSensorContext):
+        latest = context.instance.get_latest_materialization_event(dg.AssetKey("reports"))
+        if latest is None or latest.run_id != context.dagster_run.run_id:
+            return  # extraction itself failed: the warehouse kept what it had, nothing new to publish
+        yield from publish_requests(context)
+
+    return [hourly, nightly, publish_after_extract, publish_after_partial_extract]

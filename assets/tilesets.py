@@ -7,7 +7,7 @@ import time
 
 import dagster as dg
 
-from pipeline import build
+from pipeline import build, guard
 from resources import HotspotsResource
 
 from .common import RunParams, given_as_of, markdown_table, run_start, tileset_step
@@ -65,6 +65,41 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
             metadata={"valid": summary["valid"], "scored": rows, "excluded": excluded},
         )
 
+    @dg.asset_check(
+        asset=scored_reports,
+        partitions_def=partitions,
+        blocking=True,
+        description="The run did not lose its data: the source rejected at most `max_rejected_fraction` "
+        "of its rows, and at least `min_publish_fraction` of the live snapshot's reports were scored. "
+        "A failure keeps the live snapshot; `--force` publishes anyway.",
+    )
+    def publish_guard(
+        context: dg.AssetCheckExecutionContext, config: RunParams, hotspots: HotspotsResource
+    ) -> dg.AssetCheckResult:
+        cfg, name = hotspots.load(), context.partition_key
+        with tileset_step(context, cfg, name):
+            summary = build.read_scoring(cfg, name)
+            loss = guard.guard_tileset(cfg, name, summary)
+            live = guard.live_snapshot(cfg, name)
+        source = summary["source"]
+        rejected = sum(source["rejected"].values())
+        return dg.AssetCheckResult(
+            passed=loss is None or config.force,
+            metadata={
+                "source": source["name"],
+                "read": source["read"],
+                "rejected": rejected,
+                "rejected_share": guard.share_rejected(source["read"], rejected),
+                "max_rejected_fraction": cfg.sources[source["name"]].max_rejected_fraction,
+                "scored": summary["scored"],
+                "live_scored": int(live[1].get("counts", {}).get("scored") or 0) if live else 0,
+                "live_snapshot": live[0] if live else "none",
+                "min_publish_fraction": cfg.tilesets[name].min_publish_fraction,
+                "problem": loss.message if loss else "none",
+                "forced": config.force,
+            },
+        )
+
     @dg.asset(
         partitions_def=partitions,
         deps=[scored_reports],
@@ -118,4 +153,4 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
             },
         )
 
-    return [scored_reports, cells], [scoring_conservation, pyramid_conservation]
+    return [scored_reports, cells], [scoring_conservation, publish_guard, pyramid_conservation]

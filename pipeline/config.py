@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -86,17 +87,32 @@ class Columns(_Strict):
         return {c: getattr(self, c) for c in MAPPABLE if getattr(self, c) is not None}
 
 
-class FileSource(_Strict):
+class _SourceBase(_Strict):
+    """What every kind of source has."""
+
+    entity_type: str | None = None
+    rules: Rules = Rules()
+    # More than this share of the rows read rejected: the run lost its data,
+    # and nothing of this source is published (``hotspots run --force`` does).
+    max_rejected_fraction: float = Field(DEFAULTS.max_rejected_fraction, ge=0, le=1)
+
+    @property
+    def timed(self) -> bool:
+        """Whether the source says when each report was made (else: the run's as_of)."""
+        return True
+
+
+class FileSource(_SourceBase):
     """Files matched by a glob, read by DuckDB."""
 
     kind: Literal["file"]
     path: str
     format: Literal[FILE_FORMATS] = "csv"  # type: ignore[valid-type]
-    entity_type: str | None = None
     columns: Columns
     timestamp_format: str | list[str] | None = None
     delimiter: str | None = None
-    rules: Rules = Rules()
+    # A file that cannot be read at all: fail the source, or skip it (recorded and said).
+    on_unreadable_file: Literal["fail", "skip"] = "fail"
 
     @model_validator(mode="after")
     def _needs_a_position(self) -> "FileSource":
@@ -104,16 +120,18 @@ class FileSource(_Strict):
         if cols.geometry is None and (cols.lat is None or cols.lng is None):
             if self.format in ("csv", "parquet", "ndjson"):
                 raise ValueError("columns: map lat and lng, or geometry")
-        if cols.observed_at is None:
-            raise ValueError("columns.observed_at: required (when was it reported?)")
         return self
+
+    @property
+    def timed(self) -> bool:
+        return self.columns.observed_at is not None
 
     def formats(self) -> list[str]:
         f = self.timestamp_format
         return [] if f is None else [f] if isinstance(f, str) else list(f)
 
 
-class SyntheticSource(_Strict):
+class SyntheticSource(_SourceBase):
     """Deterministic, clustered reports for one seed domain (demo and benchmarks)."""
 
     kind: Literal["synthetic"]
@@ -124,8 +142,6 @@ class SyntheticSource(_Strict):
     bbox: tuple[float, float, float, float] = (-74.10, 40.60, -73.80, 40.85)
     days: float = Field(30.0, gt=0)  # reports spread over this many days before as_of
     bad_fraction: float = Field(0.002, ge=0, le=1)  # malformed rows, to exercise validation
-    entity_type: str | None = None
-    rules: Rules = Rules()
 
     @field_validator("bbox")
     @classmethod
@@ -136,7 +152,7 @@ class SyntheticSource(_Strict):
         return v
 
 
-class PostgresSource(_Strict):
+class PostgresSource(_SourceBase):
     """A PostgreSQL/PostGIS database: a seed adapter, a table, or a query."""
 
     kind: Literal["postgres"]
@@ -152,8 +168,6 @@ class PostgresSource(_Strict):
     watermark: str | None = None  # column for incremental reads (adapters bring their own)
     incremental: bool = True
     time_range_hours: float = Field(24.0, gt=0)  # rail adapter: stats summed over this window
-    entity_type: str | None = None
-    rules: Rules = Rules()
 
     @model_validator(mode="after")
     def _one_way_in(self) -> "PostgresSource":
@@ -164,13 +178,17 @@ class PostgresSource(_Strict):
             if self.columns is None:
                 raise ValueError("columns: map the table's or query's columns (lat/lng or geometry, observed_at)")
             cols = self.columns
-            if cols.observed_at is None or (cols.geometry is None and (cols.lat is None or cols.lng is None)):
-                raise ValueError("columns: map observed_at, and lat and lng or geometry")
+            if cols.geometry is None and (cols.lat is None or cols.lng is None):
+                raise ValueError("columns: map lat and lng, or geometry")
             if cols.report_id is None:
                 raise ValueError("columns.report_id: required for a database source (incremental reads upsert by id)")
         elif self.columns is not None:
             raise ValueError("columns: an adapter maps its own columns")
         return self
+
+    @property
+    def timed(self) -> bool:
+        return self.columns is None or self.columns.observed_at is not None
 
 
 Source = Annotated[Union[FileSource, SyntheticSource, PostgresSource], Field(discriminator="kind")]
@@ -241,6 +259,9 @@ class Tileset(_Strict):
     overview_maxzoom: int = Field(DEFAULTS.overview_maxzoom, ge=0, le=20)
     retain_snapshots: int = Field(DEFAULTS.retain_snapshots, ge=1)
     min_count: int | None = Field(None, ge=1)
+    # Fewer scored reports than this share of the live snapshot's: the run lost
+    # its data and the live snapshot stays (``hotspots run --force`` publishes).
+    min_publish_fraction: float = Field(DEFAULTS.min_publish_fraction, ge=0, le=1)
     as_of: datetime | None = None
 
     @model_validator(mode="after")
@@ -271,6 +292,26 @@ class Tileset(_Strict):
         return None if v is None else as_utc(v)
 
 
+ORIGIN_PATTERN = r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$"
+URL_PATTERN = r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^\s'\"<>\\]*)?$"
+
+
+class Viewer(_Strict):
+    """The published map page (``output/index.html``)."""
+
+    # A MapLibre style URL for the basemap; without one (or offline) the page
+    # draws land, coastlines and borders from Natural Earth (npm world-atlas).
+    style: Annotated[str, Field(pattern=URL_PATTERN)] | None = None
+    # Origins the page may fetch from besides its own (the style's, its tiles',
+    # glyphs' and sprites' hosts); the style URL's origin is always allowed.
+    connect_src: list[Annotated[str, Field(pattern=ORIGIN_PATTERN)]] = []
+
+    def origins(self) -> list[str]:
+        """Every origin the page's Content-Security-Policy allows besides its own."""
+        mine = [re.match(r"^https?://[^/?#]+", self.style).group(0)] if self.style else []
+        return sorted(set(mine + self.connect_src))
+
+
 class Config(_Strict):
     """A whole ``hotspots.yaml``, with paths resolved."""
 
@@ -280,6 +321,7 @@ class Config(_Strict):
     roots: list[Path] = Field(min_length=1)
     sources: dict[Name, Source]
     tilesets: dict[Name, Tileset]
+    viewer: Viewer = Viewer()
     file: Path | None = Field(None, exclude=True)  # where it was loaded from
 
     @model_validator(mode="after")
@@ -397,7 +439,36 @@ def validate_config(data: dict[str, Any], base: Path, file: str | None = None) -
         raise _config_error(exc, file) from None
     if file and cfg.output.resolve() in Path(file).resolve().parents:
         raise ConfigError("output", f"must not hold the config file ({file}): it would be published", file)
+    for name, ts in cfg.tilesets.items():
+        if not cfg.sources[ts.source].timed:
+            need = time_needs(ts)
+            if need:
+                key, why = need
+                raise ConfigError(
+                    f"tilesets.{name}.{key}",
+                    f"{why}, but source {ts.source} has no time (map columns.observed_at)",
+                    file,
+                )
     return cfg.model_copy(update={"file": Path(file).resolve() if file else None})
+
+
+def time_needs(ts: Tileset) -> tuple[str, str] | None:
+    """The first key of a tileset that needs each report's time, and why; None if none does.
+
+    A source without ``observed_at`` dates every report at the run's ``as_of``,
+    so decay, an age window or a date filter would mean nothing on it.
+    """
+    from .scoring import resolve  # scoring imports this module
+
+    profile, filters = resolve(ts)
+    if profile.decay.mode != "none":
+        return "scoring.decay.mode", f"profile {ts.profile} decays by age ({profile.decay.mode})"
+    if profile.max_age_days is not None:
+        return "scoring.max_age_days", f"profile {ts.profile} keeps reports for {profile.max_age_days:g} days"
+    for key in ("start_date", "end_date"):
+        if getattr(filters, key) is not None:
+            return f"filters.{key}", "a date filter needs each report's time"
+    return None
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -443,7 +514,10 @@ def _config_error(exc: ValidationError, file: str | None) -> ConfigError:
     elif err["type"] == "literal_error":
         msg = f"{msg}, got {err['input']!r}"
     elif err["type"] == "string_pattern_mismatch":
-        msg = "names are lowercase letters, digits, '_' and '-' (at most 64)"
+        msg = {
+            NAME_PATTERN: "names are lowercase letters, digits, '_' and '-' (at most 64)",
+            ORIGIN_PATTERN: f"must be an origin like https://tiles.example.org (no path), got {err['input']!r}",
+        }.get((err.get("ctx") or {}).get("pattern"), f"must be an http(s) URL, got {err['input']!r}")
     return ConfigError(".".join(loc), msg, file)
 
 

@@ -38,6 +38,13 @@ class Defaults:
     # Most reports one session token may file in any rolling hour.
     rate_limit_per_hour: int = 30
 
+    # A run that lost its data does not replace the live map: a source with
+    # more than this share of its rows rejected publishes nothing, and a
+    # tileset scoring fewer than this share of the live snapshot's reports
+    # keeps the live snapshot (`hotspots run --force` publishes anyway).
+    max_rejected_fraction: float = 0.5
+    min_publish_fraction: float = 0.5
+
     # Seconds a writer waits for the warehouse lock before giving up.
     lock_timeout_s: float = 600.0
 

@@ -12,12 +12,14 @@ Re-running either replaces the source's rows, so runs are idempotent.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
 from . import warehouse
 from .config import Config, FileSource
+from .errors import SourceError
 from .sources import FileResult, check_source_columns, prefetch, stage_source
 from .validate import ValidationResult, source_flags, validate_source
 
@@ -65,6 +67,7 @@ def stage(
             con.execute("BEGIN TRANSACTION")
             try:
                 files = stage_source(con, name, cfg, as_of, fetched)
+                _fail_on_unreadable(name, cfg.sources[name], files)
                 con.execute("DELETE FROM source_files WHERE source = ?", [name])
                 con.executemany(
                     "INSERT INTO source_files VALUES (?, ?, ?, ?, ?)",
@@ -76,6 +79,18 @@ def stage(
                 raise
             results[name] = files
     return results
+
+
+def _fail_on_unreadable(name: str, src, files: list[FileResult]) -> None:
+    """A file that could not be read at all fails its source, unless it says ``on_unreadable_file: skip``."""
+    bad = [f for f in files if f.error]
+    if not bad or getattr(src, "on_unreadable_file", "fail") == "skip":
+        return
+    more = f" (and {len(bad) - 1} more file(s))" if len(bad) > 1 else ""
+    raise SourceError(
+        f"source {name}: cannot read {bad[0].file}: {bad[0].error}{more}; the warehouse keeps the "
+        "source's previous rows (`on_unreadable_file: skip` reads the other files)"
+    )
 
 
 def validate(cfg: Config, sources: list[str], as_of: datetime) -> dict[str, ValidationResult]:
@@ -126,3 +141,34 @@ def _forget_removed_sources(con, cfg: Config) -> None:
     keep = list(cfg.sources)
     for table in ("raw_reports", "reports", "rejected_reports", "source_files", "source_state"):
         con.execute(f"DELETE FROM {table} WHERE NOT list_contains($keep, source)", {"keep": keep})
+
+
+class RejectedRow(NamedTuple):
+    """One rejected row as ``hotspots rejected`` shows it."""
+
+    file: str
+    line: int
+    reason: str
+    fields: dict  # the raw text of the mapped fields that were given
+
+
+def rejected_rows(db: Path, source: str, reason: str | None = None, limit: int = 10) -> list[RejectedRow]:
+    """Sample rejected rows of a source (first by file and line), optionally of one reason."""
+    with warehouse.reader(db) as con:
+        rows = con.execute(
+            "SELECT file, row_number, reason, fields FROM rejected_reports "
+            "WHERE source = $s AND ($r IS NULL OR reason = $r) ORDER BY file, row_number LIMIT $n",
+            {"s": source, "r": reason, "n": limit},
+        ).fetchall()
+    return [
+        RejectedRow(file, line, why, {k: v for k, v in json.loads(fields or "{}").items() if v is not None})
+        for file, line, why, fields in rows
+    ]
+
+
+def unreadable_files(db: Path, source: str) -> list[tuple[str, str]]:
+    """Files of a source that could not be read in its last extraction, and why."""
+    with warehouse.reader(db) as con:
+        return con.execute(
+            "SELECT file, error FROM source_files WHERE source = ? AND error IS NOT NULL ORDER BY file", [source]
+        ).fetchall()

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 import polars as pl
 
-from . import geojson, geoparquet, privacy, scoring, vector
+from . import geojson, geoparquet, privacy, scoring, site, strictjson, vector
 from .build import cells_path, read_scoring, work_dir
 from .config import Config
 from .errors import PublishError
@@ -40,6 +40,7 @@ from .select import choose, features, overview_budget
 SNAPSHOTS = "snapshots"
 LATEST = "latest.json"
 STALE_TMP_S = 3600  # a .tmp- folder untouched this long was left by a dead run
+WORLD = (-180.0, -85.051129, 180.0, 85.051129)  # the bounds of a snapshot with no reports
 
 
 class ZoomSelection(NamedTuple):
@@ -242,14 +243,18 @@ def _stage_into(cfg: Config, tileset: str, tmp: Path) -> dict:
         zoom["mvt_bytes"] = sum(
             vector.write_file(tmp / "mvt" / str(zoom["z"]) / str(x) / f"{y}.mvt", d, digests, tmp) for x, y, d in mine
         )
-    pmtiles_bytes = 0
-    if vector_tiles:
-        minz, maxz = zooms[0]["z"], zooms[-1]["z"]
-        layers = vector.vector_layers(sorted(metrics), minz, maxz)
-        meta = {"name": tileset, "format": "pbf", "vector_layers": layers, "attribution": "Hotspots"}
-        pmtiles_bytes = vector.write_pmtiles(vector_tiles, tmp / "heatmap.pmtiles", meta, extent)
-        digests["heatmap.pmtiles"] = _sha256(tmp / "heatmap.pmtiles")
-        vector.write_json(tmp / "tiles.json", vector.tilejson(tileset, layers, extent, minz, maxz), digests, tmp)
+    if not zooms:  # no reports: still a complete snapshot, with empty overviews and archive
+        extent = list(WORLD)
+        for z in range(ts.minzoom, min(ts.maxzoom, ts.overview_maxzoom) + 1):
+            (tmp / "overview").mkdir(exist_ok=True)
+            empty = geojson.COLLECTION_HEAD + geojson.COLLECTION_TAIL
+            geojson.write_file(tmp / "overview" / f"{z}.geojson", empty, digests, tmp)
+    minz, maxz = (zooms[0]["z"], zooms[-1]["z"]) if zooms else (ts.minzoom, ts.maxzoom)
+    layers = vector.vector_layers(sorted(metrics), minz, maxz)
+    meta = {"name": tileset, "format": "pbf", "vector_layers": layers, "attribution": "Hotspots"}
+    pmtiles_bytes = vector.write_pmtiles(vector_tiles, tmp / "heatmap.pmtiles", meta, extent)
+    digests["heatmap.pmtiles"] = _sha256(tmp / "heatmap.pmtiles")
+    vector.write_json(tmp / "tiles.json", vector.tilejson(tileset, layers, extent, minz, maxz), digests, tmp)
     staged = {"path": str(tmp), "zooms": zooms, "digests": digests, "max_features_per_tile": ts.max_features_per_tile,
               "pmtiles_bytes": pmtiles_bytes}
     _write_json(work_dir(cfg, tileset) / "staged.json", staged)
@@ -270,7 +275,7 @@ def finalize_snapshot(cfg: Config, tileset: str, now: datetime | None = None) ->
     staged = json.loads((work_dir(cfg, tileset) / "staged.json").read_text())
     tmp = Path(staged["path"])
     manifest = build_manifest(cfg, tileset, staged)
-    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    text = strictjson.dumps(manifest, indent=2, sort_keys=True) + "\n"
     root = tileset_root(cfg, tileset)
     try:
         with _writing(root):
@@ -348,21 +353,8 @@ def build_manifest(cfg: Config, tileset: str, staged: dict) -> dict:
 
 
 def write_viewer(cfg: Config) -> None:
-    """``output/index.html`` (the MapLibre viewer) and ``output/tilesets.json`` (what it offers)."""
-    offered = []
-    for name, ts in cfg.tilesets.items():
-        if read_latest(cfg, name) is not None:
-            profile, _ = scoring.resolve(ts)
-            offered.append({"name": name, "profile": ts.profile, "metrics": list(profile.metrics)})
-    _write_json(cfg.output / "tilesets.json", offered)
-    page = (Path(__file__).parent / "viewer.html").read_bytes()
-    tmp = cfg.output / f".index.html.{os.getpid()}.tmp"
-    try:
-        tmp.write_bytes(page)
-        os.replace(tmp, cfg.output / "index.html")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """The map page and ``tilesets.json`` (every tileset with a live snapshot); see :mod:`pipeline.site`."""
+    site.write_site(cfg, [site.tileset_entry(cfg, name) for name in cfg.tilesets if read_latest(cfg, name)])
 
 
 def read_latest(cfg: Config, tileset: str) -> dict | None:
@@ -431,8 +423,8 @@ def _jsonable(value):
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    return value
+        value = value.item()
+    return strictjson.finite(value)  # generic's severity range ends at +inf: null in JSON
 
 
 def _write_ipc(frame: pl.DataFrame, path: Path) -> None:
@@ -463,7 +455,7 @@ def _write_json(path: Path, value, durable: bool = False) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w") as fh:
-            json.dump(value, fh, indent=2)
+            fh.write(strictjson.dumps(value, indent=2))
             fh.write("\n")
             if durable:
                 fh.flush()

@@ -100,6 +100,29 @@ def resolve(tileset: Tileset) -> tuple[Profile, Filters]:
     return profile, filters
 
 
+def describe(profile: Profile) -> str:
+    """One sentence for the map legend: what a cell's intensity means under ``profile``."""
+    score = {
+        "sum": "the sum of its reports' weights",
+        "mean": "the mean weight of its reports",
+        "boosted_count": "n × (1 + mean(severity × priority boost) × "
+        f"{profile.severity_weight_multiplier:g}) × mean(decay)",
+    }[profile.score]
+    if profile.metrics:
+        score += " (weight = " + " + ".join(profile.metrics) + ")"
+    scale = "÷ the zoom's highest score" if profile.normalize == "max" else "scaled min–max over the zoom"
+    d = profile.decay
+    days = ", ".join(f"{k.replace('_', ' ')} {v:g} d" for k, v in d.days.items())
+    decay = {
+        "none": "no decay with age",
+        "half_life": f"weights halve every {days}",
+        "time_constant": f"weights decay as exp(-age/τ), τ {days}",
+        "normalized_exponential": f"weights decay as exp(-{d.factor:g}·min(age/{d.max_age_days:g} d, 1))",
+    }[d.mode]
+    window = f"; reports older than {profile.max_age_days:g} days left out" if profile.max_age_days else ""
+    return f"Intensity: a cell's score, {score}, {scale}; {decay}{window}."
+
+
 def age_days(as_of: datetime) -> pl.Expr:
     """Age in days at ``as_of`` (never negative)."""
     return ((pl.lit(as_of) - pl.col("observed_at")).dt.total_microseconds() / DAY_US).clip(lower_bound=0.0)

@@ -3,9 +3,8 @@
 Correct ``Content-Type``; ``Content-Encoding: gzip`` for MVT tiles (stored
 gzip-compressed); byte ranges (PMTiles clients read archives by range);
 CORS; long cache lifetimes for immutable snapshot files and none for
-``latest.json``. ``/_lib/`` serves MapLibre GL and the PMTiles protocol from
-the npm packages installed at build time (``web/node_modules``), so the
-viewer works offline.
+``latest.json``. The viewer and its libraries (``_lib/``) are published files
+like the others, so it works offline.
 """
 
 from __future__ import annotations
@@ -17,12 +16,6 @@ from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-NODE_MODULES = Path(__file__).resolve().parents[1] / "web" / "node_modules"
-LIBS = {
-    "maplibre-gl.js": "maplibre-gl/dist/maplibre-gl.js",
-    "maplibre-gl.css": "maplibre-gl/dist/maplibre-gl.css",
-    "pmtiles.js": "pmtiles/dist/pmtiles.js",
-}
 TYPES = {
     ".geojson": "application/geo+json",
     ".json": "application/json",
@@ -33,18 +26,12 @@ TYPES = {
     ".js": "text/javascript",
     ".css": "text/css",
 }
-MUTABLE = ("latest.json", "tilesets.json", "index.html")
+MUTABLE = ("latest.json", "tilesets.json", "viewer.json", "index.html", "viewer.js", "viewer.css")
 RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
 
 
 class Handler(SimpleHTTPRequestHandler):
     """Static files with ranges, CORS, tile encodings and cache headers."""
-
-    def translate_path(self, path: str) -> str:
-        clean = path.split("?", 1)[0].split("#", 1)[0]
-        if clean.startswith("/_lib/") and clean[len("/_lib/"):] in LIBS:
-            return str(NODE_MODULES / LIBS[clean[len("/_lib/"):]])
-        return super().translate_path(path)
 
     def list_directory(self, path):  # a CDN lists nothing
         self.send_error(HTTPStatus.NOT_FOUND)
@@ -57,6 +44,7 @@ class Handler(SimpleHTTPRequestHandler):
         self.send_header("Access-Control-Allow-Origin", "*")
         self.send_header("Access-Control-Expose-Headers", "Content-Range, Content-Length, ETag")
         self.send_header("Accept-Ranges", "bytes")
+        self.send_header("X-Content-Type-Options", "nosniff")
         super().end_headers()
 
     def send_head(self):

@@ -118,12 +118,15 @@ def _boolean(col: str) -> str:
     )
 
 
-def _typed_select(formats: list[str]) -> str:
-    """Typed copies (prefixed ``_``) of the raw text columns."""
+def _typed_select(formats: list[str], time_mapped: bool) -> str:
+    """Typed copies (prefixed ``_``) of the raw text columns.
+
+    A source without ``observed_at`` dates every report at the run's ``as_of``.
+    """
     exprs = {
         "_lat": _number("lat"),
         "_lng": _number("lng"),
-        "_observed_at": timestamp_expr("observed_at", formats),
+        "_observed_at": timestamp_expr("observed_at", formats) if time_mapped else "CAST($as_of AS TIMESTAMPTZ)",
         "_expires_at": timestamp_expr("expires_at", formats),
         "_severity": _number("severity"),
         "_upvotes": _number("upvotes"),
@@ -133,7 +136,7 @@ def _typed_select(formats: list[str]) -> str:
     return ", ".join(f"{sql} AS {name}" for name, sql in exprs.items())
 
 
-def _reason_case(id_mapped: bool, severity_mapped: bool) -> str:
+def _reason_case(id_mapped: bool, severity_mapped: bool, time_mapped: bool) -> str:
     metric_bad = " OR ".join(
         f"(NOT {_blank(m)} AND (_{m} IS NULL OR NOT isfinite(_{m}) OR _{m} < 0))" for m in METRICS
     )
@@ -147,7 +150,7 @@ def _reason_case(id_mapped: bool, severity_mapped: bool) -> str:
         ("abs(_lat) > 90", "'latitude_out_of_range'"),
         ("abs(_lng) > 180", "'longitude_out_of_range'"),
         (f"abs(_lat) > {MERCATOR_MAX_LAT}", "'outside_mercator'"),
-        (_blank("observed_at"), "'missing_timestamp'"),
+        (f"{time_mapped} AND {_blank('observed_at')}", "'missing_timestamp'"),
         ("_observed_at IS NULL OR NOT isfinite(_observed_at)", "'unparseable_timestamp'"),
         ("_observed_at > $future_limit", "'future_timestamp'"),
         (
@@ -201,6 +204,7 @@ def validate_source(
     *,
     id_mapped: bool,
     severity_mapped: bool,
+    time_mapped: bool = True,
 ) -> ValidationResult:
     """Replace a source's ``reports`` and ``rejected_reports`` rows from ``raw_reports``.
 
@@ -218,6 +222,8 @@ def validate_source(
         The run's time, for the future-timestamp rule.
     id_mapped, severity_mapped : bool
         Whether the source maps these columns (a blank value is then a reason).
+    time_mapped : bool
+        Whether it maps ``observed_at``; if not, every report is dated ``as_of``.
 
     Returns
     -------
@@ -227,6 +233,7 @@ def validate_source(
         "source": name,
         "future_limit": as_of + timedelta(hours=rules.future_tolerance_hours),
         "max_description": rules.max_description_chars,
+        **({} if time_mapped else {"as_of": as_of}),  # the time of an untimed source's reports
     }
     # The fallback id (file name and row) is stable while the file is unchanged.
     key = (
@@ -236,8 +243,8 @@ def validate_source(
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE _checked AS
-        SELECT *, {_reason_case(id_mapped, severity_mapped)} AS reason
-        FROM (SELECT *, {key} AS _key, {_typed_select(formats)}
+        SELECT *, {_reason_case(id_mapped, severity_mapped, time_mapped)} AS reason
+        FROM (SELECT *, {key} AS _key, {_typed_select(formats, time_mapped)}
               FROM raw_reports WHERE source = $source)
         """,
         params,
@@ -350,7 +357,7 @@ def rate_limit_excess(tokens: np.ndarray, times: np.ndarray, limit: int, window:
 
 
 def source_flags(src: object) -> dict[str, bool]:
-    """Whether a source maps ``report_id`` and ``severity`` (see :func:`validate_source`)."""
+    """Whether a source maps ``report_id``, ``severity`` and ``observed_at`` (see :func:`validate_source`)."""
     from .sources.postgres import column_mapping
 
     if isinstance(src, FileSource):
@@ -358,5 +365,6 @@ def source_flags(src: object) -> dict[str, bool]:
     elif isinstance(src, PostgresSource):
         mapped = column_mapping(src)
     else:  # synthetic: ids always, severity where the domain has one
-        return {"id_mapped": True, "severity_mapped": False}
-    return {"id_mapped": "report_id" in mapped, "severity_mapped": "severity" in mapped}
+        return {"id_mapped": True, "severity_mapped": False, "time_mapped": True}
+    return {"id_mapped": "report_id" in mapped, "severity_mapped": "severity" in mapped,
+            "time_mapped": "observed_at" in mapped}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ import polars as pl
 from pmtiles.tile import Compression, TileType, zxy_to_tileid
 from pmtiles.writer import Writer
 
-from . import warehouse
+from . import strictjson, warehouse
 from .geojson import METRICS
 from .geoparquet import plain_strings
 
@@ -29,6 +28,7 @@ LAYER = "cells"
 EXTENT = 4096
 BUFFER = 64
 MAX_TILE_BYTES = 500_000
+EMPTY_TILE = gzip.compress(b"", compresslevel=4, mtime=0)  # a tile without layers
 
 # MVT property -> (DuckDB type, the feature column): the GeoJSON properties, same types
 PROPERTIES = {
@@ -112,7 +112,8 @@ def encode(features_by_zoom: dict[int, pl.DataFrame]) -> list[tuple[int, int, in
 
 def write_pmtiles(tiles: list[tuple[int, int, int, bytes]], path: Path, metadata: dict, bounds: list[float]) -> int:
     """A clustered PMTiles v3 archive of gzip MVT tiles ``[(z, x, y, data)]``; returns its size."""
-    ordered = sorted(tiles, key=lambda t: zxy_to_tileid(t[0], t[1], t[2]))
+    # No tiles: one empty tile 0/0/0 (an MVT with no layer), since an archive needs an entry
+    ordered = sorted(tiles, key=lambda t: zxy_to_tileid(t[0], t[1], t[2])) or [(0, 0, 0, EMPTY_TILE)]
     west, south, east, north = bounds
     zooms = [t[0] for t in ordered]
     with open(path, "wb") as fh:
@@ -165,4 +166,4 @@ def write_file(path: Path, data: bytes, digests: dict[str, str], root: Path) -> 
 
 
 def write_json(path: Path, value: dict, digests: dict[str, str], root: Path) -> int:
-    return write_file(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode(), digests, root)
+    return write_file(path, (strictjson.dumps(value, indent=2, sort_keys=True) + "\n").encode(), digests, root)

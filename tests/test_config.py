@@ -69,7 +69,11 @@ BAD = [
     ("sources.s.kind", _DELETE, "sources.s", "missing `kind:`"),
     ("sources.s.format", "xlsx", "sources.s.format", "'csv'"),
     ("sources.s.columns.lattitude", "y", "sources.s.columns.lattitude", "unknown key"),
-    ("sources.s.columns.observed_at", _DELETE, "sources.s", "observed_at: required"),
+    ("sources.s.max_rejected_fraction", 1.5, "sources.s.max_rejected_fraction", "less than or equal to 1"),
+    ("sources.s.on_unreadable_file", "ignore", "sources.s.on_unreadable_file", "'fail' or 'skip'"),
+    ("tilesets.t.min_publish_fraction", -0.1, "tilesets.t.min_publish_fraction", "greater than or equal to 0"),
+    ("viewer.style", "javascript:alert(1)", "viewer.style", "must be an http(s) URL"),
+    ("viewer.connect_src", ["https://tiles.example.org/path"], "viewer.connect_src.0", "must be an origin"),
     ("sources.s.columns.lat", _DELETE, "sources.s", "map lat and lng, or geometry"),
     ("sources.s.rules.rate_limit_per_hour", 0, "sources.s.rules.rate_limit_per_hour", "greater than or equal to 1"),
     ("home", "output/state", "home", "must not be inside output"),
@@ -89,6 +93,48 @@ def test_bad_config_names_key_and_reason(write_config, key, value, where, reason
     assert info.value.key == where
     assert reason in info.value.reason
     assert str(info.value).startswith(f"{path}: {where}: ")
+
+
+UNTIMED = {"kind": "file", "path": "data/*.csv", "columns": {"lat": "y", "lng": "x"}}
+
+
+@pytest.mark.parametrize(
+    ("tileset", "key", "reason"),
+    [
+        ({"profile": "road_conditions"}, "scoring.decay.mode", "profile road_conditions decays by age (half_life)"),
+        ({"profile": "campus_issues"}, "scoring.decay.mode", "decays by age (normalized_exponential)"),
+        ({"profile": "generic", "scoring": {"decay": {"mode": "half_life", "days": 3}}}, "scoring.decay.mode", "decays"),
+        ({"profile": "generic", "scoring": {"max_age_days": 30}}, "scoring.max_age_days", "keeps reports for 30 days"),
+        ({"profile": "generic", "filters": {"start_date": "2026-01-01"}}, "filters.start_date", "date filter"),
+    ],
+)
+def test_a_profile_that_needs_time_on_an_untimed_source_names_the_key(write_config, tileset, key, reason):
+    data = {"sources": {"s": copy.deepcopy(UNTIMED)}, "tilesets": {"t": {"source": "s", **tileset}}}
+    with pytest.raises(ConfigError) as info:
+        load_config(write_config(data))
+    assert info.value.key == f"tilesets.t.{key}"
+    assert reason in info.value.reason and "source s has no time (map columns.observed_at)" in info.value.reason
+
+
+def test_untimed_sources_serve_profiles_without_time(write_config):
+    data = {"sources": {"s": copy.deepcopy(UNTIMED)},
+            "tilesets": {"rail": {"source": "s", "profile": "rail_disruptions"},
+                         "plain": {"source": "s", "profile": "generic"},
+                         "help": {"source": "s", "profile": "community_needs"}}}  # fmt: skip
+    cfg = load_config(write_config(data))
+    assert not cfg.sources["s"].timed and cfg.sources["s"].max_rejected_fraction == 0.5
+    assert cfg.tilesets["rail"].min_publish_fraction == 0.5
+
+
+def test_viewer_style_origin_reaches_the_content_security_policy(write_config):
+    from pipeline.site import content_security_policy
+
+    cfg = load_config(write_config({**base(), "viewer": {"style": "https://tiles.example.org/styles/liberty.json",
+                                                          "connect_src": ["https://glyphs.example.net"]}}))  # fmt: skip
+    assert cfg.viewer.origins() == ["https://glyphs.example.net", "https://tiles.example.org"]
+    csp = content_security_policy(cfg.viewer.origins())
+    assert "script-src 'self';" in csp and "connect-src 'self' https://glyphs.example.net https://tiles.example.org;" in csp
+    assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
 
 
 def test_roots_confine_output_and_home(write_config, tmp_path):
@@ -193,6 +239,7 @@ PG = {"kind": "postgres", "database": "roads", "user": "hotspots", "password_env
         ({"adapter": "roads"}, "'community_needs', 'road_conditions', 'campus_issues' or 'rail_disruptions'"),
         ({"table": "t"}, "columns: map the table's or query's columns"),
         ({"table": "t", "columns": {"lat": "y", "lng": "x", "observed_at": "t"}}, "columns.report_id: required"),
+        ({"table": "t", "columns": {"report_id": "id", "lat": "y"}}, "map lat and lng, or geometry"),
         ({"adapter": "road_conditions", "columns": {"lat": "y"}}, "an adapter maps its own columns"),
         ({"adapter": "road_conditions", "port": 70000}, "less than or equal to 65535"),
     ],

@@ -11,13 +11,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import polars as pl
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import extract, scoring, warehouse
 from pipeline.config import Tileset, load_config, validate_config
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, SourceError
 from pipeline.sources import files as file_sources
 
 from .conftest import AS_OF, run_extraction
@@ -80,7 +81,8 @@ def hostile_corpus(root: Path) -> dict[str, int]:
 def _source(path: str, fmt: str = "csv", **columns) -> dict:
     mapping = {"report_id": "id", "lat": "lat", "lng": "lng", "observed_at": "t", "category": "cat",
                "severity": "sev", "description": "desc", **columns}  # fmt: skip
-    return {"kind": "file", "path": path, "format": fmt, "columns": mapping}
+    # the corpus holds files no reader can use: record them, read the rest
+    return {"kind": "file", "path": path, "format": fmt, "columns": mapping, "on_unreadable_file": "skip"}
 
 
 def test_the_hostile_csv_corpus_is_read_rejected_or_reported_never_crashes(tmp_path, write_config):
@@ -96,7 +98,8 @@ def test_the_hostile_csv_corpus_is_read_rejected_or_reported_never_crashes(tmp_p
         assert f.error is not None or f.rows == lines, (name, f)
     # what could not be read is said per file, and only for files that cannot hold the mapping
     # a semicolon file is not read as CSV unless the source says `delimiter: ";"`
-    assert {n for n, f in per_file.items() if f.error} == {"empty.csv", "missing_columns.csv", "semicolons.csv"}
+    assert {n for n, f in per_file.items() if f.error} == {"missing_columns.csv", "semicolons.csv"}
+    assert per_file["empty.csv"].rows == 0  # an empty export: nothing to read, nothing wrong
     assert "missing column(s)" in per_file["missing_columns.csv"].error
     assert result.rejected["malformed_line"] == 1 and result.rejected["duplicate_report_id"] == 1
     for reason in ("nan_coordinates", "infinite_coordinates", "latitude_out_of_range", "unparseable_timestamp",
@@ -118,7 +121,7 @@ def test_hostile_files_in_every_other_format(tmp_path, write_config):
 
     (tmp_path / "good.ndjson").write_text(json.dumps({"id": "j1", "lat": 40.7, "lng": -73.9, "t": "2026-10-30"}) + "\n"
                                           + json.dumps({"id": "j2", "lat": "NaN", "lng": None, "t": 5}) + "\n")
-    (tmp_path / "broken.ndjson").write_text('{"id": "b1", "lat": 40.7,\n')
+    (tmp_path / "broken.ndjson").write_text('{"id": "b1", "lat": 40.7,\n')  # one record, cut short
     pq.write_table(pa.table({"id": ["p1", "p2"], "lat": [40.7, float("inf")], "lng": [-73.9, 0.0],
                              "t": ["2026-10-30", "garbage"]}), tmp_path / "good.parquet")  # fmt: skip
     (tmp_path / "corrupt.parquet").write_bytes(b"PAR1" + bytes(range(256)) * 10)
@@ -127,17 +130,63 @@ def test_hostile_files_in_every_other_format(tmp_path, write_config):
              "geometry": {"type": "Point", "coordinates": [-73.9, 40.7]}}  # fmt: skip
     (tmp_path / "ok.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [point]}))
     cols = {"report_id": "id", "lat": "lat", "lng": "lng", "observed_at": "t"}
+    skip = {"on_unreadable_file": "skip"}
     cfg = load_config(write_config({"sources": {
-        "nd": {"kind": "file", "path": "*.ndjson", "format": "ndjson", "columns": cols},
-        "pq": {"kind": "file", "path": "*.parquet", "format": "parquet", "columns": cols},
-        "gj": {"kind": "file", "path": "*.geojson", "format": "geojson", "columns": {"report_id": "id", "observed_at": "t"}},
+        "nd": {"kind": "file", "path": "*.ndjson", "format": "ndjson", "columns": cols, **skip},
+        "pq": {"kind": "file", "path": "*.parquet", "format": "parquet", "columns": cols, **skip},
+        "gj": {"kind": "file", "path": "*.geojson", "format": "geojson", "columns": {"report_id": "id", "observed_at": "t"},
+               **skip},
     }}))  # fmt: skip
     staged, validated = run_extraction(cfg)
     for name, result in validated.items():
         assert result.read == result.valid + result.rejected_total, name
     errors = {Path(f.file).name for files in staged.values() for f in files if f.error}
-    assert errors == {"broken.ndjson", "corrupt.parquet", "truncated.geojson"}
+    assert errors == {"corrupt.parquet", "truncated.geojson"}
     assert (validated["nd"].valid, validated["pq"].valid, validated["gj"].valid) == (1, 1, 1)
+    assert validated["nd"].rejected["malformed_line"] == 1  # the cut record, not the file
+
+
+def broken_record_corpus(root: Path) -> dict[str, tuple[int, list[int]]]:
+    """NDJSON and GeoJSON files with broken records in the middle.
+
+    Returns file name -> (records, the line / feature numbers that are broken).
+    """
+    good = lambda i: {"id": f"r{i}", "lat": 40.7 + i / 1000, "lng": -73.9, "t": "2026-10-30T10:00:00Z"}  # noqa: E731
+    lines = [json.dumps(good(1)), json.dumps(good(2)), '{"id": "r3", "lat": 40.7,, "lng"', json.dumps(good(4)),
+             "", "[1, 2, 3]", "not json at all", json.dumps(good(8)), '{"id": "r9", "lat": 4', json.dumps(good(10))]
+    (root / "middle.ndjson").write_text("\n".join(lines) + "\n")
+
+    def feature(i: int) -> str:
+        props = {k: v for k, v in good(i).items() if k not in ("lat", "lng")}
+        return json.dumps({"type": "Feature", "properties": props,
+                           "geometry": {"type": "Point", "coordinates": [-73.9, 40.7 + i / 1000]}})  # fmt: skip
+
+    features = [feature(1), feature(2), '{"type": "Feature", "properties": {"id": "r3"', feature(4),
+                '{"type": "Feature", "properties": {"id": "r5", "t": }, "geometry": null}', feature(6), "42", feature(8)]
+    (root / "middle.geojson").write_text('{"type": "FeatureCollection", "features": [\n' + ",\n".join(features) + "\n]}")
+    return {"middle.ndjson": (9, [3, 6, 7, 9]), "middle.geojson": (8, [3, 5, 7])}
+
+
+def test_one_broken_record_loses_only_itself(tmp_path, write_config):
+    expected = broken_record_corpus(tmp_path)
+    cols = {"report_id": "id", "lat": "lat", "lng": "lng", "observed_at": "t"}
+    cfg = load_config(write_config({"sources": {
+        "nd": {"kind": "file", "path": "middle.ndjson", "format": "ndjson", "columns": cols},
+        "gj": {"kind": "file", "path": "middle.geojson", "format": "geojson", "columns": {"report_id": "id", "observed_at": "t"}},
+    }}))  # fmt: skip
+    staged, validated = run_extraction(cfg)
+    for name, file in (("nd", "middle.ndjson"), ("gj", "middle.geojson")):
+        records, broken = expected[file]
+        result = validated[name]
+        assert staged[name][0].error is None, staged[name]
+        assert result.read == records == result.valid + result.rejected_total
+        assert result.rejected == {"malformed_line": len(broken)} and result.valid == records - len(broken)
+        with warehouse.reader(cfg.warehouse_path) as con:
+            numbers = [n for (n,) in con.execute(
+                "SELECT row_number FROM rejected_reports WHERE source = ? ORDER BY row_number", [name]).fetchall()]
+            kept = {k for (k,) in con.execute("SELECT report_id FROM reports WHERE source = ?", [name]).fetchall()}
+        assert numbers == broken  # the NDJSON line / the GeoJSON feature, as an editor counts them
+        assert f"{name}:r10" in kept or f"{name}:r8" in kept  # records after the broken ones were read
 
 
 def test_a_file_that_vanishes_mid_run_is_a_per_file_error(tmp_path, write_config, monkeypatch):
@@ -148,6 +197,11 @@ def test_a_file_that_vanishes_mid_run_is_a_per_file_error(tmp_path, write_config
     staged, validated = run_extraction(cfg)
     gone = [f for f in staged["h"] if f.file.endswith("gone.csv")][0]
     assert gone.rows == 0 and gone.error and validated["h"].valid == 1
+    # by default a file that cannot be read fails its source, naming the file; the warehouse keeps its rows
+    strict = load_config(write_config({"sources": {"h": {**_source("*.csv"), "on_unreadable_file": "fail"}}}))
+    with pytest.raises(SourceError, match=r"source h: cannot read .*gone\.csv: .*on_unreadable_file: skip"):
+        extract.stage(strict, ["h"], AS_OF)
+    assert extract.conservation(strict.warehouse_path, ["h"])[0] == ("h", 1, 1, 0)
 
 
 def test_files_that_change_mid_run_are_read_as_they_are_then(tmp_path, write_config, monkeypatch):

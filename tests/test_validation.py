@@ -247,11 +247,11 @@ def test_wkt_geometry_column_and_empty_points(tmp_path, extract_config):
     }  # fmt: skip
 
 
-def test_an_unreadable_file_does_not_stop_the_others(tmp_path, extract_config):
+def test_an_unreadable_file_does_not_stop_the_others_when_the_source_says_skip(tmp_path, extract_config):
     _write_csv(tmp_path / "a.csv", [{**GOOD, "id": "a"}])
     (tmp_path / "b.csv").write_text("something,else\n1,2\n")  # lacks the mapped columns
     _write_csv(tmp_path / "c.csv", [{**GOOD, "id": "c"}])
-    cfg, staged, v = extract_config({"sources": {"s": _csv_source(tmp_path / "*.csv")}})
+    cfg, staged, v = extract_config({"sources": {"s": {**_csv_source(tmp_path / "*.csv"), "on_unreadable_file": "skip"}}})
     errors = {f.file.rsplit("/", 1)[1]: f.error for f in staged["s"]}
     assert errors["a.csv"] is None and errors["c.csv"] is None
     assert errors["b.csv"].startswith("missing column(s): id, lat, lng")
@@ -283,3 +283,22 @@ def test_reason_names_are_documented_in_readme():
 
     readme = (REPO / "README.md").read_text()
     assert [r for r in REASONS if f"`{r}`" not in readme] == []
+
+
+def test_untimed_reports_take_the_runs_as_of(tmp_path, write_config):
+    """A rail station table has no time: its reports are dated at the run's as_of."""
+    from pipeline.config import load_config
+
+    from .conftest import run_extraction
+
+    (tmp_path / "stations.csv").write_text("id,lat,lon,departures,delays,cancellations\n"
+                                           "s1,52.52,13.40,120,7,1\ns2,48.14,11.58,80,0,0\ns3,,11.5,3,0,0\n")
+    cols = {"report_id": "id", "lat": "lat", "lng": "lon", "departures": "departures", "delays": "delays",
+            "cancellations": "cancellations"}  # fmt: skip
+    cfg = load_config(write_config({
+        "sources": {"rail": {"kind": "file", "path": str(tmp_path / "stations.csv"), "columns": cols}},
+        "tilesets": {"rail": {"source": "rail", "profile": "rail_disruptions"}},
+    }))  # fmt: skip
+    _, validated = run_extraction(cfg)
+    assert (validated["rail"].valid, validated["rail"].rejected) == (2, {"missing_coordinates": 1})
+    assert _rows(cfg, "SELECT DISTINCT observed_at FROM reports") == [(AS_OF,)]

@@ -1,21 +1,28 @@
 """File sources: a glob of CSV, Parquet, NDJSON, or anything ``ST_Read`` opens.
 
-Each file is read on its own, so one unreadable file is a per-file error that
-does not stop the others. Its rows are staged into ``raw_reports`` as text,
-exactly as given, for :mod:`pipeline.validate` to judge.
+Each file is read on its own. A record that does not parse (a CSV line, an
+NDJSON line, a GeoJSON feature) becomes a ``malformed_line`` row and the rest
+of the file is read; a file that cannot be read at all is a per-file error,
+which fails the source unless it says ``on_unreadable_file: skip``. Rows are
+staged into ``raw_reports`` as text, exactly as given, for
+:mod:`pipeline.validate` to judge.
 """
 
 from __future__ import annotations
 
 import glob
+import json
+import os
+import re
 from pathlib import Path
 from typing import NamedTuple
 
 import duckdb
+import pyarrow as pa
 
 from ..config import FileSource
 from ..errors import ConfigError
-from .staging import FileResult, numbered_table, stage_relation
+from .staging import FileResult, numbered_table, quote, stage_relation
 
 SPATIAL_FORMATS = ("geojson", "gpkg", "shp", "fgb", "spatial")
 
@@ -45,6 +52,107 @@ def reader_sql(src: FileSource) -> str:
     return "ST_Read($path)"
 
 
+# One row per non-blank line of a text file, numbered from 1 as an editor would.
+_LINES = (
+    "(SELECT n AS _row, line FROM (SELECT unnest(lines) AS line, generate_subscripts(lines, 1) AS n "
+    "FROM (SELECT string_split(content, chr(10)) AS lines FROM read_text($path))) "
+    "WHERE trim(line, chr(32) || chr(9) || chr(13)) <> '')"
+)
+_IS_RECORD = "(json_valid(line) AND CASE WHEN json_valid(line) THEN json_type(line) = 'OBJECT' END)"
+
+
+def _ndjson_columns(con: duckdb.DuckDBPyConnection, path: str) -> list[str]:
+    """The keys the file's JSON objects have (an NDJSON file has no header)."""
+    rows = con.execute(
+        f"SELECT DISTINCT unnest(json_keys(line)) AS k FROM {_LINES} WHERE {_IS_RECORD} ORDER BY k",
+        {"path": path},
+    ).fetchall()
+    return [k for (k,) in rows]
+
+
+def _fetch_ndjson(con: duckdb.DuckDBPyConnection, table: str, path: str, columns: list[str]) -> None:
+    """Read NDJSON line by line into ``table``: ``_row`` (the line number),
+    ``_malformed`` (the line is not a JSON object) and each mapped column as text."""
+    fields = ", ".join(
+        f"CASE WHEN _ok THEN json_extract_string(line, {_literal('$.' + json.dumps(c))}) END AS {quote(c)}"
+        for c in columns
+    )
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT _row, NOT _ok AS _malformed{', ' + fields if fields else ''} "
+        f"FROM (SELECT *, {_IS_RECORD} AS _ok FROM {_LINES}) ORDER BY _row",
+        {"path": path},
+    )
+
+
+def _fetch_geojson_features(con: duckdb.DuckDBPyConnection, table: str, path: str) -> None:
+    """Read a GeoJSON file that ``ST_Read`` refused, feature by feature, into ``table``.
+
+    Every feature that parses becomes a row (its properties as text, its
+    geometry as ``geom``); one that does not is kept as ``_malformed`` with its
+    feature number, and reading goes on with the next feature.
+
+    Raises
+    ------
+    ValueError
+        If the file is not a FeatureCollection at all.
+    """
+    text = Path(path).read_text(encoding="utf-8")
+    features = _scan_features(text)
+    keys = sorted({k for f in features if f is not None for k in (f.get("properties") or {})})
+    value = lambda v: v if v is None or isinstance(v, str) else json.dumps(v)  # noqa: E731
+    columns = {
+        "_row": pa.array(range(1, len(features) + 1), pa.int64()),
+        "_malformed": pa.array([f is None for f in features]),
+        "_geometry": pa.array([None if f is None or f.get("geometry") is None else json.dumps(f["geometry"])
+                               for f in features], pa.string()),  # fmt: skip
+        **{k: pa.array([None if f is None else value((f.get("properties") or {}).get(k)) for f in features],
+                       pa.string()) for k in keys},  # fmt: skip
+    }
+    con.register("_features", pa.table(columns))
+    try:
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT * EXCLUDE (_geometry), "
+            "TRY(ST_GeomFromGeoJSON(_geometry)) AS geom FROM _features ORDER BY _row"
+        )
+    finally:
+        con.unregister("_features")
+
+
+_FEATURE_START = re.compile(r'\{\s*"(?:type|properties|geometry|id|bbox)"\s*:')
+
+
+def _scan_features(text: str) -> list[dict | None]:
+    """The features of a FeatureCollection's text, None for each one that does not parse."""
+    start = re.search(r'"features"\s*:\s*\[', text)
+    if start is None:
+        raise ValueError("not a GeoJSON FeatureCollection (no features array)")
+    decoder, pos, found = json.JSONDecoder(), start.end(), []
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            if not any(found):
+                raise ValueError("not valid GeoJSON, and no feature in it could be read")
+            return found
+        try:
+            feature, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            feature, pos = None, _next_feature(text, decoder, pos + 1)
+        found.append(feature if isinstance(feature, dict) and feature.get("type") == "Feature" else None)
+
+
+def _next_feature(text: str, decoder: json.JSONDecoder, pos: int) -> int:
+    """Where the next whole feature after a broken one begins (the end of text if none does)."""
+    for match in _FEATURE_START.finditer(text, pos):
+        try:
+            value, _ = decoder.raw_decode(text, match.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict) and value.get("type") == "Feature":
+            return match.start()
+    return len(text)
+
+
 def column_mapping(src: FileSource) -> dict[str, str]:
     """Canonical -> source column, with ST_Read's ``geom`` as the default geometry."""
     mapping = src.columns.mapped()
@@ -69,8 +177,10 @@ def check_columns(con: duckdb.DuckDBPyConnection, name: str, src: FileSource) ->
     first = None
     for path in list_files(src):
         try:
-            rel = con.sql(f"SELECT * FROM {reader_sql(src)} LIMIT 0", params={"path": path})
-            columns = rel.columns
+            if src.format == "ndjson":
+                columns = _ndjson_columns(con, path)
+            else:
+                columns = con.sql(f"SELECT * FROM {reader_sql(src)} LIMIT 0", params={"path": path}).columns
         except duckdb.Error:
             continue  # an unreadable file is reported per file at extraction
         finally:
@@ -90,12 +200,17 @@ def check_columns(con: duckdb.DuckDBPyConnection, name: str, src: FileSource) ->
 
 
 class FetchedFile(NamedTuple):
-    """One file read into a temporary table (``table``), or why it could not be (``error``)."""
+    """One file read into a temporary table (``table``), or why it could not be (``error``).
+
+    ``malformed`` says the table numbers its rows by line or feature in
+    ``_row`` and flags records that did not parse in ``_malformed``.
+    """
 
     path: str
     table: str | None
     error: str | None = None
     unreadable_lines: int = 0
+    malformed: bool = False
 
 
 def fetch_files(con: duckdb.DuckDBPyConnection, name: str, src: FileSource) -> list[FetchedFile]:
@@ -108,14 +223,28 @@ def fetch_files(con: duckdb.DuckDBPyConnection, name: str, src: FileSource) -> l
     for i, path in enumerate(list_files(src)):
         table = f"_file_{i}"
         try:
+            if os.path.getsize(path) == 0:  # an empty export: no rows, nothing wrong
+                fetched.append(FetchedFile(path, None))
+                continue
+            if src.format == "ndjson":
+                _fetch_ndjson(con, table, path, sorted(set(column_mapping(src).values())))
+                fetched.append(FetchedFile(path, table, malformed=True))
+                continue
             if src.format == "parquet":  # numbered by the reader
                 sql = "SELECT *, file_row_number + 1 AS _row FROM read_parquet($path, file_row_number = true)"
             else:
                 sql = f"SELECT * FROM {reader_sql(src)}"
-            con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS {sql}", {"path": path})
+            try:
+                con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS {sql}", {"path": path})
+            except duckdb.Error:
+                if src.format != "geojson":
+                    raise
+                _fetch_geojson_features(con, table, path)  # GDAL refused it: feature by feature
+                fetched.append(FetchedFile(path, table, malformed=True))
+                continue
             lines = _unreadable_lines(con) if src.format == "csv" else 0
             fetched.append(FetchedFile(path, table, None, lines))
-        except duckdb.Error as exc:
+        except (duckdb.Error, OSError, UnicodeDecodeError, ValueError) as exc:
             con.execute(f"DROP TABLE IF EXISTS {table}")
             fetched.append(FetchedFile(path, None, _first_line(exc)))
     return fetched
@@ -131,8 +260,20 @@ def stage_files(
         if f.table is None:
             results.append(FileResult(f.path, 0, f.error))
             continue
-        relation = f"(SELECT * FROM {f.table})" if src.format == "parquet" else numbered_table(f.table)
+        if f.malformed:  # numbered by line / feature; records that did not parse flagged
+            relation = f"(SELECT * EXCLUDE (_malformed) FROM {f.table} WHERE NOT _malformed)"
+        elif src.format == "parquet":
+            relation = f"(SELECT * FROM {f.table})"
+        else:
+            relation = numbered_table(f.table)
         result = stage_relation(con, name, f.path, relation, mapping, src.entity_type or name)
+        if f.malformed and result.error is None:
+            [(bad,)] = con.execute(
+                "INSERT INTO raw_reports (source, file, row_number, issue) "
+                f"SELECT ?, ?, _row, 'malformed_line' FROM {f.table} WHERE _malformed",
+                [name, f.path],
+            ).fetchall()
+            result = result._replace(rows=result.rows + bad)
         if f.unreadable_lines and result.error is None:
             _stage_unreadable_lines(con, name, f.path, result.rows, f.unreadable_lines)
             result = result._replace(rows=result.rows + f.unreadable_lines)

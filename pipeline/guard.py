@@ -1,0 +1,112 @@
+"""A run that lost its data does not replace the live map.
+
+Two guards, each a blocking Dagster check and a line from ``hotspots run``:
+
+* a source with more than ``max_rejected_fraction`` of the rows it read
+  rejected (an upstream date format changed, a CRS is wrong) publishes
+  nothing: :func:`source_loss`;
+* a tileset that scores fewer than ``min_publish_fraction`` of the reports its
+  live snapshot holds keeps the live snapshot: :func:`tileset_loss`.
+
+``hotspots run --force`` publishes anyway. A first snapshot, or a live one
+with no reports, is never a loss: there is nothing to lose.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import NamedTuple
+
+from .config import Config
+
+TOP_REASONS = 3
+
+
+class Loss(NamedTuple):
+    """Why a run must not replace what is live: one line for people, numbers for checks."""
+
+    message: str
+    metadata: dict
+
+
+def share_rejected(read: int, rejected: int) -> float:
+    """Rejected rows as a share of the rows read (0 for a source that read nothing)."""
+    return rejected / read if read else 0.0
+
+
+def top_reasons(rejected: dict[str, int], n: int = TOP_REASONS) -> list[tuple[str, int]]:
+    """The ``n`` most frequent reasons, most first (ties by name)."""
+    return sorted(rejected.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+
+def reasons_text(rejected: dict[str, int], n: int = TOP_REASONS) -> str:
+    """``unparseable_timestamp 4,907, missing_coordinates 62`` (and how many other reasons)."""
+    top = top_reasons(rejected, n)
+    text = ", ".join(f"{reason} {count:,}" for reason, count in top)
+    rest = len(rejected) - len(top)
+    return text + (f", {rest} other reason(s)" if rest > 0 else "")
+
+
+def live_snapshot(cfg: Config, tileset: str) -> tuple[str, dict] | None:
+    """The live snapshot's id and manifest, or None before the first publish."""
+    latest = cfg.output / tileset / "latest.json"
+    try:
+        pointer = json.loads(latest.read_text())
+        manifest = json.loads((latest.parent / pointer["path"] / "manifest.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return pointer["snapshot_id"], manifest
+
+
+def _what_stays(cfg: Config, tilesets: list[str]) -> str:
+    live = {t: live_snapshot(cfg, t) for t in tilesets}
+    named = [f"{t} {snap[0]}" for t, snap in live.items() if snap]
+    if not named:
+        return "nothing is published"
+    if len(tilesets) == 1:
+        return f"the live snapshot stays {live[tilesets[0]][0]}"
+    return "the live snapshots stay (" + ", ".join(named) + ")"
+
+
+def source_loss(cfg: Config, source: str, read: int, rejected: dict[str, int]) -> Loss | None:
+    """A :class:`Loss` if more than the source's ``max_rejected_fraction`` of its rows were rejected."""
+    limit = cfg.sources[source].max_rejected_fraction
+    total = sum(rejected.values())
+    share = share_rejected(read, total)
+    if share <= limit:
+        return None
+    tilesets = [t for t, ts in cfg.tilesets.items() if ts.source == source]
+    message = (
+        f"source {source}: {total:,} of {read:,} rows rejected ({reasons_text(rejected)}); "
+        f"more than max_rejected_fraction {limit:g}, so {_what_stays(cfg, tilesets)} "
+        "(`hotspots rejected " + source + "` shows them; --force publishes anyway)"
+    )
+    return Loss(message, {"source": source, "read": read, "rejected": total, "share": round(share, 4),
+                          "max_rejected_fraction": limit, "top_reasons": dict(top_reasons(rejected))})
+
+
+def tileset_loss(cfg: Config, tileset: str, scored: int) -> Loss | None:
+    """A :class:`Loss` if ``scored`` is below ``min_publish_fraction`` of the live snapshot's scored count."""
+    live = live_snapshot(cfg, tileset)
+    if live is None:
+        return None
+    snapshot_id, manifest = live
+    before = int((manifest.get("counts") or {}).get("scored") or 0)
+    fraction = cfg.tilesets[tileset].min_publish_fraction
+    if scored >= fraction * before:
+        return None
+    message = (
+        f"tileset {tileset}: {scored:,} reports scored, fewer than min_publish_fraction {fraction:g} of the "
+        f"live snapshot's {before:,}; the live snapshot stays {snapshot_id} (--force publishes anyway)"
+    )
+    return Loss(message, {"tileset": tileset, "scored": scored, "live_scored": before,
+                          "min_publish_fraction": fraction, "live_snapshot": snapshot_id})
+
+
+def guard_tileset(cfg: Config, tileset: str, scoring_summary: dict) -> Loss | None:
+    """Both guards for one tileset, from its scoring summary (``scoring.json``)."""
+    source = scoring_summary["source"]
+    return source_loss(cfg, source["name"], source["read"], source["rejected"]) or tileset_loss(
+        cfg, tileset, scoring_summary["scored"]
+    )
+
