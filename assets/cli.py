@@ -154,16 +154,17 @@ def _rejected(args: argparse.Namespace) -> int:
         print(f"{'file':<40} {'line':>7}  {'reason':<24} fields")
     for row in rows:
         fields = ", ".join(f"{k}={_printable(v, 60)}" for k, v in row.fields.items())
-        print(f"{_printable(row.file, 40):<40} {row.line:>7}  {row.reason:<24} {fields}")
+        print(f"{_printable(row.file, 40, tail=True):<40} {row.line:>7}  {row.reason:<24} {fields}")
     return 0
 
 
-def _printable(value: object, width: int | None = None) -> str:
+def _printable(value: object, width: int | None = None, tail: bool = False) -> str:
     """Untrusted text for a terminal: control characters escaped (no escape
-    sequence from the data reaches the terminal), long values cut."""
+    sequence from the data reaches the terminal), long values cut (``tail``:
+    keep the end, as for a path)."""
     text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
     if width and len(text) > width:
-        text = text[: width - 1] + "…"
+        text = "…" + text[len(text) - width + 1 :] if tail else text[: width - 1] + "…"
     return text
 
 

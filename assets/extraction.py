@@ -27,7 +27,7 @@ def raw_reports(
     as_of = resolve_as_of(context, config)
     started = time.perf_counter()
     extract.preflight(cfg, sources)
-    staged = extract.stage(cfg, sources, as_of, full_refresh=config.full_refresh)
+    staged = extract.stage(cfg, sources, as_of, full_refresh=config.full_refresh, force=config.force)
     rows = [
         [name, f.file, f.rows, f.error or ""] for name, files in staged.items() for f in files
     ]

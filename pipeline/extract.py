@@ -53,11 +53,14 @@ def preflight(cfg: Config, sources: list[str]) -> None:
 
 
 def stage(
-    cfg: Config, sources: list[str], as_of: datetime, full_refresh: bool = False
+    cfg: Config, sources: list[str], as_of: datetime, full_refresh: bool = False, force: bool = False
 ) -> dict[str, list[FileResult]]:
     """Read each source into ``raw_reports``; one :class:`FileResult` per file.
 
-    A source that fails raises; what it had staged before stays as it was.
+    A source that fails raises; what it had staged before stays as it was. A
+    file that cannot be read fails its source unless the source says
+    ``on_unreadable_file: skip`` or ``force`` is given (the file is then
+    recorded in ``source_files`` and skipped).
     """
     results: dict[str, list[FileResult]] = {}
     with warehouse.writer(cfg.warehouse_path) as con:
@@ -67,7 +70,8 @@ def stage(
             con.execute("BEGIN TRANSACTION")
             try:
                 files = stage_source(con, name, cfg, as_of, fetched)
-                _fail_on_unreadable(name, cfg.sources[name], files)
+                if not force:
+                    _fail_on_unreadable(name, cfg.sources[name], files)
                 con.execute("DELETE FROM source_files WHERE source = ?", [name])
                 con.executemany(
                     "INSERT INTO source_files VALUES (?, ?, ?, ?, ?)",

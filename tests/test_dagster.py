@@ -16,7 +16,7 @@ import dagster as dg
 import pytest
 
 from assets.location import EXTRACT_JOB, PUBLISH_JOB, build_definitions
-from assets.extraction import conservation, raw_reports, validated_reports
+from assets.extraction import conservation, raw_reports, rejected_share, validated_reports
 from pipeline import build, publish, warehouse
 from pipeline.config import load_config
 from resources import HotspotsResource
@@ -44,7 +44,7 @@ def _params(*ops: str) -> dict:
     return {"ops": {op: {"config": {"as_of": AS_OF.isoformat()}} for op in ops}}
 
 
-ALL_OPS = ("raw_reports", "validated_reports", "reports_conservation")
+ALL_OPS = ("raw_reports", "validated_reports", "reports_conservation", "reports_rejected_share")
 
 
 def _env(config: Path, tmp_path: Path) -> dict[str, str]:
@@ -62,7 +62,8 @@ def test_definitions_load(small_config):
         "raw_reports", "reports", "rejected_reports", "scored_reports", "cells", "selection", "tiles", "snapshot",
     }  # fmt: skip
     assert {k.name for k in graph.asset_check_keys} == {
-        "conservation", "scoring_conservation", "pyramid_conservation", "selection_holds", "latest_is_complete",
+        "conservation", "rejected_share", "scoring_conservation", "publish_guard", "pyramid_conservation",
+        "selection_holds", "latest_is_complete",
     }  # fmt: skip
     publish = defs.resolve_job_def(PUBLISH_JOB)
     assert publish.partitions_def.get_partition_keys() == ["rail", "roads"]
@@ -72,7 +73,7 @@ def test_definitions_load(small_config):
         "hourly_publish": ("0 * * * *", "UTC", "extract"),
         "nightly_retention": ("0 2 * * *", "UTC", "retention"),
     }
-    assert [s.name for s in defs.sensors] == ["publish_after_extract"]
+    assert [s.name for s in defs.sensors] == ["publish_after_extract", "publish_after_partial_extract"]
 
 
 def test_materialize_everything(small_config, tmp_path):
@@ -81,7 +82,7 @@ def test_materialize_everything(small_config, tmp_path):
     assets = list(defs.assets)
     checks = list(defs.asset_checks)
     result = dg.materialize(
-        [raw_reports, validated_reports, conservation],
+        [raw_reports, validated_reports, conservation, rejected_share],
         resources={"hotspots": HotspotsResource(config_path=str(small_config))},
         run_config=_params(*ALL_OPS),
         instance=instance,
@@ -99,8 +100,8 @@ def test_materialize_everything(small_config, tmp_path):
         assert published.success
         evaluations = {e.check_name: e.passed for e in published.get_asset_check_evaluations()}
         assert evaluations == {
-            "scoring_conservation": True, "pyramid_conservation": True, "selection_holds": True,
-            "latest_is_complete": True,
+            "scoring_conservation": True, "publish_guard": True, "pyramid_conservation": True,
+            "selection_holds": True, "latest_is_complete": True,
         }  # fmt: skip
         meta = {
             e.materialization.asset_key.to_user_string(): e.materialization.metadata
@@ -121,8 +122,9 @@ def test_materialize_everything(small_config, tmp_path):
     assert valid + rejected == 5000 and rejected >= 40
     assert "| roads | rate_limited | 10 |" in mats["rejected_reports"]["by_reason"].value
     assert mats["reports"]["warehouse"].value == str(tmp_path / ".hotspots" / "warehouse.duckdb")
-    [check] = result.get_asset_check_evaluations()
-    assert check.passed and check.check_name == "conservation"
+    assert {(c.check_name, c.passed) for c in result.get_asset_check_evaluations()} == {
+        ("conservation", True), ("rejected_share", True),
+    }
     assert (tmp_path / ".hotspots" / "warehouse.duckdb").exists()
     assert not any((tmp_path / "output").glob("**/*.duckdb"))
     assert not any((tmp_path / "output").glob("**/scored.parquet"))
@@ -134,7 +136,7 @@ def test_sensor_publishes_every_tileset_after_an_extraction(small_config):
     extract = defs.resolve_job_def(EXTRACT_JOB)
     result = extract.execute_in_process(run_config=_params(*ALL_OPS), instance=instance)
     assert result.success
-    [sensor] = defs.sensors
+    sensor = defs.resolve_sensor_def("publish_after_extract")
     context = dg.build_run_status_sensor_context(
         sensor_name=sensor.name, dagster_instance=instance, dagster_run=result.dagster_run,
         dagster_event=result.get_run_success_event(),
