@@ -10,8 +10,10 @@ $(STAMP): pyproject.toml web/package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
-	# MapLibre GL and PMTiles for the offline viewer (`hotspots serve`); skipped without npm
-	if command -v npm >/dev/null; then npm ci --prefix web --no-audit --no-fund --loglevel=error; fi
+	# the viewer's libraries (MapLibre GL, pmtiles, topojson-client, Natural Earth), published
+	# into output/_lib/ with every snapshot; without npm the page says they are missing
+	if command -v npm >/dev/null; then npm ci --prefix web --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the map page will lack its libraries (apt-get install npm)"; fi
 	touch $@
 
 install: $(STAMP)

@@ -41,6 +41,7 @@ SNAPSHOTS = "snapshots"
 LATEST = "latest.json"
 STALE_TMP_S = 3600  # a .tmp- folder untouched this long was left by a dead run
 WORLD = (-180.0, -85.051129, 180.0, 85.051129)  # the bounds of a snapshot with no reports
+POINT_PAD = 1e-5  # degrees (about a metre) around data that is a single point
 
 
 class ZoomSelection(NamedTuple):
@@ -243,6 +244,8 @@ def _stage_into(cfg: Config, tileset: str, tmp: Path) -> dict:
         zoom["mvt_bytes"] = sum(
             vector.write_file(tmp / "mvt" / str(zoom["z"]) / str(x) / f"{y}.mvt", d, digests, tmp) for x, y, d in mine
         )
+    if extent[0] >= extent[2] or extent[1] >= extent[3]:  # one point: bounds need an area (PMTiles, TileJSON)
+        extent = [extent[0] - POINT_PAD, extent[1] - POINT_PAD, extent[2] + POINT_PAD, extent[3] + POINT_PAD]
     if not zooms:  # no reports: still a complete snapshot, with empty overviews and archive
         extent = list(WORLD)
         for z in range(ts.minzoom, min(ts.maxzoom, ts.overview_maxzoom) + 1):

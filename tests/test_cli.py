@@ -75,3 +75,11 @@ def test_a_failing_step_exits_1_with_a_one_line_reason(write_config, tmp_path):
     assert out.returncode == 1
     assert "hotspots: step raw_reports failed:" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_verbose_shows_dagster_step_logs(write_config, tmp_path):
+    path = _config(write_config, tmp_path)
+    out = _run("--config", str(path), "--tileset", "points", "-v", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    logs = out.stdout + out.stderr
+    assert 'Finished execution of step "raw_reports"' in logs and 'Finished execution of step "snapshot"' in logs

@@ -51,8 +51,10 @@ async function basemap(settings) {
   const style = {
     version: 8,
     sources: {
-      land: { type: "geojson", data: unwrap(topojson.feature(topo, topo.objects.land)), attribution: "Natural Earth" },
-      borders: { type: "geojson", data: topojson.mesh(topo, topo.objects.countries, (a, b) => a !== b) },
+      // 1:50m data gains nothing past zoom 6: tiled up to there, overzoomed beyond (cheap to draw)
+      land: { type: "geojson", data: unwrap(topojson.feature(topo, topo.objects.land)), maxzoom: 6,
+              attribution: "Natural Earth" },
+      borders: { type: "geojson", data: topojson.mesh(topo, topo.objects.countries, (a, b) => a !== b), maxzoom: 6 },
     },
     layers: [
       { id: "water", type: "background", paint: { "background-color": "#dfe9f0" } },
