@@ -21,6 +21,7 @@ from pipeline import build, extract, guard, publish, warehouse
 from pipeline.config import ConfigError, check_inputs, load_config, parse_as_of
 from pipeline.errors import HotspotsError, InputPathError
 
+from .extraction import REJECTED_SHARE_STEP
 from .location import EXTRACT_JOB, PUBLISH_JOB, build_definitions
 
 
@@ -75,7 +76,7 @@ def _run(args: argparse.Namespace) -> int:
     ok, _, failures = _execute(defs, EXTRACT_JOB, params, instance, args.verbose)
     # a source that lost its data fails the `rejected_share` check after validation:
     # its tilesets are not published, the others are
-    if not ok and (not failures or any(step != CHECK_STEP for step, _ in failures)):
+    if not ok and (not failures or any(step != REJECTED_SHARE_STEP for step, _ in failures)):
         _say_failures(failures)
         return 1
     lost = {} if args.force else _lost_sources(cfg, sources)
@@ -104,9 +105,6 @@ def _run(args: argparse.Namespace) -> int:
     if not failed:
         print(f"map: `hotspots serve{_config_flag(args)}` (make serve), then open http://127.0.0.1:8000/index.html")
     return 1 if failed else 0
-
-
-CHECK_STEP = "reports_rejected_share"  # the extract job's step of the `rejected_share` check
 
 
 def _lost_sources(cfg, sources: list[str]) -> dict:

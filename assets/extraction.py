@@ -117,6 +117,9 @@ def conservation(config: RunParams, hotspots: HotspotsResource) -> dg.AssetCheck
     )
 
 
+REJECTED_SHARE_STEP = "reports_rejected_share"  # the step of the check below, in the extract job
+
+
 @dg.asset_check(
     asset="reports",
     blocking=True,

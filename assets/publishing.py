@@ -11,6 +11,7 @@ from pipeline import publish, retention
 from resources import HotspotsResource
 
 from .common import markdown_table, run_start, tileset_step
+from .extraction import REJECTED_SHARE_STEP
 
 
 def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDefinition) -> tuple[list, list]:
@@ -194,9 +195,9 @@ def schedules_and_sensors(extract_job, publish_job, partitions: dg.StaticPartiti
         "keeps the live snapshot of a tileset whose source lost its data, and the others are published.",
     )
     def publish_after_partial_extract(context: dg.RunStatusSensorContext):
-        latest = context.instance.get_latest_materialization_event(dg.AssetKey("reports"))
-        if latest is None or latest.run_id != context.dagster_run.run_id:
-            return  # extraction itself failed: the warehouse kept what it had, nothing new to publish
+        failures = context.instance.all_logs(context.dagster_run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+        if {event.step_key for event in failures} != {REJECTED_SHARE_STEP}:
+            return  # extraction itself failed (the warehouse kept what it had), or conservation did
         yield from publish_requests(context)
 
     return [hourly, nightly, publish_after_extract, publish_after_partial_extract]

@@ -210,3 +210,19 @@ def test_extraction_check_alone_blocks_in_materialize(write_config):
     assert result.success  # forced: the check records the loss and lets it through
     [check] = [c for c in result.get_asset_check_evaluations() if c.check_name == "rejected_share"]
     assert check.passed and check.metadata["forced"].value is True and "source nyc" in check.metadata["lost"].value
+
+
+def test_the_partial_extract_sensor_publishes_nothing_when_extraction_itself_failed(write_config, tmp_path):
+    (tmp_path / "a.csv").write_text("id,y,x,t\n1,40.7,-73.9,2026-10-30\n")
+    source = {"kind": "file", "path": "a.csv", "columns": {"report_id": "id", "lat": "y", "lng": "x", "observed_at": "t"}}
+    defs = build_definitions(write_config({"sources": {"s": source}}))
+    (tmp_path / ".hotspots" / "warehouse.duckdb").mkdir(parents=True)  # not a database: raw_reports fails
+    instance = dg.DagsterInstance.ephemeral()
+    result = defs.resolve_job_def(EXTRACT_JOB).execute_in_process(instance=instance, raise_on_error=False)
+    assert not result.success
+    sensor = defs.resolve_sensor_def("publish_after_partial_extract")
+    context = dg.build_run_status_sensor_context(
+        sensor_name=sensor.name, dagster_instance=instance, dagster_run=result.dagster_run,
+        dagster_event=result.get_run_failure_event(),
+    )  # fmt: skip
+    assert list(sensor(context) or []) == []
