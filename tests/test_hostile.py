@@ -327,3 +327,12 @@ def test_two_runs_of_the_same_config_at_once_both_succeed(tmp_path, write_config
     from pipeline import publish
 
     assert all(publish.verify_latest(cfg, t) is None for t in ("a", "b"))
+
+
+def test_ndjson_keys_match_the_mapping_in_any_case_as_a_header_would(tmp_path, write_config):
+    (tmp_path / "caps.ndjson").write_text(json.dumps({"ID": "a", "Lat": 40.7, "LNG": -73.9, "T": "2026-10-30"}) + "\n")
+    cols = {"report_id": "id", "lat": "lat", "lng": "lng", "observed_at": "t"}
+    cfg = load_config(write_config({"sources": {"c": {"kind": "file", "path": "caps.ndjson", "format": "ndjson",
+                                                      "columns": cols}}}))  # fmt: skip
+    _, validated = run_extraction(cfg)
+    assert (validated["c"].read, validated["c"].valid) == (1, 1)

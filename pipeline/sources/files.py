@@ -73,8 +73,11 @@ def _ndjson_columns(con: duckdb.DuckDBPyConnection, path: str) -> list[str]:
 def _fetch_ndjson(con: duckdb.DuckDBPyConnection, table: str, path: str, columns: list[str]) -> None:
     """Read NDJSON line by line into ``table``: ``_row`` (the line number),
     ``_malformed`` (the line is not a JSON object) and each mapped column as text."""
+    keys = {k.lower(): k for k in reversed(_ndjson_columns(con, path))}  # names match as in a header: any case
+    keys.update({c.lower(): c for c in columns if c in keys.values()})
     fields = ", ".join(
-        f"CASE WHEN _ok THEN json_extract_string(line, {_literal('$.' + json.dumps(c))}) END AS {quote(c)}"
+        f"CASE WHEN _ok THEN json_extract_string(line, {_literal('$.' + json.dumps(keys.get(c.lower(), c)))}) END "
+        f"AS {quote(c)}"
         for c in columns
     )
     con.execute(
