@@ -82,7 +82,7 @@ def _run(args: argparse.Namespace) -> int:
     lost = {} if args.force else _lost_sources(cfg, sources)
     _print_extraction(cfg, sources)
     for loss in lost.values():
-        print(f"hotspots: {loss.message}", file=sys.stderr)
+        print(f"hotspots: {loss}", file=sys.stderr)
     failed = bool(lost)
     for name in tilesets:
         if cfg.tilesets[name].source in lost:
@@ -98,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
             if loss is None:
                 _say_failures(failures)
                 return 1
-            print(f"hotspots: {loss.message}", file=sys.stderr)
+            print(f"hotspots: {loss}", file=sys.stderr)
             failed = True
             continue
         _print_tileset(cfg, name)

@@ -136,7 +136,7 @@ def rejected_share(config: RunParams, hotspots: HotspotsResource) -> dg.AssetChe
         rows.append([name, counts["read"], rejected, guard.share_rejected(counts["read"], rejected),
                      cfg.sources[name].max_rejected_fraction, guard.reasons_text(counts["rejected"]) or "none"])
         if loss:
-            lost.append(loss.message)
+            lost.append(loss)
     return dg.AssetCheckResult(
         passed=not lost or config.force,
         metadata={

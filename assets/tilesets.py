@@ -95,7 +95,7 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
                 "live_scored": int(live[1].get("counts", {}).get("scored") or 0) if live else 0,
                 "live_snapshot": live[0] if live else "none",
                 "min_publish_fraction": cfg.tilesets[name].min_publish_fraction,
-                "problem": loss.message if loss else "none",
+                "problem": loss or "none",
                 "forced": config.force,
             },
         )

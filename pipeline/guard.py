@@ -15,18 +15,9 @@ with no reports, is never a loss: there is nothing to lose.
 from __future__ import annotations
 
 import json
-from typing import NamedTuple
-
 from .config import Config
 
 TOP_REASONS = 3
-
-
-class Loss(NamedTuple):
-    """Why a run must not replace what is live: one line for people, numbers for checks."""
-
-    message: str
-    metadata: dict
 
 
 def share_rejected(read: int, rejected: int) -> float:
@@ -68,25 +59,25 @@ def _what_stays(cfg: Config, tilesets: list[str]) -> str:
     return "the live snapshots stay (" + ", ".join(named) + ")"
 
 
-def source_loss(cfg: Config, source: str, read: int, rejected: dict[str, int]) -> Loss | None:
-    """A :class:`Loss` if more than the source's ``max_rejected_fraction`` of its rows were rejected."""
+def source_loss(cfg: Config, source: str, read: int, rejected: dict[str, int]) -> str | None:
+    """Why the source lost its data (one line), if more than its ``max_rejected_fraction`` of its rows
+    were rejected; None if it did not."""
     limit = cfg.sources[source].max_rejected_fraction
     total = sum(rejected.values())
     share = share_rejected(read, total)
     if share <= limit:
         return None
     tilesets = [t for t, ts in cfg.tilesets.items() if ts.source == source]
-    message = (
+    return (
         f"source {source}: {total:,} of {read:,} rows rejected ({reasons_text(rejected)}); "
         f"more than max_rejected_fraction {limit:g}, so {_what_stays(cfg, tilesets)} "
-        "(`hotspots rejected " + source + "` shows them; --force publishes anyway)"
+        f"(`hotspots rejected {source}` shows them; --force publishes anyway)"
     )
-    return Loss(message, {"source": source, "read": read, "rejected": total, "share": round(share, 4),
-                          "max_rejected_fraction": limit, "top_reasons": dict(top_reasons(rejected))})
 
 
-def tileset_loss(cfg: Config, tileset: str, scored: int) -> Loss | None:
-    """A :class:`Loss` if ``scored`` is below ``min_publish_fraction`` of the live snapshot's scored count."""
+def tileset_loss(cfg: Config, tileset: str, scored: int) -> str | None:
+    """Why the tileset lost its data (one line), if ``scored`` is below ``min_publish_fraction`` of the
+    live snapshot's scored count; None if not."""
     live = live_snapshot(cfg, tileset)
     if live is None:
         return None
@@ -95,15 +86,13 @@ def tileset_loss(cfg: Config, tileset: str, scored: int) -> Loss | None:
     fraction = cfg.tilesets[tileset].min_publish_fraction
     if scored >= fraction * before:
         return None
-    message = (
+    return (
         f"tileset {tileset}: {scored:,} reports scored, fewer than min_publish_fraction {fraction:g} of the "
         f"live snapshot's {before:,}; the live snapshot stays {snapshot_id} (--force publishes anyway)"
     )
-    return Loss(message, {"tileset": tileset, "scored": scored, "live_scored": before,
-                          "min_publish_fraction": fraction, "live_snapshot": snapshot_id})
 
 
-def guard_tileset(cfg: Config, tileset: str, scoring_summary: dict) -> Loss | None:
+def guard_tileset(cfg: Config, tileset: str, scoring_summary: dict) -> str | None:
     """Both guards for one tileset, from its scoring summary (``scoring.json``)."""
     source = scoring_summary["source"]
     return source_loss(cfg, source["name"], source["read"], source["rejected"]) or tileset_loss(
