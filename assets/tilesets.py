@@ -92,7 +92,7 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
                 "rejected_share": guard.share_rejected(source["read"], rejected),
                 "max_rejected_fraction": cfg.sources[source["name"]].max_rejected_fraction,
                 "scored": summary["scored"],
-                "live_scored": int(live[1].get("counts", {}).get("scored") or 0) if live else 0,
+                "live_scored": guard.scored_in(live[1]) if live else 0,
                 "live_snapshot": live[0] if live else "none",
                 "min_publish_fraction": cfg.tilesets[name].min_publish_fraction,
                 "problem": loss or "none",

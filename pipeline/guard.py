@@ -49,6 +49,11 @@ def live_snapshot(cfg: Config, tileset: str) -> tuple[str, dict] | None:
     return pointer["snapshot_id"], manifest
 
 
+def scored_in(manifest: dict) -> int:
+    """How many reports a snapshot's manifest says were scored."""
+    return int((manifest.get("counts") or {}).get("scored") or 0)
+
+
 def _what_stays(cfg: Config, tilesets: list[str]) -> str:
     live = {t: live_snapshot(cfg, t) for t in tilesets}
     named = [f"{t} {snap[0]}" for t, snap in live.items() if snap]
@@ -82,7 +87,7 @@ def tileset_loss(cfg: Config, tileset: str, scored: int) -> str | None:
     if live is None:
         return None
     snapshot_id, manifest = live
-    before = int((manifest.get("counts") or {}).get("scored") or 0)
+    before = scored_in(manifest)
     fraction = cfg.tilesets[tileset].min_publish_fraction
     if scored >= fraction * before:
         return None

@@ -63,28 +63,35 @@ _IS_RECORD = "(json_valid(line) AND CASE WHEN json_valid(line) THEN json_type(li
 
 def _ndjson_columns(con: duckdb.DuckDBPyConnection, path: str) -> list[str]:
     """The keys the file's JSON objects have (an NDJSON file has no header)."""
-    rows = con.execute(
-        f"SELECT DISTINCT unnest(json_keys(line)) AS k FROM {_LINES} WHERE {_IS_RECORD} ORDER BY k",
-        {"path": path},
-    ).fetchall()
+    return _record_keys(con, f"(SELECT line FROM {_LINES} WHERE {_IS_RECORD})", {"path": path})
+
+
+def _record_keys(con: duckdb.DuckDBPyConnection, records: str, params: dict | None = None) -> list[str]:
+    rows = con.execute(f"SELECT DISTINCT unnest(json_keys(line)) AS k FROM {records} ORDER BY k", params).fetchall()
     return [k for (k,) in rows]
 
 
 def _fetch_ndjson(con: duckdb.DuckDBPyConnection, table: str, path: str, columns: list[str]) -> None:
     """Read NDJSON line by line into ``table``: ``_row`` (the line number),
-    ``_malformed`` (the line is not a JSON object) and each mapped column as text."""
-    keys = {k.lower(): k for k in reversed(_ndjson_columns(con, path))}  # names match as in a header: any case
-    keys.update({c.lower(): c for c in columns if c in keys.values()})
-    fields = ", ".join(
-        f"CASE WHEN _ok THEN json_extract_string(line, {_literal('$.' + json.dumps(keys.get(c.lower(), c)))}) END "
-        f"AS {quote(c)}"
-        for c in columns
-    )
-    con.execute(
-        f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT _row, NOT _ok AS _malformed{', ' + fields if fields else ''} "
-        f"FROM (SELECT *, {_IS_RECORD} AS _ok FROM {_LINES}) ORDER BY _row",
-        {"path": path},
-    )
+    ``_malformed`` (the line is not a JSON object) and each mapped column as text.
+
+    The file is read once; its keys match the mapping in any case, as a header's names would.
+    """
+    lines = f"{table}_lines"
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {lines} AS SELECT *, {_IS_RECORD} AS _ok FROM {_LINES}", {"path": path})
+    try:
+        have = _record_keys(con, f"(SELECT line FROM {lines} WHERE _ok)")
+        keys = {k.lower(): k for k in reversed(have)}
+        keys.update({c.lower(): c for c in columns if c in have})  # an exact match wins
+        fields = "".join(
+            f", CASE WHEN _ok THEN json_extract_string(line, {_literal('$.' + json.dumps(keys.get(c.lower(), c)))}) "
+            f"END AS {quote(c)}"
+            for c in columns
+        )
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT _row, NOT _ok AS _malformed{fields} "
+                    f"FROM {lines} ORDER BY _row")  # fmt: skip
+    finally:
+        con.execute(f"DROP TABLE IF EXISTS {lines}")
 
 
 def _fetch_geojson_features(con: duckdb.DuckDBPyConnection, table: str, path: str) -> None:
