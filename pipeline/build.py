@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
@@ -89,15 +90,26 @@ def build_cells(cfg: Config, tileset: str) -> list[ZoomSummary]:
     cells_root = work_dir(cfg, tileset) / "cells"
     shutil.rmtree(cells_root, ignore_errors=True)
     summaries = []
-    for frame in pyramid.build(scored, profile, ts.minzoom, ts.maxzoom, ts.cell_detail):
-        z = int(frame.get_column("z")[0]) if frame.height else None
-        if z is None:
-            continue
+
+    def write(frame: pl.DataFrame, z: int) -> ZoomSummary:
         size = geoparquet.write(frame, cells_path(cfg, tileset, z))
-        summaries.append(ZoomSummary(
+        return ZoomSummary(
             z, frame.height, int(frame.get_column("report_count").sum()),
             float(frame.get_column("weight").sum()), float(frame.get_column("score").max()), size,
-        ))  # fmt: skip
+        )  # fmt: skip
+
+    # a zoom's file is written while the next coarser zoom is rolled up (at most two zooms held)
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        for frame in pyramid.build(scored, profile, ts.minzoom, ts.maxzoom, ts.cell_detail):
+            if frame.height == 0:
+                continue
+            if pending is not None:
+                summaries.append(pending.result())
+            pending = writer.submit(write, frame, int(frame.get_column("z")[0]))
+            del frame
+        if pending is not None:
+            summaries.append(pending.result())
     summaries.sort()
     _atomic(
         work_dir(cfg, tileset) / "cells.json",

@@ -140,6 +140,9 @@ class SyntheticSource(_SourceBase):
     seed: int = 0
     # west, south, east, north in degrees
     bbox: tuple[float, float, float, float] = (-74.10, 40.60, -73.80, 40.85)
+    # local: clusters inside bbox (a city); world: a few hundred cities on
+    # several continents, corridors and a rural background (bbox ignored)
+    spread: Literal["local", "world"] = "local"
     days: float = Field(30.0, gt=0)  # reports spread over this many days before as_of
     bad_fraction: float = Field(0.002, ge=0, le=1)  # malformed rows, to exercise validation
 
@@ -258,6 +261,10 @@ class Tileset(_Strict):
     max_features_per_tile: int = Field(DEFAULTS.max_features_per_tile, ge=1)
     overview_maxzoom: int = Field(DEFAULTS.overview_maxzoom, ge=0, le=20)
     retain_snapshots: int = Field(DEFAULTS.retain_snapshots, ge=1)
+    # heatmap.pmtiles always carries every zoom; these per-tile folders are extra
+    formats: list[Literal["geojson", "mvt"]] = Field(default_factory=lambda: list(DEFAULTS.formats))
+    tiles_maxzoom: int | str = DEFAULTS.tiles_maxzoom  # "auto" or a zoom
+    max_directory_features: int = Field(DEFAULTS.max_directory_features, ge=0)
     min_count: int | None = Field(None, ge=1)
     # Fewer scored reports than this share of the live snapshot's: the run lost
     # its data and the live snapshot stays (``hotspots run --force`` publishes).
@@ -282,6 +289,8 @@ class Tileset(_Strict):
             for key in PRESET_VALUES[self.profile][self.preset].needs:
                 if not getattr(self.filters, key):
                     raise _KeyError(f"filters.{key}", f"preset {self.preset} needs a list of {key}")
+        if len(set(self.formats)) != len(self.formats):
+            raise _KeyError("formats", f"lists a format twice: {self.formats}")
         if self.maxzoom + self.cell_detail > 30:
             raise _KeyError("cell_detail", f"maxzoom + cell_detail must be <= 30, got {self.maxzoom + self.cell_detail}")
         return self
@@ -290,6 +299,13 @@ class Tileset(_Strict):
     @classmethod
     def _utc(cls, v: datetime | None) -> datetime | None:
         return None if v is None else as_utc(v)
+
+    @field_validator("tiles_maxzoom", mode="before")
+    @classmethod
+    def _zoom_or_auto(cls, v: object) -> int | str:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 20):
+            return v
+        raise ValueError(f"must be auto or a zoom from 0 to 20, got {v!r}")
 
 
 ORIGIN_PATTERN = r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$"

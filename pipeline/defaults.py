@@ -25,6 +25,18 @@ class Defaults:
     # resolve_max_points: 500 up to z5, 1000 up to z8).
     max_features_per_tile: int = 500
     overview_maxzoom: int = 8
+    # Every snapshot has heatmap.pmtiles (every zoom: the tile product maps
+    # use). Per-tile folders are extra, one file per tile: `geojson`
+    # (tiles/<z>/<x>/<y>.geojson, for Leaflet and scripts) and `mvt`
+    # (mvt/<z>/<x>/<y>.mvt + tiles.json, for hosts without range requests).
+    formats: tuple[str, ...] = ("geojson", "mvt")
+    # Their deepest zoom: a number, or "auto", the deepest zoom at which the
+    # features in tiles, counted from minzoom, number at most
+    # max_directory_features: a small tileset (a few thousand reports) has
+    # every zoom, a country or the world its first few (a world of 1M reports:
+    # z0-z4, 180 files), so a snapshot stays a few files a CDN syncs quickly.
+    tiles_maxzoom: int | str = "auto"
+    max_directory_features: int = 50_000
     # Snapshots kept per tileset; the one latest.json names is never pruned.
     retain_snapshots: int = 24
     # Fewest reports a published position may reveal (privacy by coarsening).

@@ -7,11 +7,9 @@ file, never one object per feature.
 
 from __future__ import annotations
 
-import hashlib
-import os
-from pathlib import Path
-
 import polars as pl
+
+from .snapfolder import SnapshotFolder
 
 METRICS = ("departures", "cancellations", "delays")
 COLLECTION_HEAD = '{"type":"FeatureCollection","features":['
@@ -53,15 +51,7 @@ def collection(features: pl.DataFrame) -> str:
     return COLLECTION_HEAD + (body[0] if features.height else "") + COLLECTION_TAIL
 
 
-def write_file(path: Path, text: str, digests: dict[str, str], root: Path) -> int:
-    """Write ``text``; record its SHA-256 under its path relative to ``root``."""
-    data = text.encode()
-    path.write_bytes(data)
-    digests[path.relative_to(root).as_posix()] = hashlib.sha256(data).hexdigest()
-    return len(data)
-
-
-def write_tiles(features: pl.DataFrame, z: int, root: Path, digests: dict[str, str]) -> tuple[int, int]:
+def write_tiles(features: pl.DataFrame, z: int, folder: SnapshotFolder) -> tuple[int, int]:
     """Write ``tiles/<z>/<x>/<y>.geojson`` for every tile that has features.
 
     Returns
@@ -77,11 +67,6 @@ def write_tiles(features: pl.DataFrame, z: int, root: Path, digests: dict[str, s
         .agg(pl.col("feature").str.join(","))
     )
     total = 0
-    made: set[int] = set()
     for x, y, body in per_tile.iter_rows():
-        folder = root / "tiles" / str(z) / str(x)
-        if x not in made:
-            os.makedirs(folder, exist_ok=True)
-            made.add(x)
-        total += write_file(folder / f"{y}.geojson", COLLECTION_HEAD + body + COLLECTION_TAIL, digests, root)
+        total += folder.put(f"tiles/{z}/{x}/{y}.geojson", (COLLECTION_HEAD + body + COLLECTION_TAIL).encode())
     return per_tile.height, total

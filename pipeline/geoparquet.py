@@ -1,4 +1,11 @@
-"""GeoParquet 1.1 files of point cells: WKB ``geometry``, a ``bbox`` covering column, ``geo`` metadata."""
+"""GeoParquet 1.1 files of point cells: WKB ``geometry`` and ``geo`` metadata.
+
+Points need no ``bbox`` covering column: the plain ``lng`` and ``lat``
+columns are the covering's values, with the row-group statistics a reader
+filters on (rows are in cell-key order, so a row group is a compact area).
+Floating-point columns are stored byte-stream-split, which zstd compresses
+by a fifth more than plain doubles.
+"""
 
 from __future__ import annotations
 
@@ -32,14 +39,11 @@ def plain_strings(table: pa.Table) -> pa.Table:
 
 
 def to_table(frame: pl.DataFrame, lng: str = "lng", lat: str = "lat") -> pa.Table:
-    """A point table with ``geometry``, ``bbox`` and GeoParquet metadata."""
+    """A point table with ``geometry`` and GeoParquet metadata."""
     table = plain_strings(frame.to_arrow())
     x = frame.get_column(lng).to_numpy().astype(np.float64, copy=False)
     y = frame.get_column(lat).to_numpy().astype(np.float64, copy=False)
-    bbox = pa.StructArray.from_arrays(
-        [pa.array(x), pa.array(y), pa.array(x), pa.array(y)], names=["xmin", "ymin", "xmax", "ymax"]
-    )
-    table = table.append_column("geometry", wkb_points(x, y)).append_column("bbox", bbox)
+    table = table.append_column("geometry", wkb_points(x, y))
     extent = [float(x.min()), float(y.min()), float(x.max()), float(y.max())] if len(x) else []
     geo = {
         "version": GEO_VERSION,
@@ -49,7 +53,6 @@ def to_table(frame: pl.DataFrame, lng: str = "lng", lat: str = "lat") -> pa.Tabl
                 "encoding": "WKB",
                 "geometry_types": ["Point"],
                 "bbox": extent,
-                "covering": {"bbox": {k: ["bbox", k] for k in ("xmin", "ymin", "xmax", "ymax")}},
             }
         },
     }  # CRS omitted: OGC:CRS84 (lng/lat on WGS84), the GeoParquet default
@@ -59,10 +62,12 @@ def to_table(frame: pl.DataFrame, lng: str = "lng", lat: str = "lat") -> pa.Tabl
 def low_cardinality(frame: pl.DataFrame) -> list[str]:
     """Text and small-integer columns with few distinct values: worth a dictionary."""
     small = (pl.String, pl.Boolean, pl.Int8, pl.Int16, pl.Int32)
+    limit = max(1000, frame.height // 20)
     return [
         c for c, t in frame.schema.items()
         if isinstance(t, small) or t in small
-        if frame.get_column(c).n_unique() <= max(1000, frame.height // 20)
+        # a sample first: unique keys (quadkeys) are ruled out without hashing them all
+        if frame.get_column(c).head(4 * limit).n_unique() <= limit and frame.get_column(c).n_unique() <= limit
     ]  # fmt: skip
 
 
@@ -74,9 +79,10 @@ def write(frame: pl.DataFrame, path: Path) -> int:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
+    floats = [c for c, t in frame.schema.items() if t in (pl.Float32, pl.Float64)]
     pq.write_table(
         to_table(frame), tmp, compression="zstd", row_group_size=128 * 1024,
-        use_dictionary=low_cardinality(frame),
+        use_dictionary=low_cardinality(frame), column_encoding=dict.fromkeys(floats, "BYTE_STREAM_SPLIT"),
     )  # fmt: skip
     os.replace(tmp, path)
     return path.stat().st_size

@@ -23,6 +23,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,10 +33,11 @@ import numpy as np
 import polars as pl
 
 from . import geojson, geoparquet, privacy, scoring, site, strictjson, vector
-from .build import cells_path, read_scoring, work_dir
-from .config import Config
+from .build import cells_path, read_cells, read_scoring, work_dir
+from .config import Config, Tileset
 from .errors import PublishError
 from .select import choose, features, overview_budget
+from .snapfolder import SnapshotFolder, link_or_copy
 
 SNAPSHOTS = "snapshots"
 LATEST = "latest.json"
@@ -47,6 +49,7 @@ POINT_PAD = 1e-5  # degrees (about a metre) around data that is a single point
 class ZoomSelection(NamedTuple):
     z: int
     cells: int
+    tiles: int  # tiles with features
     selected_tile: int
     selected_overview: int
     stratum_zoom: int  # configured: z + strata_detail
@@ -58,50 +61,70 @@ def selected_dir(cfg: Config, tileset: str, z: int) -> Path:
     return work_dir(cfg, tileset) / "selected" / f"zoom={z}"
 
 
+SELECT_CELLS_IN_FLIGHT = 1_000_000  # cells selected at once (about 0.75 KB of memory each while selected)
+
+
 def select_tileset(cfg: Config, tileset: str) -> list[ZoomSelection]:
-    """Choose each zoom's tile and overview features (see :mod:`pipeline.select`)."""
+    """Choose each zoom's tile and overview features (see :mod:`pipeline.select`).
+
+    Zooms are independent: two at a time (polars and Parquet release the GIL).
+    """
     ts = cfg.tilesets[tileset]
     profile, _ = scoring.resolve(ts)
-    root = work_dir(cfg, tileset) / "selected"
-    shutil.rmtree(root, ignore_errors=True)
-    summary = []
-    for z in range(ts.minzoom, ts.maxzoom + 1):
-        path = cells_path(cfg, tileset, z)
-        if not path.exists():
-            continue
-        cells = pl.read_parquet(path).drop("geometry", "bbox")
-        cells = privacy.coarsen(cells, z=z, detail=ts.cell_detail, strata_detail=ts.strata_detail,
-                                min_count=profile.min_count)
-        common = dict(z=z, detail=ts.cell_detail, strata_detail=ts.strata_detail, representative=profile.representative)
-        tile_choice = choose(cells, budget=ts.max_features_per_tile, group_zoom=z, **common)
-        tile_features = features(cells, tile_choice, profile)
-        overview = z <= ts.overview_maxzoom
-        if overview:
-            over_choice = choose(cells, budget=overview_budget(z), group_zoom=0, **common)
-            over_features = features(cells, over_choice, profile)
-        key_to_quadkey = cells.select("cell_key", "quadkey")
-        annotated = cells.join(
-            tile_choice.join(key_to_quadkey.rename({"cell_key": "target_key", "quadkey": "tile_feature"}), on="target_key")
-            .select("cell_key", pl.col("chosen").alias("selected_tile"), "tier", "tile_feature",
-                    pl.col("stratum_zoom").alias("tile_stratum_zoom")),
-            on="cell_key",
-        ).with_columns(
-            (pl.col("cell_key").is_in(over_choice.filter("chosen").get_column("cell_key").implode())
-             if overview else pl.lit(False)).alias("selected_overview")
-        ).sort("cell_key").drop("cell_key")  # fmt: skip
-        # cell_key, the exact quadkey as a number, stays private (see privacy.coarsen)
-        out = selected_dir(cfg, tileset, z)
-        geoparquet.write(annotated, out / "cells.parquet")  # published as is
-        _write_ipc(tile_features, out / "tile_features.arrow")  # private, read once: uncompressed Arrow
-        if overview:
-            _write_ipc(over_features, out / "overview_features.arrow")
-        summary.append(ZoomSelection(
-            z, cells.height, tile_features.height, over_features.height if overview else 0,
-            z + ts.strata_detail, int(tile_choice.get_column("stratum_zoom").min()),
-            int(over_choice.get_column("stratum_zoom").min()) if overview else None,
-        ))  # fmt: skip
+    shutil.rmtree(work_dir(cfg, tileset) / "selected", ignore_errors=True)
+    sizes = {c["z"]: c["cells"] for c in read_cells(cfg, tileset)}
+    budget = vector.Budget(SELECT_CELLS_IN_FLIGHT)
+
+    def select(z: int) -> ZoomSelection | None:
+        with budget.hold(sizes.get(z, 0)):
+            return _select_zoom(cfg, tileset, ts, profile, z)
+
+    # largest and smallest zooms alternate, so a large zoom waiting for room
+    # leaves the other worker small ones to do
+    by_size = sorted(range(ts.minzoom, ts.maxzoom + 1), key=lambda z: -sizes.get(z, 0))
+    order = [by_size[i // 2] if i % 2 == 0 else by_size[-1 - i // 2] for i in range(len(by_size))]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        summary = sorted((s for s in pool.map(select, order) if s is not None), key=lambda s: s.z)
     _write_json(work_dir(cfg, tileset) / "selected.json", [s._asdict() for s in summary])
     return summary
+
+
+def _select_zoom(cfg: Config, tileset: str, ts: Tileset, profile, z: int) -> ZoomSelection | None:
+    path = cells_path(cfg, tileset, z)
+    if not path.exists():
+        return None
+    cells = pl.read_parquet(path).drop("geometry")
+    cells = privacy.coarsen(cells, z=z, detail=ts.cell_detail, strata_detail=ts.strata_detail,
+                            min_count=profile.min_count)  # fmt: skip
+    common = dict(z=z, detail=ts.cell_detail, strata_detail=ts.strata_detail, representative=profile.representative)
+    tile_choice = choose(cells, budget=ts.max_features_per_tile, group_zoom=z, **common)
+    tile_features = features(cells, tile_choice, profile)
+    overview = z <= ts.overview_maxzoom
+    if overview:
+        over_choice = choose(cells, budget=overview_budget(z), group_zoom=0, **common)
+        over_features = features(cells, over_choice, profile)
+    key_to_quadkey = cells.select("cell_key", "quadkey")
+    annotated = cells.join(
+        tile_choice.join(key_to_quadkey.rename({"cell_key": "target_key", "quadkey": "tile_feature"}), on="target_key")
+        .select("cell_key", pl.col("chosen").alias("selected_tile"), "tier", "tile_feature",
+                pl.col("stratum_zoom").alias("tile_stratum_zoom")),
+        on="cell_key",
+    ).with_columns(
+        (pl.col("cell_key").is_in(over_choice.filter("chosen").get_column("cell_key").implode())
+         if overview else pl.lit(False)).alias("selected_overview")
+    ).sort("cell_key").drop("cell_key")  # fmt: skip
+    # cell_key, the exact quadkey as a number, stays private (see privacy.coarsen)
+    out = selected_dir(cfg, tileset, z)
+    geoparquet.write(annotated, out / "cells.parquet")  # published as is
+    _write_ipc(tile_features, out / "tile_features.arrow")  # private, read once: uncompressed Arrow
+    if overview:
+        _write_ipc(over_features, out / "overview_features.arrow")
+    return ZoomSelection(
+        z, cells.height, tile_features.select(pl.struct("tile_x", "tile_y").n_unique()).item(), tile_features.height,
+        over_features.height if overview else 0, z + ts.strata_detail,
+        int(tile_choice.get_column("stratum_zoom").min()),
+        int(over_choice.get_column("stratum_zoom").min()) if overview else None,
+    )  # fmt: skip
 
 
 def read_selection(cfg: Config, tileset: str) -> list[dict]:
@@ -188,8 +211,10 @@ def stage_snapshot(cfg: Config, tileset: str) -> dict:
         snapshots.mkdir(parents=True, exist_ok=True)
         tmp = snapshots / f".tmp-{secrets.token_hex(6)}"
         tmp.mkdir()
+        latest = read_latest(cfg, tileset)
+        live = tileset_root(cfg, tileset) / latest["path"] if latest else None
         try:
-            return _stage_into(cfg, tileset, tmp)
+            return _stage_into(cfg, tileset, SnapshotFolder(tmp, live))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back
             raise
@@ -206,60 +231,112 @@ def _writing(folder: Path, published: str | None = None) -> Iterator[None]:
         raise PublishError(f"cannot write in {folder}: {exc.strerror or exc}; {after}") from exc
 
 
-def _stage_into(cfg: Config, tileset: str, tmp: Path) -> dict:
+def directory_maxzoom(ts: Tileset, selection: list[dict]) -> int | None:
+    """The deepest zoom of the per-tile folders (``formats``), or None for none.
+
+    ``tiles_maxzoom: auto`` is the deepest zoom at which the features in
+    tiles, counted from the first zoom, number at most ``max_directory_features``.
+    """
+    if not ts.formats or not selection:
+        return None
+    if ts.tiles_maxzoom != "auto":
+        return ts.tiles_maxzoom if ts.tiles_maxzoom >= selection[0]["z"] else None
+    deepest, total = None, 0
+    for s in selection:
+        total += s["selected_tile"]
+        if total > ts.max_directory_features:
+            break
+        deepest = s["z"]
+    return deepest
+
+
+def _stage_into(cfg: Config, tileset: str, folder: SnapshotFolder) -> dict:
     ts = cfg.tilesets[tileset]
-    digests: dict[str, str] = {}
+    tmp = folder.root
+    selection = read_selection(cfg, tileset)
+    folders_maxz = directory_maxzoom(ts, selection)
+    in_folders = lambda z, fmt: fmt in ts.formats and folders_maxz is not None and z <= folders_maxz  # noqa: E731
     zooms = []
-    features_by_zoom: dict[int, pl.DataFrame] = {}
     extent = [180.0, 90.0, -180.0, -90.0]
     metrics: set[str] = set()
-    for s in read_selection(cfg, tileset):
-        z = s["z"]
-        folder = selected_dir(cfg, tileset, z)
-        cells_out = tmp / "cells" / f"zoom={z}" / "cells.parquet"
-        cells_out.parent.mkdir(parents=True)
-        _link_or_copy(folder / "cells.parquet", cells_out)
-        digests[cells_out.relative_to(tmp).as_posix()] = _sha256(cells_out)
-        tile_features = pl.read_ipc(folder / "tile_features.arrow")
-        tiles, size = geojson.write_tiles(tile_features, z, tmp, digests)
-        features_by_zoom[z] = tile_features
-        metrics |= {m for m in geojson.METRICS if m in tile_features.columns}
+    archive = vector.Archive(tmp / "heatmap.pmtiles")
+
+    def write_files(s: dict, tile_features: pl.DataFrame) -> dict:
+        """A zoom's cells, GeoJSON tiles and overview; widens the extent."""
+        z, selected = s["z"], selected_dir(cfg, tileset, s["z"])
+        cells_out = f"cells/zoom={z}/cells.parquet"
+        folder.path(cells_out).parent.mkdir(parents=True)
+        link_or_copy(selected / "cells.parquet", folder.path(cells_out))
+        cells_bytes = folder.adopt(cells_out)
+        tiles, size = (geojson.write_tiles(tile_features, z, folder) if in_folders(z, "geojson")
+                       else (s["tiles"], 0))  # fmt: skip
+        metrics.update(m for m in geojson.METRICS if m in tile_features.columns)
         if tile_features.height:
             box = tile_features.select(
                 pl.col("lng").min().alias("w"), pl.col("lat").min().alias("s"),
                 pl.col("lng").max().alias("e"), pl.col("lat").max().alias("n"),
             ).row(0)
-            extent = [min(extent[0], box[0]), min(extent[1], box[1]), max(extent[2], box[2]), max(extent[3], box[3])]
+            extent[:] = [min(extent[0], box[0]), min(extent[1], box[1]), max(extent[2], box[2]), max(extent[3], box[3])]
         overview_bytes = 0
-        if (folder / "overview_features.arrow").exists():
-            (tmp / "overview").mkdir(exist_ok=True)
-            text = geojson.collection(pl.read_ipc(folder / "overview_features.arrow"))
-            overview_bytes = geojson.write_file(tmp / "overview" / f"{z}.geojson", text, digests, tmp)
-        zooms.append({**s, "tiles": tiles, "tile_bytes": size, "overview_bytes": overview_bytes,
-                      "cells_bytes": cells_out.stat().st_size})  # fmt: skip
-    vector_tiles = vector.encode(features_by_zoom)
-    for zoom in zooms:
-        mine = [(x, y, d) for z, x, y, d in vector_tiles if z == zoom["z"]]
-        zoom["mvt_tiles"], zoom["mvt_max_tile_bytes"] = len(mine), max((len(d) for *_, d in mine), default=0)
-        zoom["mvt_bytes"] = sum(
-            vector.write_file(tmp / "mvt" / str(zoom["z"]) / str(x) / f"{y}.mvt", d, digests, tmp) for x, y, d in mine
-        )
+        if (selected / "overview_features.arrow").exists():
+            text = geojson.collection(pl.read_ipc(selected / "overview_features.arrow"))
+            overview_bytes = folder.put(f"overview/{z}.geojson", text.encode())
+        return {**s, "tiles": tiles, "tile_bytes": size, "overview_bytes": overview_bytes, "cells_bytes": cells_bytes}
+
+    def add_tiles(zoom: dict, encoding: vector.Pending) -> dict:
+        """A zoom's MVT tiles into the archive (and the mvt/ folder)."""
+        z, encoded = zoom["z"], encoding.result()
+        archive.add(encoded)
+        mvt_bytes = sum(len(d) for d in encoded.data)
+        if in_folders(z, "mvt"):
+            for x, y, data in zip(encoded.x.tolist(), encoded.y.tolist(), encoded.data):
+                folder.put(f"mvt/{z}/{x}/{y}.mvt", data)
+        return {**zoom, "mvt_tiles": len(encoded.data), "mvt_bytes": mvt_bytes,
+                "mvt_max_tile_bytes": max((len(d) for d in encoded.data), default=0),
+                "mvt_folder_bytes": mvt_bytes if in_folders(z, "mvt") else 0}  # fmt: skip
+
+    # Zoom by zoom, coarsest first (the archive's tile-id order): while a
+    # zoom's tiles are encoded (DuckDB and zlib, every core), its files are
+    # written and the zoom before it goes into the archive. At most two
+    # zooms' features and tiles are held at once.
+    try:
+        with vector.Encoder() as encoder:
+            before = None
+            for s in selection:
+                tile_features = pl.read_ipc(selected_dir(cfg, tileset, s["z"]) / "tile_features.arrow")
+                encoding = encoder.submit(tile_features, s["z"])
+                zoom = write_files(s, tile_features)
+                del tile_features
+                if before is not None:
+                    zooms.append(add_tiles(*before))
+                before = (zoom, encoding)
+            if before is not None:
+                zooms.append(add_tiles(*before))
+    except BaseException:
+        archive.discard()
+        raise
     if extent[0] >= extent[2] or extent[1] >= extent[3]:  # one point: bounds need an area (PMTiles, TileJSON)
         extent = [extent[0] - POINT_PAD, extent[1] - POINT_PAD, extent[2] + POINT_PAD, extent[3] + POINT_PAD]
     if not zooms:  # no reports: still a complete snapshot, with empty overviews and archive
         extent = list(WORLD)
         for z in range(ts.minzoom, min(ts.maxzoom, ts.overview_maxzoom) + 1):
-            (tmp / "overview").mkdir(exist_ok=True)
-            empty = geojson.COLLECTION_HEAD + geojson.COLLECTION_TAIL
-            geojson.write_file(tmp / "overview" / f"{z}.geojson", empty, digests, tmp)
+            folder.put(f"overview/{z}.geojson", (geojson.COLLECTION_HEAD + geojson.COLLECTION_TAIL).encode())
     minz, maxz = (zooms[0]["z"], zooms[-1]["z"]) if zooms else (ts.minzoom, ts.maxzoom)
     layers = vector.vector_layers(sorted(metrics), minz, maxz)
     meta = {"name": tileset, "format": "pbf", "vector_layers": layers, "attribution": "Hotspots"}
-    pmtiles_bytes = vector.write_pmtiles(vector_tiles, tmp / "heatmap.pmtiles", meta, extent)
-    digests["heatmap.pmtiles"] = _sha256(tmp / "heatmap.pmtiles")
-    vector.write_json(tmp / "tiles.json", vector.tilejson(tileset, layers, extent, minz, maxz), digests, tmp)
-    staged = {"path": str(tmp), "zooms": zooms, "digests": digests, "max_features_per_tile": ts.max_features_per_tile,
-              "pmtiles_bytes": pmtiles_bytes}
+    archive.close(meta, extent)
+    pmtiles_bytes = folder.adopt("heatmap.pmtiles")
+    published = {fmt: (min(folders_maxz, maxz) if fmt in ts.formats and folders_maxz is not None and zooms else None)
+                 for fmt in ("geojson", "mvt")}  # fmt: skip
+    if published["mvt"] is not None or (not zooms and "mvt" in ts.formats):
+        # TileJSON describes the mvt/ folder: its zooms are the folder's
+        top = published["mvt"] if published["mvt"] is not None else maxz
+        folder_layers = vector.vector_layers(sorted(metrics), minz, top)
+        doc = vector.tilejson(tileset, folder_layers, extent, minz, top)
+        folder.put("tiles.json", (strictjson.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    staged = {"path": str(tmp), "zooms": zooms, "digests": folder.digests, "pmtiles_bytes": pmtiles_bytes,
+              "max_features_per_tile": ts.max_features_per_tile, "folders": published,
+              "shared": {"files": folder.shared, "bytes": folder.shared_bytes}}  # fmt: skip
     _write_json(work_dir(cfg, tileset) / "staged.json", staged)
     return staged
 
@@ -283,7 +360,8 @@ def finalize_snapshot(cfg: Config, tileset: str, now: datetime | None = None) ->
     try:
         with _writing(root):
             digests = dict(staged["digests"])
-            geojson.write_file(tmp / "manifest.json", text, digests, tmp)
+            (tmp / "manifest.json").write_text(text)
+            digests["manifest.json"] = hashlib.sha256(text.encode()).hexdigest()
             listing = "".join(f"{p}\0{h}\n" for p, h in sorted(digests.items()))
             content = hashlib.sha256(listing.encode()).hexdigest()
             as_of = datetime.fromisoformat(manifest["as_of"])
@@ -312,7 +390,7 @@ def finalize_snapshot(cfg: Config, tileset: str, now: datetime | None = None) ->
     with _writing(cfg.output, published=snapshot_id):
         write_viewer(cfg)
         pruned = prune(cfg, tileset, cfg.tilesets[tileset].retain_snapshots)
-    sizes = sum(z["tile_bytes"] + z["overview_bytes"] + z["cells_bytes"] + z["mvt_bytes"] for z in staged["zooms"])
+    sizes = sum(z["tile_bytes"] + z["overview_bytes"] + z["cells_bytes"] + z["mvt_folder_bytes"] for z in staged["zooms"])
     sizes += staged["pmtiles_bytes"] + len(text)
     return Snapshot(snapshot_id, final, len(digests), sizes, pruned, reused)
 
@@ -344,14 +422,16 @@ def build_manifest(cfg: Config, tileset: str, staged: dict) -> dict:
         ],  # fmt: skip
         "files": len(staged["digests"]) + 1,
         "pmtiles_bytes": staged["pmtiles_bytes"],
+        # the deepest zoom of each per-tile folder (null: not published); the archive has every zoom
+        "folders": {"tiles": staged["folders"]["geojson"], "mvt": staged["folders"]["mvt"]},
         "layout": {
             "cells": "cells/zoom=<z>/cells.parquet",
             "overview": "overview/<z>.geojson",
-            "tiles": "tiles/<z>/<x>/<y>.geojson",
-            "mvt": "mvt/<z>/<x>/<y>.mvt (gzip)",
             "pmtiles": "heatmap.pmtiles",
-            "tilejson": "tiles.json",
-        },
+            **({"tiles": "tiles/<z>/<x>/<y>.geojson"} if staged["folders"]["geojson"] is not None else {}),
+            **({"mvt": "mvt/<z>/<x>/<y>.mvt (gzip)", "tilejson": "tiles.json"}
+               if "tiles.json" in staged["digests"] else {}),
+        },  # fmt: skip
     }
 
 
@@ -434,23 +514,6 @@ def _write_ipc(frame: pl.DataFrame, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     frame.write_ipc(tmp, compression="uncompressed")
     os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    # the work file is only ever replaced (os.replace), never changed in place,
-    # so a hard link stays a faithful, cheap copy
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 def _write_json(path: Path, value, durable: bool = False) -> None:

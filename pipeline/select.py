@@ -136,10 +136,16 @@ def features(cells: pl.DataFrame, choice: pl.DataFrame, profile: Profile) -> pl.
     the max weight and times combined; score and intensity are recomputed.
     """
     sums = [c for c in FOLDED_SUMS if c in cells.columns]
-    merged = cells.join(choice.select("cell_key", "target_key", "tier"), on="cell_key").sort(["target_key", "cell_key"])
+    # only what is folded is joined and sorted: the whole frame is copied once (the chosen cells)
+    merged = (
+        cells.select("cell_key", *sums, "max_weight", "first_seen", "last_seen")
+        .join(choice.select("cell_key", "target_key"), on="cell_key")
+        .sort(["target_key", "cell_key"])
+    )
     target = merged.get_column("target_key").to_numpy()
     starts = np.flatnonzero(np.r_[True, target[1:] != target[:-1]])
-    own = merged.filter(pl.col("cell_key") == pl.col("target_key")).sort("cell_key")
+    chosen = choice.filter(pl.col("cell_key") == pl.col("target_key")).select("cell_key", "target_key", "tier")
+    own = cells.join(chosen, on="cell_key").sort("cell_key")
     if own.height != len(starts):
         raise RuntimeError("a cell folds into a cell that is not chosen")
     folded = {c: np.add.reduceat(merged.get_column(c).to_numpy(), starts) for c in sums}

@@ -56,7 +56,7 @@ def _tiles(snapshot: Path) -> dict[str, object]:
         layer = mapbox_vector_tile.decode(gzip.decompress(path.read_bytes()), default_options={"y_coord_down": True})
         features = sorted(
             ({"xy": f["geometry"]["coordinates"], **f["properties"]} for f in layer["cells"]["features"]),
-            key=lambda f: (f["cell"], f["xy"]),
+            key=lambda f: json.dumps(f, sort_keys=True),
         )
         out[path.relative_to(snapshot).as_posix()] = features
     return out

@@ -74,7 +74,6 @@ def published_points(snapshot: Path) -> dict[int, tuple[np.ndarray, np.ndarray]]
         add(z, cells["lng"].to_numpy(), cells["lat"].to_numpy())
         points = np.array([np.frombuffer(g[5:21], dtype="<f8") for g in cells["geometry"].to_list()])  # WKB x, y
         add(z, points[:, 0], points[:, 1])
-        add(z, cells["bbox"].struct.field("xmin").to_numpy(), cells["bbox"].struct.field("ymax").to_numpy())
     for path in [*(snapshot / "tiles").rglob("*.geojson"), *(snapshot / "overview").glob("*.geojson")]:
         for feature in json.loads(path.read_text())["features"]:
             lng, lat = feature["geometry"]["coordinates"]

@@ -277,3 +277,47 @@ def test_the_default_run_publishes_every_tileset_within_its_contract(tmp_path):
         assert f"published: {cfg.output / name / 'snapshots' / latest['snapshot_id']} " in run.stdout
         for path in (cfg.output / name / latest["path"]).rglob("*.geojson"):
             assert _is_rfc7946(json.loads(path.read_text())) == [], path
+
+
+def _inodes(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_ino for p in folder.rglob("*") if p.is_file()}
+
+
+def _with(cfg, tileset: str, **changes):
+    ts = cfg.tilesets[tileset].model_copy(update=changes)
+    return cfg.model_copy(update={"tilesets": {**cfg.tilesets, tileset: ts}})
+
+
+def test_a_snapshot_links_the_files_it_shares_with_the_live_one(roads):
+    first = _publish(roads, "tight")
+    # a change only the manifest sees (it records the config): a new snapshot, every other file a link
+    second = _publish(_with(roads, "tight", retain_snapshots=3), "tight")
+    assert second.snapshot_id != first.snapshot_id
+    before, after = _inodes(first.path), _inodes(second.path)
+    assert before.keys() == after.keys()
+    shared = {p for p in after if after[p] == before[p]}
+    assert shared == set(after) - {"manifest.json"}
+    staged = json.loads((build.work_dir(roads, "tight") / "staged.json").read_text())
+    assert staged["shared"]["files"] == len(shared)
+    # a later as_of decays every weight: changed files are written anew, never linked
+    third = _publish(roads, "tight", AS_OF + timedelta(days=3))
+    changed = {p for p, ino in _inodes(third.path).items() if ino != after.get(p)}
+    assert "heatmap.pmtiles" in changed
+    for rel in changed - {"manifest.json"}:
+        if rel in after:
+            assert (third.path / rel).read_bytes() != (second.path / rel).read_bytes(), rel
+
+
+def test_without_hard_links_shared_files_are_written(roads, monkeypatch):
+    first = _publish(roads, "tight")
+
+    def no_links(src, dst, **kwargs):
+        raise PermissionError(1, "links not allowed here")
+
+    monkeypatch.setattr(os, "link", no_links)  # a file system or host that forbids hard links
+    second = _publish(_with(roads, "tight", retain_snapshots=3), "tight")
+    before, after = _inodes(first.path), _inodes(second.path)
+    assert not set(before.items()) & set(after.items())
+    for rel in after:
+        if rel != "manifest.json":
+            assert (second.path / rel).read_bytes() == (first.path / rel).read_bytes(), rel

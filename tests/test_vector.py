@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import math
 from pathlib import Path
 
 import mapbox_vector_tile
+import mercantile
+import numpy as np
+import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pmtiles.reader import MmapSource, Reader, all_tiles
-from pmtiles.tile import Compression, TileType
+from pmtiles.tile import Compression, Entry, TileType, tileid_to_zxy, zxy_to_tileid
+from pmtiles.tile import serialize_directory as reference_directory
+from pmtiles.writer import optimize_directories
 
 from pipeline.config import load_config
-from pipeline.vector import BUFFER, EXTENT, MAX_TILE_BYTES
+from pipeline.vector import (
+    BUFFER, EMPTY_TILE, EXTENT, MAX_TILE_BYTES, Archive, Encoded, digest, directories, serialize_directory, tile_ids,
+)  # fmt: skip
 
 from .conftest import publish_tileset, run_extraction
 
@@ -25,7 +35,7 @@ def snapshot(tmp_path_factory):
         "sources": {"rail": {"kind": "synthetic", "domain": "rail_disruptions", "count": 6000, "seed": 9,
                              "bbox": [5.9, 47.3, 15.0, 55.0]}},
         "tilesets": {"rail": {"source": "rail", "profile": "rail_disruptions", "maxzoom": 11,
-                              "max_features_per_tile": 60}},
+                              "max_features_per_tile": 60, "tiles_maxzoom": 11}},
     }))  # fmt: skip
     cfg = load_config(root / "hotspots.yaml")
     run_extraction(cfg)
@@ -54,28 +64,36 @@ def test_every_mvt_tile_decodes_to_its_geojson_twin(snapshot: Path):
         assert layer["extent"] == EXTENT
         twin_path = snapshot / "tiles" / str(z) / str(x) / f"{y}.geojson"
         twin = json.loads(twin_path.read_text())["features"] if twin_path.exists() else []
-        expected = {f["properties"]["cell"]: f for f in twin}
-        inside, buffered = {}, 0
+        # MVT carries what a map draws (no cell, z or weight): match twins by position and properties
+        unmatched = [
+            (*_pixel(*f["geometry"]["coordinates"], z, x, y), {k: v for k, v in f["properties"].items() if k not in GEOJSON_ONLY})
+            for f in twin
+        ]
         for feature in layer["features"]:
             px, py = feature["geometry"]["coordinates"]
             assert -BUFFER <= px <= EXTENT + BUFFER and -BUFFER <= py <= EXTENT + BUFFER
-            cell = feature["properties"]["cell"]
-            if cell in expected:
-                inside[cell] = feature
-            else:
-                buffered += 1
+            match = next((i for i, (ex, ey, want) in enumerate(unmatched)
+                          if abs(px - ex) <= 1 and abs(py - ey) <= 1 and _same(feature["properties"], want)), None)  # fmt: skip
+            if match is None:
                 assert not (0 < px < EXTENT and 0 < py < EXTENT), "only buffer features come from neighbours"
-        assert inside.keys() == expected.keys()
-        for cell, feature in inside.items():
-            want = expected[cell]
-            assert feature["properties"].keys() == want["properties"].keys()
-            for key, value in want["properties"].items():
-                got = feature["properties"][key]
-                assert type(got) is type(value) or (isinstance(value, float) and isinstance(got, float)), key
-                assert got == pytest.approx(value, rel=1e-12) if isinstance(value, float) else got == value, key
-            px, py = feature["geometry"]["coordinates"]
-            ex, ey = _pixel(*want["geometry"]["coordinates"], z, x, y)
-            assert abs(px - ex) <= 1 and abs(py - ey) <= 1
+            else:
+                unmatched.pop(match)
+        assert not unmatched, f"{path}: GeoJSON features missing from MVT"
+
+
+GEOJSON_ONLY = {"cell", "z", "weight"}
+
+
+def _same(got: dict, want: dict) -> bool:
+    if got.keys() != want.keys():
+        return False
+    for key, value in want.items():
+        if isinstance(value, float):
+            if not isinstance(got[key], float) or got[key] != pytest.approx(value, rel=1e-12):
+                return False
+        elif type(got[key]) is not type(value) or got[key] != value:
+            return False
+    return True
 
 
 def test_pmtiles_archive_lists_every_tile(snapshot: Path):
@@ -101,3 +119,145 @@ def test_tilejson(snapshot: Path):
     manifest = json.loads((snapshot / "manifest.json").read_text())
     assert manifest["layout"]["pmtiles"] == "heatmap.pmtiles"
     assert max(z["mvt_max_tile_bytes"] for z in manifest["zooms"]) <= MAX_TILE_BYTES
+
+
+# --- the streaming archive -----------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(z=st.integers(0, 24), data=st.data())
+def test_tile_ids_are_pmtiles_ids(z, data):
+    n = 2**z
+    xs = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=20))
+    ys = data.draw(st.lists(st.integers(0, n - 1), min_size=len(xs), max_size=len(xs)))
+    ids = tile_ids(z, np.array(xs), np.array(ys))
+    assert ids.tolist() == [zxy_to_tileid(z, x, y) for x, y in zip(xs, ys)]
+    # and back: the same tile as mercantile names it, by quadkey
+    for tile_id, x, y in zip(ids.tolist(), xs, ys):
+        assert mercantile.quadkey(*tileid_to_zxy(tile_id)[1:], z) == mercantile.quadkey(x, y, z)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 5000), st.integers(1, 1 << 22), st.integers(1, 4), st.booleans()),
+                min_size=1, max_size=400))  # fmt: skip
+def test_directory_is_the_reference_writers(rows):
+    ids = np.cumsum([r[0] for r in rows]).astype(np.uint64)
+    lengths = np.array([r[1] for r in rows], np.uint64)
+    contiguous = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.uint64)
+    offsets = np.where([r[3] for r in rows], contiguous, contiguous // 3)  # some entries point back (shared tiles)
+    runs = np.array([r[2] for r in rows], np.uint64)
+    entries = [Entry(*map(int, e)) for e in zip(ids, offsets, lengths, runs)]
+    assert serialize_directory(ids, offsets, lengths, runs) == reference_directory(entries)
+    assert directories(ids, offsets, lengths, runs) == optimize_directories(entries, 16384 - 127)[:2]
+
+
+def test_a_large_directory_splits_into_leaves_as_the_reference_writer_does():
+    rng = np.random.default_rng(5)
+    n = 300_000
+    ids = np.cumsum(rng.integers(1, 9, n)).astype(np.uint64)
+    lengths = rng.integers(20, 1 << 16, n).astype(np.uint64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.uint64)
+    runs = np.ones(n, np.uint64)
+    root, leaves = directories(ids, offsets, lengths, runs)
+    assert leaves and len(root) < 16384 - 127
+    entries = [Entry(*map(int, e)) for e in zip(ids, offsets, lengths, runs)]
+    assert (root, leaves) == optimize_directories(entries, 16384 - 127)[:2]
+
+
+def _tiles(z: int, xy: list[tuple[int, int]], data: list[bytes]) -> Encoded:
+    x, y = np.array([t[0] for t in xy]), np.array([t[1] for t in xy])
+    ids = tile_ids(z, x, y)
+    order = np.argsort(ids)
+    return Encoded(z, x[order], y[order], ids[order], [data[i] for i in order], [digest(data[i]) for i in order])
+
+
+def test_archive_streams_tiles_in_order_stores_duplicates_once_and_reads_back(tmp_path):
+    archive = Archive(tmp_path / "a.pmtiles")
+    same = gzip.compress(b"same", mtime=0)
+    archive.add(_tiles(0, [(0, 0)], [gzip.compress(b"root", mtime=0)]))
+    archive.add(_tiles(2, [(0, 0), (1, 0), (0, 1), (3, 3)], [same, same, same, gzip.compress(b"other", mtime=0)]))
+    with pytest.raises(ValueError, match="tile-id order"):
+        archive.add(_tiles(1, [(0, 0)], [same]))  # a coarser zoom after a finer one
+    size = archive.close({"name": "t"}, [-10.0, -10.0, 10.0, 10.0])
+    assert size == (tmp_path / "a.pmtiles").stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pmtiles"]  # the scratch file is gone
+    with open(tmp_path / "a.pmtiles", "rb") as fh:
+        source = MmapSource(fh)
+        header = Reader(source).header()
+        tiles = dict(all_tiles(source))
+    assert header["clustered"] and (header["min_zoom"], header["max_zoom"]) == (0, 2)
+    assert header["addressed_tiles_count"] == 5 and header["tile_contents_count"] == 3
+    assert tiles[(2, 0, 1)] == tiles[(2, 1, 0)] == same and gzip.decompress(tiles[(2, 3, 3)]) == b"other"
+
+
+def test_an_empty_archive_holds_one_empty_tile(tmp_path):
+    archive = Archive(tmp_path / "e.pmtiles")
+    archive.close({}, [-1.0, -1.0, 1.0, 1.0])
+    with open(tmp_path / "e.pmtiles", "rb") as fh:
+        assert dict(all_tiles(MmapSource(fh))) == {(0, 0, 0): EMPTY_TILE}
+
+
+# --- formats: the archive has every zoom, per-tile folders only some --------------
+
+
+@pytest.fixture(scope="module")
+def archive_only(tmp_path_factory):
+    root = tmp_path_factory.mktemp("formats")
+    (root / "hotspots.yaml").write_text(json.dumps({
+        "sources": {"roads": {"kind": "synthetic", "domain": "road_conditions", "count": 8000, "seed": 12,
+                              "bbox": [-0.3, 51.4, 0.1, 51.6]}},
+        "tilesets": {"auto": {"source": "roads", "maxzoom": 13, "max_directory_features": 2000},
+                     "none": {"source": "roads", "maxzoom": 13, "formats": []},
+                     "geojson": {"source": "roads", "maxzoom": 13, "formats": ["geojson"], "tiles_maxzoom": 5}},
+    }))  # fmt: skip
+    cfg = load_config(root / "hotspots.yaml")
+    run_extraction(cfg)
+    return {name: publish_tileset(cfg, name).path for name in cfg.tilesets}
+
+
+def _archive(snapshot: Path) -> dict[tuple[int, int, int], bytes]:
+    with open(snapshot / "heatmap.pmtiles", "rb") as fh:
+        return dict(all_tiles(MmapSource(fh)))
+
+
+def test_per_tile_folders_follow_formats_and_the_archive_has_every_zoom(archive_only):
+    auto, none, only_geojson = archive_only["auto"], archive_only["none"], archive_only["geojson"]
+    manifest = json.loads((auto / "manifest.json").read_text())
+    deepest = manifest["folders"]["tiles"]
+    # auto: the deepest zoom whose features, counted from z0, fit max_directory_features
+    running = list(itertools.accumulate(z["selected_tile"] for z in manifest["zooms"]))
+    assert deepest == max(z["z"] for z, total in zip(manifest["zooms"], running) if total <= 2000) < 13
+    assert manifest["folders"]["mvt"] == deepest
+    assert {int(p.name) for p in (auto / "tiles").iterdir()} == set(range(deepest + 1))
+    assert {int(p.name) for p in (auto / "mvt").iterdir()} == set(range(deepest + 1))
+    assert json.loads((auto / "tiles.json").read_text())["maxzoom"] == deepest
+    for snapshot in (auto, none, only_geojson):
+        assert {z for z, _, _ in _archive(snapshot)} == set(range(14))  # the archive: every zoom
+    assert not (none / "tiles").exists() and not (none / "mvt").exists() and not (none / "tiles.json").exists()
+    layout = json.loads((none / "manifest.json").read_text())["layout"]
+    assert "tiles" not in layout and "mvt" not in layout and "tilejson" not in layout
+    assert {int(p.name) for p in (only_geojson / "tiles").iterdir()} == set(range(6))
+    assert not (only_geojson / "mvt").exists() and not (only_geojson / "tiles.json").exists()
+    # the archive is the same whichever folders were published
+    assert _archive(auto) == _archive(none) == _archive(only_geojson)
+
+
+def test_every_zoom_of_the_archive_conserves_reports_per_tile(archive_only):
+    """Decoded MVT carries each tile's reports where no GeoJSON twin exists to check against."""
+    snapshot = archive_only["none"]
+    tiles = _archive(snapshot)
+    for path in sorted((snapshot / "cells").glob("zoom=*/cells.parquet")):
+        z = int(path.parent.name.split("=")[1])
+        cells = pl.read_parquet(path, columns=["tile_x", "tile_y", "report_count"])
+        reports = {(x, y): n for x, y, n in cells.group_by("tile_x", "tile_y").agg(pl.col("report_count").sum()).iter_rows()}
+        for (x, y), total in reports.items():
+            layer = mapbox_vector_tile.decode(gzip.decompress(tiles[(z, x, y)]), default_options={"y_coord_down": True})
+            features = layer["cells"]["features"]
+            # the tile's own features lie in [0, EXTENT]; a neighbour's buffer features outside,
+            # or (rounded) on the shared edge
+            inside = sum(f["properties"]["count"] for f in features
+                         if all(0 < c < EXTENT for c in f["geometry"]["coordinates"]))  # fmt: skip
+            closed = sum(f["properties"]["count"] for f in features
+                         if all(0 <= c <= EXTENT for c in f["geometry"]["coordinates"]))  # fmt: skip
+            assert inside <= total <= closed, (z, x, y)
+        assert {(x, y) for tz, x, y in tiles if tz == z} >= set(reports)

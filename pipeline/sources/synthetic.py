@@ -62,7 +62,12 @@ def generate(src: SyntheticSource, as_of: datetime) -> pa.Table:
     """
     rng = np.random.default_rng(src.seed)
     n = src.count
-    lng, lat, cluster = positions(rng, n, src.bbox)
+    spread = world_positions if src.spread == "world" else positions
+
+    def place(count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return spread(rng, count, src.bbox)
+
+    lng, lat, cluster = place(n)
     age_days = np.where(
         rng.random(n) < 0.7, rng.exponential(src.days / 4, n), rng.uniform(0, src.days, n)
     )
@@ -73,7 +78,7 @@ def generate(src: SyntheticSource, as_of: datetime) -> pa.Table:
         "lng": _text(lng),
         "observed_at": _times(observed),
     }
-    cols.update(_DOMAINS[src.domain](rng, n, cluster, observed, src.bbox))
+    cols.update(_DOMAINS[src.domain](rng, n, cluster, observed, place))
     table = pa.table(cols)
     n_bad = int(round(n * src.bad_fraction))
     if n_bad:
@@ -116,7 +121,67 @@ def positions(
     return np.clip(xy[:, 0], w, e), np.clip(xy[:, 1], s, north), cluster
 
 
-def _road(rng, n, cluster, observed, bbox):
+# Populated land, roughly: (west, south, east, north, share of cities)
+WORLD_REGIONS = (
+    (-124.0, 26.0, -67.0, 49.0, 0.17),  # North America
+    (-106.0, 15.0, -86.0, 26.0, 0.04),  # Mexico, Central America
+    (-75.0, -35.0, -35.0, 5.0, 0.09),  # South America
+    (-10.0, 36.0, 30.0, 60.0, 0.17),  # Europe
+    (30.0, 40.0, 60.0, 58.0, 0.04),  # Eastern Europe, Caucasus
+    (-17.0, -34.0, 40.0, 15.0, 0.12),  # Africa
+    (34.0, 14.0, 60.0, 38.0, 0.05),  # Middle East
+    (68.0, 8.0, 90.0, 32.0, 0.13),  # South Asia
+    (100.0, 20.0, 128.0, 42.0, 0.12),  # East Asia
+    (129.0, 31.0, 142.0, 44.0, 0.03),  # Japan
+    (95.0, -8.0, 125.0, 20.0, 0.03),  # South-East Asia
+    (115.0, -38.0, 153.0, -12.0, 0.01),  # Australia
+)
+
+
+def world_positions(
+    rng: np.random.Generator, n: int, bbox: tuple[float, float, float, float] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions spread like a world's reports: lng, lat and city index (-1: none).
+
+    A few hundred cities on several continents (lognormal sizes and radii),
+    corridors between neighbouring cities, and a thin rural background over
+    the populated regions. ``bbox`` is ignored.
+    """
+    regions = np.array(WORLD_REGIONS)
+    k = int(np.clip(n // 2500, 20, 500))
+    home = rng.choice(len(regions), k, p=regions[:, 4] / regions[:, 4].sum())
+    w, s, e, north = regions[home, 0], regions[home, 1], regions[home, 2], regions[home, 3]
+    centers = np.column_stack([w + rng.random(k) * (e - w), s + rng.random(k) * (north - s)])
+    size = rng.lognormal(0.0, 1.2, k)
+    radius = rng.lognormal(np.log(0.04), 0.5, k)  # degrees: a few km to tens of km
+    kind = rng.choice(3, n, p=[0.72, 0.2, 0.08])  # city, corridor, rural
+    xy = np.empty((n, 2))
+    cluster = np.full(n, -1)
+
+    m = kind == 0
+    c = rng.choice(k, m.sum(), p=size / size.sum())
+    r = radius[c] * rng.lognormal(0.0, 0.7, m.sum())  # most close in, a long tail out
+    angle = rng.uniform(0, 2 * np.pi, m.sum())
+    xy[m] = centers[c] + np.column_stack([np.cos(angle), np.sin(angle)]) * r[:, None] * 0.5
+    cluster[m] = c
+
+    # corridors: each city to its nearest neighbour (roads and rail lines)
+    d2 = ((centers[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d2, np.inf)
+    b = d2.argmin(1)
+    m = kind == 1
+    seg = rng.choice(k, m.sum(), p=size / size.sum())
+    t = rng.random(m.sum())[:, None]
+    xy[m] = centers[seg] + t * (centers[b[seg]] - centers[seg]) + rng.normal(size=(m.sum(), 2)) * 0.005
+
+    m = kind == 2
+    region = rng.choice(len(regions), m.sum(), p=regions[:, 4] / regions[:, 4].sum())
+    rw, rs, re_, rn = (regions[region, i] for i in range(4))
+    xy[m] = np.column_stack([rw + rng.random(m.sum()) * (re_ - rw), rs + rng.random(m.sum()) * (rn - rs)])
+    return np.clip(xy[:, 0], -180.0, 180.0), np.clip(xy[:, 1], -85.0, 85.0), cluster
+
+
+def _road(rng, n, cluster, observed, place):
     p = np.array(ROAD_WEIGHTS, float)
     tokens = rng.integers(0, max(1, n // 8), n)
     described = rng.random(n) < 0.1
@@ -131,12 +196,12 @@ def _road(rng, n, cluster, observed, bbox):
     }  # fmt: skip
 
 
-def _community(rng, n, cluster, observed, bbox):
+def _community(rng, n, cluster, observed, place):
     # Notes attach to entities, and an entity has one location: draw the
     # locations per entity, then give each note its entity's position.
     n_entities = max(1, n // 3)
     entity = rng.integers(0, n_entities, n)
-    elng, elat, _ = positions(rng, n_entities, bbox)
+    elng, elat, _ = place(n_entities)
     level = rng.choice(len(NOTE_SEVERITY), n, p=[0.15, 0.35, 0.5])
     expires = observed + rng.uniform(1, 30, n) * 86400.0
     return {
@@ -151,7 +216,7 @@ def _community(rng, n, cluster, observed, bbox):
     }
 
 
-def _campus(rng, n, cluster, observed, bbox):
+def _campus(rng, n, cluster, observed, place):
     building = np.where(cluster >= 0, cluster, 999)
     return {
         "category": _pick(rng, CAMPUS_CATEGORIES, n),
@@ -163,7 +228,7 @@ def _campus(rng, n, cluster, observed, bbox):
     }
 
 
-def _rail(rng, n, cluster, observed, bbox):
+def _rail(rng, n, cluster, observed, place):
     departures = rng.poisson(80, n) + 1
     healthy = rng.random(n) < 0.4
     cancel_rate = np.where(healthy, 0.0, rng.beta(1, 30, n))
