@@ -281,7 +281,25 @@ class Archive:
 
     def add(self, tiles: Encoded) -> None:
         """Append one batch of tiles; their ids must follow every id added before."""
+        if not tiles.data:
+            return
         ids, offsets, lengths, runs, stored = self._ids, self._offsets, self._lengths, self._runs, self._stored
+        tile_id = tiles.tile_id.astype(np.uint64)
+        after = ids[-1] + runs[-1] if ids else 0
+        fresh = (len(set(tiles.digest)) == len(tiles.digest) and not any(k in stored for k in tiles.digest))
+        if fresh and tile_id[0] >= after and bool(np.all(tile_id[1:] > tile_id[:-1])):
+            # the usual batch: new tiles only, in order; one entry each, written in one go
+            size = np.array([len(d) for d in tiles.data], np.uint64)
+            start = np.concatenate([[0], np.cumsum(size)[:-1]]).astype(np.uint64) + np.uint64(self._size)
+            self._data.writelines(tiles.data)
+            stored.update(zip(tiles.digest, start.tolist()))
+            ids.extend(tile_id.tolist())
+            offsets.extend(start.tolist())
+            lengths.extend(size.tolist())
+            runs.extend([1] * len(size))
+            self._size += int(size.sum())
+            self._addressed += len(size)
+            return
         for tile_id, data, key in zip(tiles.tile_id.tolist(), tiles.data, tiles.digest):
             if ids and tile_id < ids[-1] + runs[-1]:
                 raise ValueError(f"tile {tile_id} is out of order: tiles must come in tile-id order")
