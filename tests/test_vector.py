@@ -22,7 +22,7 @@ from pmtiles.writer import optimize_directories
 
 from pipeline.config import load_config
 from pipeline.vector import (
-    BUFFER, EMPTY_TILE, EXTENT, MAX_TILE_BYTES, Archive, Encoded, digest, directories, serialize_directory, tile_ids,
+    BUFFER, EMPTY_TILE, EXTENT, MAX_TILE_BYTES, Archive, Encoded, Encoder, digest, directories, serialize_directory, tile_ids,
 )  # fmt: skip
 
 from .conftest import publish_tileset, run_extraction
@@ -261,3 +261,15 @@ def test_every_zoom_of_the_archive_conserves_reports_per_tile(archive_only):
                          if all(0 <= c <= EXTENT for c in f["geometry"]["coordinates"]))  # fmt: skip
             assert inside <= total <= closed, (z, x, y)
         assert {(x, y) for tz, x, y in tiles if tz == z} >= set(reports)
+
+
+def test_tiles_are_the_same_bytes_whatever_the_workers_and_chunks(archive_only):
+    snapshot = archive_only["none"]
+    work = snapshot.parents[3] / ".hotspots" / "work" / "none" / "selected"
+    for z in (11, 13):
+        features = pl.read_ipc(work / f"zoom={z}" / "tile_features.arrow")
+        with Encoder(workers=1) as one, Encoder(workers=3) as many:
+            many.CHUNK_ROWS = 97  # many chunks, each ending on a tile boundary
+            a, b = one.submit(features, z).result(), many.submit(features, z).result()
+        assert a.data == b.data and np.array_equal(a.tile_id, b.tile_id) and np.array_equal(a.x, b.x)
+        assert np.all(np.diff(a.tile_id) > 0) and len(a.data) >= 4 and len(features) > 2 * 97
