@@ -69,7 +69,23 @@ def _run(args: argparse.Namespace) -> int:
     extract.preflight(cfg, sources)
 
     defs = build_definitions(cfg.file)
-    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    with _instance(cfg) as instance:
+        return _run_jobs(args, cfg, defs, instance, tilesets, sources, as_of)
+
+
+def _instance(cfg) -> dg.DagsterInstance:
+    """The Dagster instance `make dev` shows: ``$DAGSTER_HOME``, else ``<home>/dagster``.
+
+    Every CLI run is recorded there, with its metadata and check results.
+    """
+    if os.environ.get("DAGSTER_HOME"):
+        return dg.DagsterInstance.get()
+    folder = cfg.home / "dagster"
+    folder.mkdir(parents=True, exist_ok=True)
+    return dg.DagsterInstance.local_temp(str(folder))
+
+
+def _run_jobs(args, cfg, defs, instance, tilesets: list[str], sources: list[str], as_of) -> int:
     now = as_of or datetime.now(timezone.utc).replace(microsecond=0)
     params = {"as_of": as_of.isoformat() if as_of else None, "tilesets": tilesets,
               "full_refresh": args.full_refresh, "force": args.force}  # fmt: skip

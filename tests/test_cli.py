@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dagster as dg
+
 from pipeline import extract, warehouse
 from pipeline.config import load_config
 
@@ -51,6 +53,20 @@ def test_run_prints_counts_and_warehouse_and_is_idempotent(write_config, tmp_pat
     counts = extract.conservation(cfg.warehouse_path, ["demo", "csv"])
     assert rows == distinct == sum(c.valid for c in counts)
     assert [c.read for c in counts] == [3000, 2] and all(c.holds for c in counts)
+
+
+def test_runs_are_recorded_in_the_instance_make_dev_shows(write_config, tmp_path):
+    path = _config(write_config, tmp_path)
+    assert _run("--config", str(path), "--as-of", AS_OF.isoformat(), cwd=tmp_path).returncode == 0
+    assert _run("--config", str(path), "--tileset", "points", "--as-of", AS_OF.isoformat(), cwd=tmp_path).returncode == 0
+    with dg.DagsterInstance.local_temp(str(tmp_path / ".hotspots" / "dagster")) as instance:
+        runs = sorted((r.job_name, r.tags.get("dagster/partition", "")) for r in instance.get_runs())
+        assert runs == sorted([("extract", ""), ("publish", "campus"), ("publish", "points"),
+                               ("extract", ""), ("publish", "points")])  # fmt: skip
+        assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in instance.get_runs())
+        published = instance.get_runs(dg.RunsFilter(job_name="publish", tags={"dagster/partition": "points"}))[0]
+        events = [e.dagster_event for e in instance.all_logs(published.run_id) if e.dagster_event]
+        assert any(e.is_step_materialization for e in events) and any(e.event_type_value == "ASSET_CHECK_EVALUATION" for e in events)
 
 
 def test_run_one_tileset_reads_only_its_source(write_config, tmp_path):
