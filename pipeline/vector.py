@@ -135,14 +135,23 @@ class Budget:
 
     def __init__(self, total: int) -> None:
         self.total, self.free = total, total
+        self.closed = False
         self._cv = threading.Condition()
 
     def acquire(self, n: int) -> int:
         n = min(n, self.total)
         with self._cv:
-            self._cv.wait_for(lambda: self.free >= n)
+            self._cv.wait_for(lambda: self.closed or self.free >= n)
+            if self.closed:
+                raise RuntimeError("the work was abandoned")
             self.free -= n
         return n
+
+    def close(self) -> None:
+        """Wake every waiter: nothing more will be released (the work failed)."""
+        with self._cv:
+            self.closed = True
+            self._cv.notify_all()
 
     def release(self, n: int) -> None:
         with self._cv:
@@ -184,8 +193,11 @@ class Encoder:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._planner.shutdown()
-        self._pool.shutdown()
+        # after a failure, a zoom's budget may never be released: a planner
+        # waiting for it gives up rather than hang the shutdown
+        self._budget.close()
+        self._planner.shutdown(cancel_futures=True)
+        self._pool.shutdown(cancel_futures=True)
         for con in self._free:
             con.close()
 
@@ -243,8 +255,10 @@ class Pending(NamedTuple):
 
     def result(self) -> Encoded:
         held, chunks = self.plan.result()
-        parts = [chunk.result() for chunk in chunks]
-        self.budget.release(held)
+        try:
+            parts = [chunk.result() for chunk in chunks]
+        finally:
+            self.budget.release(held)
         if not parts:
             return Encoded(self.z, *(np.empty(0, np.int64),) * 3, [], [])
         return Encoded(

@@ -6,6 +6,7 @@ import gzip
 import itertools
 import json
 import math
+import threading
 from pathlib import Path
 
 import mapbox_vector_tile
@@ -22,7 +23,7 @@ from pmtiles.writer import optimize_directories
 
 from pipeline.config import load_config
 from pipeline.vector import (
-    BUFFER, EMPTY_TILE, EXTENT, MAX_TILE_BYTES, Archive, Encoded, Encoder, digest, directories, serialize_directory, tile_ids,
+    BUFFER, EMPTY_TILE, EXTENT, MAX_TILE_BYTES, Archive, Budget, Encoded, Encoder, digest, directories, serialize_directory, tile_ids,
 )  # fmt: skip
 
 from .conftest import publish_tileset, run_extraction
@@ -273,3 +274,21 @@ def test_tiles_are_the_same_bytes_whatever_the_workers_and_chunks(archive_only):
             a, b = one.submit(features, z).result(), many.submit(features, z).result()
         assert a.data == b.data and np.array_equal(a.tile_id, b.tile_id) and np.array_equal(a.x, b.x)
         assert np.all(np.diff(a.tile_id) > 0) and len(a.data) >= 4 and len(features) > 2 * 97
+
+
+def test_an_encoder_abandoned_mid_run_shuts_down_instead_of_hanging(archive_only):
+    """A failed publish leaves zooms whose budget is never released: leaving the encoder must not wait forever."""
+    work = archive_only["none"].parents[3] / ".hotspots" / "work" / "none" / "selected"
+    features = pl.read_ipc(work / "zoom=13" / "tile_features.arrow")
+    done = threading.Event()
+
+    def abandon():
+        with Encoder(workers=2) as encoder:
+            encoder._budget = Budget(features.height)  # room for one zoom at a time
+            encoder.submit(features, 13)
+            encoder.submit(features, 13)  # waits for the first's budget, which nobody releases
+        done.set()
+
+    thread = threading.Thread(target=abandon, daemon=True)
+    thread.start()
+    assert done.wait(60), "the encoder hung on shutdown"
