@@ -87,7 +87,8 @@ def _instance(cfg) -> dg.DagsterInstance:
 
 def _run_jobs(args, cfg, defs, instance, tilesets: list[str], sources: list[str], as_of) -> int:
     now = as_of or datetime.now(timezone.utc).replace(microsecond=0)
-    params = {"as_of": as_of.isoformat() if as_of else None, "tilesets": tilesets,
+    # one time for the whole command: extraction and every tileset (unless its YAML says)
+    params = {"as_of": as_of.isoformat() if as_of else None, "default_as_of": now.isoformat(), "tilesets": tilesets,
               "full_refresh": args.full_refresh, "force": args.force}  # fmt: skip
     ok, _, failures = _execute(defs, EXTRACT_JOB, params, instance, args.verbose)
     # a source that lost its data fails the `rejected_share` check after validation:
@@ -103,11 +104,9 @@ def _run_jobs(args, cfg, defs, instance, tilesets: list[str], sources: list[str]
     for name in tilesets:
         if cfg.tilesets[name].source in lost:
             continue
-        # tileset as_of (YAML) applies unless --as-of was given
-        ts_params = {**params, "as_of": (as_of or cfg.tilesets[name].as_of or now).isoformat()}
         # the job's steps take the tileset's lease (other runs of it wait); a job that
         # stops early hands it back here instead of letting it expire
-        ok, run_id, failures = _execute(defs, PUBLISH_JOB, ts_params, instance, args.verbose, partition=name)
+        ok, run_id, failures = _execute(defs, PUBLISH_JOB, params, instance, args.verbose, partition=name)
         warehouse.release(build.lease_path(cfg, name), run_id)
         if not ok:
             loss = None if args.force else _tileset_loss(cfg, name)
@@ -195,6 +194,11 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# The CLI publishes its own extraction: the publishing sensors (when `make dev`'s
+# daemon runs on the same instance) leave runs with this tag alone.
+CLI_TAGS = {"hotspots/launched_by": "cli"}
+
+
 def _execute(defs, job_name, params, instance, verbose, partition=None) -> tuple[bool, str, list]:
     """Run a job in-process; (success, run id, [(failed step, its root cause)])."""
     job = defs.resolve_job_def(job_name)
@@ -204,7 +208,7 @@ def _execute(defs, job_name, params, instance, verbose, partition=None) -> tuple
         "loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "CRITICAL"}}},
     }
     result = job.execute_in_process(
-        run_config=run_config, instance=instance, partition_key=partition, raise_on_error=False
+        run_config=run_config, instance=instance, partition_key=partition, raise_on_error=False, tags=CLI_TAGS
     )
     failures = [
         (event.step_key, _root_cause(event.step_failure_data.error))

@@ -15,7 +15,9 @@ from pipeline.config import Config, parse_as_of
 class RunParams(dg.Config):
     """Parameters of one run, the same for every asset of it."""
 
-    as_of: str | None = None  # ISO 8601; default: the run's start (UTC)
+    as_of: str | None = None  # ISO 8601; wins over a tileset's own `as_of` (see build.decide_as_of)
+    # when neither as_of nor the tileset's YAML says: the extraction's time (default: the run's start)
+    default_as_of: str | None = None
     tilesets: list[str] = []  # tilesets to build; empty: all of them
     full_refresh: bool = False  # database sources: read everything, not only what changed
     force: bool = False  # publish even if a source or tileset lost its data (see pipeline.guard)
@@ -42,14 +44,11 @@ def tileset_step(context: Context, cfg: Config, tileset: str, last: bool = False
         yield
 
 
-def given_as_of(params: RunParams) -> datetime | None:
-    """The ``as_of`` given in run config, if any."""
-    return parse_as_of(params.as_of) if params.as_of else None
-
-
-def resolve_as_of(context: Context, params: RunParams) -> datetime:
-    """The run's ``as_of``: as given, else when the run was created."""
-    return given_as_of(params) or run_start(context)
+def resolve_as_of(context: Context, params: RunParams, tileset_as_of: datetime | None = None) -> datetime:
+    """This run's ``as_of`` for a step (a tileset's, with its YAML ``as_of``): see :func:`build.decide_as_of`."""
+    given = parse_as_of(params.as_of) if params.as_of else None
+    default = parse_as_of(params.default_as_of) if params.default_as_of else run_start(context)
+    return build.decide_as_of(given, tileset_as_of, default)
 
 
 def selected_sources(cfg: Config, params: RunParams) -> list[str]:

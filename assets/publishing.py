@@ -166,15 +166,18 @@ def schedules_and_sensors(extract_job, publish_job, partitions: dg.StaticPartiti
 
     def publish_requests(context: dg.RunStatusSensorContext):
         run = context.dagster_run
+        if run.tags.get("hotspots/launched_by") == "cli":
+            return  # `hotspots run` publishes its own extraction
         params = next(iter((run.run_config.get("ops") or {}).values()), {}).get("config", {})
         record = context.instance.get_run_record_by_id(run.run_id)
-        as_of = params.get("as_of") or record.create_timestamp.replace(microsecond=0).isoformat()
+        # the extraction's time is only the default: a tileset's own YAML as_of still wins,
+        # unless the extraction was given one (as `hotspots run --as-of` overrides the YAML)
+        extracted_at = params.get("as_of") or record.create_timestamp.replace(microsecond=0).isoformat()
         tilesets = params.get("tilesets") or partitions.get_partition_keys()
         for name in tilesets:
+            config = {"as_of": params.get("as_of"), "default_as_of": extracted_at, "tilesets": [name]}
             yield dg.RunRequest(
-                run_key=f"{run.run_id}:{name}",
-                partition_key=name,
-                run_config={"ops": {"scored_reports": {"config": {"as_of": as_of, "tilesets": [name]}}}},
+                run_key=f"{run.run_id}:{name}", partition_key=name, run_config={"ops": {"scored_reports": {"config": config}}}
             )
 
     @dg.run_status_sensor(

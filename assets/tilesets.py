@@ -10,7 +10,7 @@ import dagster as dg
 from pipeline import build, guard
 from resources import HotspotsResource
 
-from .common import RunParams, given_as_of, markdown_table, run_start, tileset_step
+from .common import RunParams, markdown_table, resolve_as_of, tileset_step
 
 
 def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
@@ -28,7 +28,7 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
         context: dg.AssetExecutionContext, config: RunParams, hotspots: HotspotsResource
     ) -> dg.MaterializeResult:
         cfg, name = hotspots.load(), context.partition_key
-        as_of = build.tileset_as_of(cfg, name, given_as_of(config), run_start(context))
+        as_of = resolve_as_of(context, config, cfg.tilesets[name].as_of)
         started = time.perf_counter()
         with tileset_step(context, cfg, name):
             result = build.score_tileset(cfg, name, as_of)

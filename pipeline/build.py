@@ -50,9 +50,15 @@ def cells_path(cfg: Config, tileset: str, z: int) -> Path:
     return work_dir(cfg, tileset) / "cells" / f"zoom={z}" / "cells.parquet"
 
 
-def tileset_as_of(cfg: Config, tileset: str, given: datetime | None, run_start: datetime) -> datetime:
-    """``--as-of`` / run config, else the tileset's ``as_of``, else the run's start."""
-    return given or cfg.tilesets[tileset].as_of or run_start
+def decide_as_of(given: datetime | None, tileset_as_of: datetime | None, default: datetime) -> datetime:
+    """The one rule for the time a run is computed at.
+
+    ``given`` (``--as-of``, run config ``as_of``) wins; else the tileset's own
+    ``as_of`` from the YAML; else ``default``: the time of the extraction the
+    run publishes (``hotspots run``'s start, or the extraction run's, which the
+    publishing sensor passes on), else the run's own start.
+    """
+    return given or tileset_as_of or default
 
 
 def score_tileset(cfg: Config, tileset: str, as_of: datetime) -> scoring.ScoreResult:

@@ -99,3 +99,30 @@ def test_verbose_shows_dagster_step_logs(write_config, tmp_path):
     assert out.returncode == 0, out.stderr
     logs = out.stdout + out.stderr
     assert 'Finished execution of step "raw_reports"' in logs and 'Finished execution of step "snapshot"' in logs
+
+
+def test_without_as_of_the_tilesets_use_the_extractions_time_and_the_sensor_leaves_cli_runs_alone(
+    write_config, tmp_path
+):
+    from assets.location import build_definitions
+    from pipeline import build
+
+    path = _config(write_config, tmp_path)
+    assert _run("--config", str(path), "--tileset", "points", cwd=tmp_path).returncode == 0
+    with dg.DagsterInstance.local_temp(str(tmp_path / ".hotspots" / "dagster")) as instance:
+        extraction = instance.get_runs(dg.RunsFilter(job_name="extract"))[0]
+        reports = instance.get_latest_materialization_event(dg.AssetKey("reports"))
+        extracted_at = reports.asset_materialization.metadata["as_of"].value
+        # one time for the whole command, handed to extraction and every tileset alike:
+        # the tileset scores at the extraction's as_of
+        ops = extraction.run_config["ops"]
+        assert {op["config"]["default_as_of"] for op in ops.values() if "config" in op} == {extracted_at}
+        assert build.read_scoring(load_config(path), "points")["as_of"] == extracted_at
+        # `make dev`'s daemon, on the same instance, does not publish what the CLI publishes itself
+        defs = build_definitions(path)
+        sensor = defs.resolve_sensor_def("publish_after_extract")
+        success = instance.all_logs(extraction.run_id, of_type=dg.DagsterEventType.RUN_SUCCESS)[0].dagster_event
+        context = dg.build_run_status_sensor_context(
+            sensor_name=sensor.name, dagster_instance=instance, dagster_run=extraction, dagster_event=success
+        )
+        assert list(sensor(context) or []) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 import os
 import signal
 import socket
@@ -300,3 +301,34 @@ def test_a_dagster_run_beside_a_cli_run_of_the_same_tileset(small_config, tmp_pa
     assert not build.lease_path(cfg, "roads").exists()  # both runs handed the tileset back
     with warehouse.reader(cfg.warehouse_path) as con:
         assert con.execute("SELECT count(*) FROM reports WHERE source = 'roads'").fetchone()[0] > 3900
+
+
+def test_the_sensor_honours_a_tilesets_yaml_as_of(write_config):
+    """The hourly schedule extracts without an as_of: each tileset's own `as_of:` still applies."""
+    own = datetime(2026, 10, 15, 6, 0, tzinfo=timezone.utc)
+    config = write_config({
+        "sources": {"rail": {"kind": "synthetic", "domain": "rail_disruptions", "count": 500}},
+        "tilesets": {"pinned": {"source": "rail", "profile": "rail_disruptions", "as_of": own.isoformat()},
+                     "live": {"source": "rail", "profile": "rail_disruptions"}},
+    })  # fmt: skip
+    defs = build_definitions(config)
+    instance = dg.DagsterInstance.ephemeral()
+    extracted = defs.resolve_job_def(EXTRACT_JOB).execute_in_process(instance=instance)  # as the schedule does
+    assert extracted.success
+    sensor = defs.resolve_sensor_def("publish_after_extract")
+    context = dg.build_run_status_sensor_context(
+        sensor_name=sensor.name, dagster_instance=instance, dagster_run=extracted.dagster_run,
+        dagster_event=extracted.get_run_success_event(),
+    )  # fmt: skip
+    extracted_at = next(
+        e.materialization.metadata["as_of"].value for e in extracted.get_asset_materialization_events()
+        if e.materialization.asset_key.to_user_string() == "reports"
+    )  # fmt: skip
+    cfg = load_config(config)
+    for request in sensor(context):
+        published = defs.resolve_job_def(PUBLISH_JOB).execute_in_process(
+            run_config=request.run_config, instance=instance, partition_key=request.partition_key
+        )
+        assert published.success
+        scored_at = build.read_scoring(cfg, request.partition_key)["as_of"]
+        assert scored_at == (own.isoformat() if request.partition_key == "pinned" else extracted_at)
