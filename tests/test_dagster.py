@@ -131,18 +131,23 @@ def test_materialize_everything(small_config, tmp_path):
     assert not any((tmp_path / "output").glob("**/scored.parquet"))
 
 
+def _after_extract(defs, instance, extraction) -> list[dg.RunRequest]:
+    """What `publish_after_extract` requests when the daemon sees this extraction succeed."""
+    sensor = defs.resolve_sensor_def("publish_after_extract")
+    context = dg.build_run_status_sensor_context(
+        sensor_name=sensor.name, dagster_instance=instance, dagster_run=extraction.dagster_run,
+        dagster_event=extraction.get_run_success_event(),
+    )  # fmt: skip
+    return list(sensor(context) or [])
+
+
 def test_sensor_publishes_every_tileset_after_an_extraction(small_config):
     defs = build_definitions(small_config)
     instance = dg.DagsterInstance.ephemeral()
     extract = defs.resolve_job_def(EXTRACT_JOB)
     result = extract.execute_in_process(run_config=_params(*ALL_OPS), instance=instance)
     assert result.success
-    sensor = defs.resolve_sensor_def("publish_after_extract")
-    context = dg.build_run_status_sensor_context(
-        sensor_name=sensor.name, dagster_instance=instance, dagster_run=result.dagster_run,
-        dagster_event=result.get_run_success_event(),
-    )  # fmt: skip
-    requests = list(sensor(context))
+    requests = _after_extract(defs, instance, result)
     assert [r.partition_key for r in requests] == ["rail", "roads"]
     assert {r.run_key for r in requests} == {f"{result.run_id}:rail", f"{result.run_id}:roads"}
     assert requests[0].run_config["ops"]["scored_reports"]["config"]["as_of"] == AS_OF.isoformat()
@@ -315,17 +320,12 @@ def test_the_sensor_honours_a_tilesets_yaml_as_of(write_config):
     instance = dg.DagsterInstance.ephemeral()
     extracted = defs.resolve_job_def(EXTRACT_JOB).execute_in_process(instance=instance)  # as the schedule does
     assert extracted.success
-    sensor = defs.resolve_sensor_def("publish_after_extract")
-    context = dg.build_run_status_sensor_context(
-        sensor_name=sensor.name, dagster_instance=instance, dagster_run=extracted.dagster_run,
-        dagster_event=extracted.get_run_success_event(),
-    )  # fmt: skip
     extracted_at = next(
         e.materialization.metadata["as_of"].value for e in extracted.get_asset_materialization_events()
         if e.materialization.asset_key.to_user_string() == "reports"
     )  # fmt: skip
     cfg = load_config(config)
-    for request in sensor(context):
+    for request in _after_extract(defs, instance, extracted):
         published = defs.resolve_job_def(PUBLISH_JOB).execute_in_process(
             run_config=request.run_config, instance=instance, partition_key=request.partition_key
         )
