@@ -17,11 +17,11 @@ from .common import RunParams, markdown_table, resolve_as_of, selected_sources
 @dg.asset(
     group_name="extract",
     kinds={"duckdb"},
-    description="Every row every source gave, as text, in the warehouse's `raw_reports`.",
 )
 def raw_reports(
     context: dg.AssetExecutionContext, config: RunParams, hotspots: HotspotsResource
 ) -> dg.MaterializeResult:
+    """Every row every source gave, as text, in the warehouse's `raw_reports`."""
     cfg = hotspots.load()
     sources = selected_sources(cfg, config)
     as_of = resolve_as_of(context, config)
@@ -101,9 +101,9 @@ def validated_reports(context: dg.AssetExecutionContext, config: RunParams, hots
 @dg.asset_check(
     asset="reports",
     blocking=True,
-    description="read = valid + rejected, for every source of the run.",
 )
 def conservation(config: RunParams, hotspots: HotspotsResource) -> dg.AssetCheckResult:
+    """read = valid + rejected, for every source of the run."""
     cfg = hotspots.load()
     rows = extract.conservation(cfg.warehouse_path, selected_sources(cfg, config))
     return dg.AssetCheckResult(
@@ -123,10 +123,11 @@ REJECTED_SHARE_STEP = "reports_rejected_share"  # the step of the check below, i
 @dg.asset_check(
     asset="reports",
     blocking=True,
-    description="No source lost its data: at most `max_rejected_fraction` (default 0.5) of the rows "
-    "each source read were rejected. A failure publishes nothing of that source; `--force` publishes.",
 )
 def rejected_share(config: RunParams, hotspots: HotspotsResource) -> dg.AssetCheckResult:
+    """No source lost its data: at most `max_rejected_fraction` (default 0.5) of the rows each source read were
+    rejected. A failure publishes nothing of that source; `--force` publishes.
+    """
     cfg = hotspots.load()
     rows, lost = [], []
     for name in selected_sources(cfg, config):

@@ -22,10 +22,11 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
         deps=[upstream],
         group_name="publish",
         kinds={"polars"},
-        description="Per zoom, each tile's and the overview's features: coverage of every "
-        "stratum, then impact, every other cell folded into its nearest chosen one.",
     )
     def selection(context: dg.AssetExecutionContext, hotspots: HotspotsResource) -> dg.MaterializeResult:
+        """Per zoom, each tile's and the overview's features: coverage of every stratum, then impact, every other
+        cell folded into its nearest chosen one.
+        """
         cfg, name = hotspots.load(), context.partition_key
         started = time.perf_counter()
         with tileset_step(context, cfg, name):
@@ -46,10 +47,11 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
         asset=selection,
         partitions_def=partitions,
         blocking=True,
-        description="Per zoom and tile: features <= budget, every non-empty stratum covered, no unchosen "
-        "cell outscores an impact cell, features carry all reports (and the overview's too).",
     )
     def selection_holds(context: dg.AssetCheckExecutionContext, hotspots: HotspotsResource):
+        """Per zoom and tile: features <= budget, every non-empty stratum covered, no unchosen cell outscores an
+        impact cell, features carry all reports (and the overview's too).
+        """
         cfg, name = hotspots.load(), context.partition_key
         with tileset_step(context, cfg, name):
             rows = publish.check_selection(cfg, name)
@@ -68,12 +70,13 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
         deps=[selection],
         group_name="publish",
         kinds={"geojson", "parquet", "pmtiles"},
-        description="The snapshot's public files, written into `output/<tileset>/snapshots/.tmp-<token>/`: "
-        "cells GeoParquet, overview GeoJSON, heatmap.pmtiles (every zoom, streamed) and the per-tile "
-        "folders `formats` asks for (GeoJSON tiles, MVT tiles and tiles.json). Files identical to the live "
-        "snapshot's are hard links to them.",
     )
     def tiles(context: dg.AssetExecutionContext, hotspots: HotspotsResource) -> dg.MaterializeResult:
+        """The snapshot's public files, written into `output/<tileset>/snapshots/.tmp-<token>/`: cells
+        GeoParquet, overview GeoJSON, heatmap.pmtiles (every zoom, streamed) and the per-tile folders
+        `formats` asks for (GeoJSON tiles, MVT tiles and tiles.json). Files identical to the live snapshot's
+        are hard links to them.
+        """
         cfg, name = hotspots.load(), context.partition_key
         started = time.perf_counter()
         with tileset_step(context, cfg, name):
@@ -100,10 +103,11 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
         deps=[tiles],
         group_name="publish",
         kinds={"json"},
-        description="The published snapshot: manifest, atomic rename to `snapshots/<id>/`, "
-        "`latest.json` replaced atomically, old snapshots pruned.",
     )
     def snapshot(context: dg.AssetExecutionContext, hotspots: HotspotsResource) -> dg.MaterializeResult:
+        """The published snapshot: manifest, atomic rename to `snapshots/<id>/`, `latest.json` replaced
+        atomically, old snapshots pruned.
+        """
         cfg, name = hotspots.load(), context.partition_key
         with tileset_step(context, cfg, name, last=True):
             snap = publish.finalize_snapshot(cfg, name)
@@ -123,9 +127,9 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
         asset=snapshot,
         partitions_def=partitions,
         blocking=True,
-        description="latest.json names a complete snapshot: its manifest and every file it counts are there.",
     )
     def latest_is_complete(context: dg.AssetCheckExecutionContext, hotspots: HotspotsResource):
+        """latest.json names a complete snapshot: its manifest and every file it counts are there."""
         cfg, name = hotspots.load(), context.partition_key
         problem = publish.verify_latest(cfg, name)
         return dg.AssetCheckResult(passed=problem is None, metadata={"problem": problem or "none"})
@@ -186,7 +190,7 @@ def schedules_and_sensors(extract_job, publish_job, partitions: dg.StaticPartiti
         request_job=publish_job,
         name="publish_after_extract",
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="After an extraction, publish each tileset it read, at the same as_of.",
+        description="After an extraction, publish each tileset it read; its time is their default as_of.",
     )
     def publish_after_extract(context: dg.RunStatusSensorContext):
         yield from publish_requests(context)

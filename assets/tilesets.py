@@ -21,12 +21,13 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
         deps=["reports"],
         group_name="tilesets",
         kinds={"polars"},
-        description="Each valid report of the tileset's source weighted by its profile, "
-        "or excluded with a reason (private: `<home>/work/<tileset>/scored.parquet`).",
     )
     def scored_reports(
         context: dg.AssetExecutionContext, config: RunParams, hotspots: HotspotsResource
     ) -> dg.MaterializeResult:
+        """Each valid report of the tileset's source weighted by its profile, or excluded with a reason (private:
+        `<home>/work/<tileset>/scored.parquet`).
+        """
         cfg, name = hotspots.load(), context.partition_key
         as_of = resolve_as_of(context, config, cfg.tilesets[name].as_of)
         started = time.perf_counter()
@@ -52,9 +53,9 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
         asset=scored_reports,
         partitions_def=partitions,
         blocking=True,
-        description="valid = scored + excluded, and scored.parquet holds every scored report.",
     )
     def scoring_conservation(context: dg.AssetCheckExecutionContext, hotspots: HotspotsResource):
+        """valid = scored + excluded, and scored.parquet holds every scored report."""
         cfg, name = hotspots.load(), context.partition_key
         with tileset_step(context, cfg, name):
             summary = build.read_scoring(cfg, name)
@@ -69,13 +70,14 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
         asset=scored_reports,
         partitions_def=partitions,
         blocking=True,
-        description="The run did not lose its data: the source rejected at most `max_rejected_fraction` "
-        "of its rows, and at least `min_publish_fraction` of the live snapshot's reports were scored. "
-        "A failure keeps the live snapshot; `--force` publishes anyway.",
     )
     def publish_guard(
         context: dg.AssetCheckExecutionContext, config: RunParams, hotspots: HotspotsResource
     ) -> dg.AssetCheckResult:
+        """The run did not lose its data: the source rejected at most `max_rejected_fraction` of its rows, and at
+        least `min_publish_fraction` of the live snapshot's reports were scored. A failure keeps the live
+        snapshot; `--force` publishes anyway.
+        """
         cfg, name = hotspots.load(), context.partition_key
         with tileset_step(context, cfg, name):
             summary = build.read_scoring(cfg, name)
@@ -105,10 +107,11 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
         deps=[scored_reports],
         group_name="tilesets",
         kinds={"polars", "parquet"},
-        description="Tile-aligned cells for every zoom, rolled up from the finest "
-        "(`<home>/work/<tileset>/cells/zoom=<z>/cells.parquet`, GeoParquet 1.1).",
     )
     def cells(context: dg.AssetExecutionContext, hotspots: HotspotsResource) -> dg.MaterializeResult:
+        """Tile-aligned cells for every zoom, rolled up from the finest
+        (`<home>/work/<tileset>/cells/zoom=<z>/cells.parquet`, GeoParquet 1.1).
+        """
         cfg, name = hotspots.load(), context.partition_key
         started = time.perf_counter()
         with tileset_step(context, cfg, name):
@@ -135,10 +138,11 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
         asset=cells,
         partitions_def=partitions,
         blocking=True,
-        description="At every zoom: Σ report_count = scored reports, Σ weight = their weight "
-        "(1e-9 relative), and every centroid inside its cell.",
     )
     def pyramid_conservation(context: dg.AssetCheckExecutionContext, hotspots: HotspotsResource):
+        """At every zoom: Σ report_count = scored reports, Σ weight = their weight (1e-9 relative), and every
+        centroid inside its cell.
+        """
         cfg, name = hotspots.load(), context.partition_key
         with tileset_step(context, cfg, name):
             rows = build.check_pyramid(cfg, name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from datetime import datetime, timezone
 import os
@@ -332,3 +333,18 @@ def test_the_sensor_honours_a_tilesets_yaml_as_of(write_config):
         assert published.success
         scored_at = build.read_scoring(cfg, request.partition_key)["as_of"]
         assert scored_at == (own.isoformat() if request.partition_key == "pinned" else extracted_at)
+
+
+def test_every_asset_check_and_sensor_says_what_it_is(small_config):
+    """The UI shows these descriptions; assets and checks take them from their docstrings."""
+    defs = build_definitions(small_config)
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        assert graph.get(key).description, key
+    for check in defs.asset_checks or []:
+        for spec in check.check_specs:
+            assert spec.description, spec.name
+    for sensor in defs.sensors:
+        assert sensor.description, sensor.name
+    scored = next(a for a in defs.assets if dg.AssetKey("scored_reports") in a.keys)
+    assert scored.descriptions_by_key[scored.key] == inspect.getdoc(scored.op.compute_fn.decorated_fn)
