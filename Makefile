@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench dev serve clean
+.PHONY: install run test lint bench dev serve clean
 
 $(STAMP): pyproject.toml web/package-lock.json
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ run: $(STAMP)  ## extract, validate and publish the default hotspots.yaml
 
 test: $(STAMP)  ## the whole test suite
 	$(BIN)/pytest
+
+lint: $(STAMP)  ## ruff: lint and format (`ruff format` fixes the format)
+	$(BIN)/ruff check pipeline assets resources bench tests
+	$(BIN)/ruff format --check pipeline assets resources bench tests
 
 bench: $(STAMP)  ## benchmarks: print figures and ratios to baselines
 	$(BIN)/pip install --quiet -e '.[dev,bench]'

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 
@@ -33,8 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--tileset", action="append", default=[], help="only this tileset (repeatable)")
     run.add_argument("--as-of", help="ISO 8601 time the run is computed at (default: now)")
     run.add_argument("--full-refresh", action="store_true", help="database sources: read every row again")
-    run.add_argument("--force", action="store_true",
-                     help="publish even if a source or tileset lost its data (see max_rejected_fraction)")
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="publish even if a source or tileset lost its data (see max_rejected_fraction)",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="show Dagster's step logs")
     serve = sub.add_parser("serve", help="serve the publish root (viewer at /index.html) like a static host")
     serve.add_argument("--config", help="config file (default: $HOTSPOTS_CONFIG or ./hotspots.yaml)")
@@ -86,10 +89,15 @@ def _instance(cfg) -> dg.DagsterInstance:
 
 
 def _run_jobs(args, cfg, defs, instance, tilesets: list[str], sources: list[str], as_of) -> int:
-    now = as_of or datetime.now(timezone.utc).replace(microsecond=0)
+    now = as_of or datetime.now(UTC).replace(microsecond=0)
     # one time for the whole command: extraction and every tileset (unless its YAML says)
-    params = {"as_of": as_of.isoformat() if as_of else None, "default_as_of": now.isoformat(), "tilesets": tilesets,
-              "full_refresh": args.full_refresh, "force": args.force}  # fmt: skip
+    params = {
+        "as_of": as_of.isoformat() if as_of else None,
+        "default_as_of": now.isoformat(),
+        "tilesets": tilesets,
+        "full_refresh": args.full_refresh,
+        "force": args.force,
+    }
     ok, _, failures = _execute(defs, EXTRACT_JOB, params, instance, args.verbose)
     # a source that lost its data fails the `rejected_share` check after validation:
     # its tilesets are not published, the others are
@@ -155,7 +163,9 @@ def _rejected(args: argparse.Namespace) -> int:
     reasons = counts["rejected"]
     if args.reason and args.reason not in reasons:
         known = ", ".join(f"{r} {n:,}" for r, n in guard.top_reasons(reasons, len(reasons))) or "none"
-        raise ConfigError("--reason", f"no row of source {args.source} was rejected for {args.reason!r} (reasons: {known})")
+        raise ConfigError(
+            "--reason", f"no row of source {args.source} was rejected for {args.reason!r} (reasons: {known})"
+        )
     total = sum(reasons.values())
     print(f"source {args.source}: {total:,} of {counts['read']:,} rows rejected")
     for reason, n in guard.top_reasons(reasons, len(reasons)):
@@ -250,12 +260,16 @@ def _print_tileset(cfg, name: str) -> None:
     zooms = build.read_cells(cfg, name)
     print(f"tileset {name}: {s['scored']:,} scored, excluded: {excluded}; as_of {s['as_of']}")
     if zooms:
-        print(f"  cells z{zooms[0]['z']}-z{zooms[-1]['z']}: "
-              f"{sum(z['cells'] for z in zooms):,} cells -> {build.work_dir(cfg, name) / 'cells'}")
+        print(
+            f"  cells z{zooms[0]['z']}-z{zooms[-1]['z']}: "
+            f"{sum(z['cells'] for z in zooms):,} cells -> {build.work_dir(cfg, name) / 'cells'}"
+        )
     latest = publish.read_latest(cfg, name)
     if latest:
-        print(f"  published: {publish.tileset_root(cfg, name) / latest['path']} "
-              f"(latest: {publish.tileset_root(cfg, name) / publish.LATEST})")
+        print(
+            f"  published: {publish.tileset_root(cfg, name) / latest['path']} "
+            f"(latest: {publish.tileset_root(cfg, name) / publish.LATEST})"
+        )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 
@@ -29,8 +29,8 @@ Context = dg.AssetExecutionContext | dg.AssetCheckExecutionContext
 def run_start(context: Context) -> datetime:
     """When the run was created (UTC, whole seconds): the same in every step of a run."""
     record = context.instance.get_run_record_by_id(context.run_id)
-    created = record.create_timestamp if record else datetime.now(timezone.utc)
-    return created.astimezone(timezone.utc).replace(microsecond=0)
+    created = record.create_timestamp if record else datetime.now(UTC)
+    return created.astimezone(UTC).replace(microsecond=0)
 
 
 @contextmanager

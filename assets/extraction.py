@@ -28,9 +28,7 @@ def raw_reports(
     started = time.perf_counter()
     extract.preflight(cfg, sources)
     staged = extract.stage(cfg, sources, as_of, full_refresh=config.full_refresh, force=config.force)
-    rows = [
-        [name, f.file, f.rows, f.error or ""] for name, files in staged.items() for f in files
-    ]
+    rows = [[name, f.file, f.rows, f.error or ""] for name, files in staged.items() for f in files]
     errors = [r for r in rows if r[3]]
     for name, file, _, error in errors:
         context.log.warning(f"source {name}: cannot read {file}: {error}")
@@ -134,8 +132,16 @@ def rejected_share(config: RunParams, hotspots: HotspotsResource) -> dg.AssetChe
         counts = extract.source_counts(cfg.warehouse_path, name)
         loss = guard.source_loss(cfg, name, counts["read"], counts["rejected"])
         rejected = sum(counts["rejected"].values())
-        rows.append([name, counts["read"], rejected, guard.share_rejected(counts["read"], rejected),
-                     cfg.sources[name].max_rejected_fraction, guard.reasons_text(counts["rejected"]) or "none"])
+        rows.append(
+            [
+                name,
+                counts["read"],
+                rejected,
+                guard.share_rejected(counts["read"], rejected),
+                cfg.sources[name].max_rejected_fraction,
+                guard.reasons_text(counts["rejected"]) or "none",
+            ]
+        )
         if loss:
             lost.append(loss)
     return dg.AssetCheckResult(

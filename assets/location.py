@@ -58,4 +58,3 @@ def build_definitions(config_path: str | Path | None = None) -> dg.Definitions:
         sensors=[s for s in schedules_sensors if isinstance(s, dg.SensorDefinition)],
         resources={"hotspots": HotspotsResource(config_path=str(path))},
     )
-

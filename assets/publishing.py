@@ -35,9 +35,27 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
             metadata={
                 "dagster/row_count": sum(z.selected_tile for z in zooms),
                 "zooms": markdown_table(
-                    ["z", "cells", "tile features", "overview features", "stratum zoom", "coarsest", "overview stratum"],
-                    [[z.z, z.cells, z.selected_tile, z.selected_overview, z.stratum_zoom, z.stratum_zoom_coarsest,
-                      "" if z.overview_stratum_zoom is None else z.overview_stratum_zoom] for z in zooms],
+                    [
+                        "z",
+                        "cells",
+                        "tile features",
+                        "overview features",
+                        "stratum zoom",
+                        "coarsest",
+                        "overview stratum",
+                    ],
+                    [
+                        [
+                            z.z,
+                            z.cells,
+                            z.selected_tile,
+                            z.selected_overview,
+                            z.stratum_zoom,
+                            z.stratum_zoom_coarsest,
+                            "" if z.overview_stratum_zoom is None else z.overview_stratum_zoom,
+                        ]
+                        for z in zooms
+                    ],
                 ),
                 "seconds": round(time.perf_counter() - started, 3),
             }
@@ -57,13 +75,36 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
             rows = publish.check_selection(cfg, name)
         return dg.AssetCheckResult(
             passed=all(r.holds for r in rows),
-            metadata={"zooms": markdown_table(
-                ["z", "fullest tile", "budget", "overview", "overview budget", "empty strata", "impact beaten",
-                 "tiles unbalanced", "overview balanced"],
-                [[r.z, r.max_tile_features, r.budget, r.overview_features, r.overview_budget, r.empty_strata,
-                  r.impact_beaten, r.tiles_unbalanced, r.overview_balanced] for r in rows],
-            )},
-        )  # fmt: skip
+            metadata={
+                "zooms": markdown_table(
+                    [
+                        "z",
+                        "fullest tile",
+                        "budget",
+                        "overview",
+                        "overview budget",
+                        "empty strata",
+                        "impact beaten",
+                        "tiles unbalanced",
+                        "overview balanced",
+                    ],
+                    [
+                        [
+                            r.z,
+                            r.max_tile_features,
+                            r.budget,
+                            r.overview_features,
+                            r.overview_budget,
+                            r.empty_strata,
+                            r.impact_beaten,
+                            r.tiles_unbalanced,
+                            r.overview_balanced,
+                        ]
+                        for r in rows
+                    ],
+                )
+            },
+        )
 
     @dg.asset(
         partitions_def=partitions,
@@ -85,14 +126,34 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
             metadata={
                 "dagster/row_count": sum(z["tiles"] for z in staged["zooms"]),
                 "zooms": markdown_table(
-                    ["z", "tiles", "tile bytes", "MVT tiles", "MVT bytes", "largest MVT", "overview bytes", "cells bytes"],
-                    [[z["z"], z["tiles"], z["tile_bytes"], z["mvt_tiles"], z["mvt_bytes"], z["mvt_max_tile_bytes"],
-                      z["overview_bytes"], z["cells_bytes"]] for z in staged["zooms"]],
+                    [
+                        "z",
+                        "tiles",
+                        "tile bytes",
+                        "MVT tiles",
+                        "MVT bytes",
+                        "largest MVT",
+                        "overview bytes",
+                        "cells bytes",
+                    ],
+                    [
+                        [
+                            z["z"],
+                            z["tiles"],
+                            z["tile_bytes"],
+                            z["mvt_tiles"],
+                            z["mvt_bytes"],
+                            z["mvt_max_tile_bytes"],
+                            z["overview_bytes"],
+                            z["cells_bytes"],
+                        ]
+                        for z in staged["zooms"]
+                    ],
                 ),
                 "pmtiles_bytes": staged["pmtiles_bytes"],
                 "folders maxzoom": str(staged["folders"]),
                 "files": len(staged["digests"]),
-                "shared with the live snapshot": f"{staged['shared']['files']} files, {staged['shared']['bytes']:,} bytes",
+                "shared with the live snapshot": "{files} files, {bytes:,} bytes".format(**staged["shared"]),
                 "staging": dg.MetadataValue.path(staged["path"]),
                 "seconds": round(time.perf_counter() - started, 3),
             }
@@ -181,7 +242,9 @@ def schedules_and_sensors(extract_job, publish_job, partitions: dg.StaticPartiti
         for name in tilesets:
             config = {"as_of": params.get("as_of"), "default_as_of": extracted_at, "tilesets": [name]}
             yield dg.RunRequest(
-                run_key=f"{run.run_id}:{name}", partition_key=name, run_config={"ops": {"scored_reports": {"config": config}}}
+                run_key=f"{run.run_id}:{name}",
+                partition_key=name,
+                run_config={"ops": {"scored_reports": {"config": config}}},
             )
 
     @dg.run_status_sensor(

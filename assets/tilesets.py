@@ -151,8 +151,10 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
             metadata={
                 "zooms": markdown_table(
                     ["z", "reports", "expected", "weight", "expected", "centroids inside", "holds"],
-                    [[r.z, r.reports, r.expected_reports, r.weight, r.expected_weight, r.centroids_inside, r.holds]
-                     for r in rows],
+                    [
+                        [r.z, r.reports, r.expected_reports, r.weight, r.expected_weight, r.centroids_inside, r.holds]
+                        for r in rows
+                    ],
                 )
             },
         )

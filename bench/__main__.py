@@ -6,8 +6,13 @@ import sys
 
 from . import load, postgres, pyramid, retention, snapshot
 
-BENCHES = {"load": load.main, "postgres": postgres.main, "pyramid": pyramid.main, "snapshot": snapshot.main,
-           "retention": retention.main}
+BENCHES = {
+    "load": load.main,
+    "postgres": postgres.main,
+    "pyramid": pyramid.main,
+    "snapshot": snapshot.main,
+    "retention": retention.main,
+}
 
 
 def main(argv: list[str]) -> int:

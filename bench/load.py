@@ -9,7 +9,7 @@ from __future__ import annotations
 import resource
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,24 +23,26 @@ from pipeline.sources.synthetic import generate
 
 ROWS = 1_000_000
 TARGET_S = 10.0
-AS_OF = datetime(2026, 11, 1, tzinfo=timezone.utc)
+AS_OF = datetime(2026, 11, 1, tzinfo=UTC)
 
 
 def write_parquet(path: Path, rows: int) -> None:
     """Typed road-condition reports, as an export from the seed's table would be."""
     t = generate(SyntheticSource(kind="synthetic", domain="road_conditions", count=rows, bad_fraction=0), AS_OF)
-    typed = pa.table({
-        "id": t["report_id"],
-        "lat": pc.cast(t["lat"], pa.float64()),
-        "lng": pc.cast(t["lng"], pa.float64()),
-        "submitted_at": pc.cast(pc.replace_substring(t["observed_at"], "Z", ""), pa.timestamp("us")),
-        "condition_type": t["category"],
-        "severity": pc.cast(t["severity"], pa.int16()),
-        "upvotes": pc.cast(t["upvotes"], pa.int32()),
-        "session_token": t["session_token"],
-        "activity_context": t["activity"],
-        "description": t["description"],
-    })  # fmt: skip
+    typed = pa.table(
+        {
+            "id": t["report_id"],
+            "lat": pc.cast(t["lat"], pa.float64()),
+            "lng": pc.cast(t["lng"], pa.float64()),
+            "submitted_at": pc.cast(pc.replace_substring(t["observed_at"], "Z", ""), pa.timestamp("us")),
+            "condition_type": t["category"],
+            "severity": pc.cast(t["severity"], pa.int16()),
+            "upvotes": pc.cast(t["upvotes"], pa.int32()),
+            "session_token": t["session_token"],
+            "activity_context": t["activity"],
+            "description": t["description"],
+        }
+    )
     pq.write_table(typed, path)
 
 
@@ -48,16 +50,32 @@ def main() -> bool:
     with tempfile.TemporaryDirectory(prefix="hotspots-bench-") as tmp:
         tmp = Path(tmp)
         write_parquet(tmp / "reports.parquet", ROWS)
-        (tmp / "hotspots.yaml").write_text(yaml.safe_dump({
-            "sources": {"roads": {
-                "kind": "file", "path": "reports.parquet", "format": "parquet",
-                "columns": {"report_id": "id", "lat": "lat", "lng": "lng", "observed_at": "submitted_at",
-                            "category": "condition_type", "severity": "severity", "upvotes": "upvotes",
-                            "session_token": "session_token", "activity": "activity_context",
-                            "description": "description"},
-            }},
-            "tilesets": {"roads": {"source": "roads", "profile": "road_conditions"}},
-        }))  # fmt: skip
+        (tmp / "hotspots.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "sources": {
+                        "roads": {
+                            "kind": "file",
+                            "path": "reports.parquet",
+                            "format": "parquet",
+                            "columns": {
+                                "report_id": "id",
+                                "lat": "lat",
+                                "lng": "lng",
+                                "observed_at": "submitted_at",
+                                "category": "condition_type",
+                                "severity": "severity",
+                                "upvotes": "upvotes",
+                                "session_token": "session_token",
+                                "activity": "activity_context",
+                                "description": "description",
+                            },
+                        }
+                    },
+                    "tilesets": {"roads": {"source": "roads", "profile": "road_conditions"}},
+                }
+            )
+        )
         cfg = load_config(tmp / "hotspots.yaml")
 
         started = time.perf_counter()

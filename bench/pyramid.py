@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ TARGET_RATE = 2.5e6
 TARGET_SPEEDUP = 5.0
 TARGET_RSS_GB = 3.0
 RUNS = {"hotspots_side": 3, "naive_side": 2}
-AS_OF = datetime(2026, 11, 1, tzinfo=timezone.utc)
+AS_OF = datetime(2026, 11, 1, tzinfo=UTC)
 
 
 def make_reports(rows: int, seed: int = 0) -> pl.DataFrame:
@@ -42,18 +42,21 @@ def make_reports(rows: int, seed: int = 0) -> pl.DataFrame:
     lng, lat, _ = positions(rng, rows, (-0.51, 51.28, 0.33, 51.69))  # Greater London
     age_s = np.minimum(rng.exponential(20 * 86400, rows), 100 * 86400).astype("timedelta64[s]")
     observed = np.datetime64(AS_OF.replace(tzinfo=None), "us") - age_s
-    return pl.DataFrame({
-        "report_id": pl.int_range(0, rows, eager=True).cast(pl.String),
-        "entity_type": pl.repeat("road", rows, eager=True),
-        "entity_id": pl.repeat(None, rows, dtype=pl.String, eager=True),
-        "lat": lat, "lng": lng,
-        "observed_at": pl.Series(observed).dt.replace_time_zone("UTC"),
-        "expires_at": pl.repeat(None, rows, dtype=pl.Datetime("us", "UTC"), eager=True),
-        "category": pl.Series(np.asarray(ROAD_CONDITIONS)[rng.integers(0, 14, rows)]),
-        "severity": rng.integers(1, 4, rows).astype(np.float64),
-        "upvotes": rng.poisson(0.5, rows).astype(np.int32),
-        "is_public": np.ones(rows, bool),
-    })  # fmt: skip
+    return pl.DataFrame(
+        {
+            "report_id": pl.int_range(0, rows, eager=True).cast(pl.String),
+            "entity_type": pl.repeat("road", rows, eager=True),
+            "entity_id": pl.repeat(None, rows, dtype=pl.String, eager=True),
+            "lat": lat,
+            "lng": lng,
+            "observed_at": pl.Series(observed).dt.replace_time_zone("UTC"),
+            "expires_at": pl.repeat(None, rows, dtype=pl.Datetime("us", "UTC"), eager=True),
+            "category": pl.Series(np.asarray(ROAD_CONDITIONS)[rng.integers(0, 14, rows)]),
+            "severity": rng.integers(1, 4, rows).astype(np.float64),
+            "upvotes": rng.poisson(0.5, rows).astype(np.int32),
+            "is_public": np.ones(rows, bool),
+        }
+    )
 
 
 def hotspots_side(path: str) -> dict:
@@ -68,8 +71,13 @@ def hotspots_side(path: str) -> dict:
     del reports  # as in the pipeline, where scoring and the pyramid are separate steps
     cells = sum(f.height for f in pyramid.build(result.scored, profile, MINZOOM, MAXZOOM, DETAIL))
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "scoring_s": scored_s, "cells": cells, "scored": result.scored.height,
-            "rss_gb": _rss_gb()}  # fmt: skip
+    return {
+        "seconds": seconds,
+        "scoring_s": scored_s,
+        "cells": cells,
+        "scored": result.scored.height,
+        "rss_gb": _rss_gb(),
+    }
 
 
 def naive_sql(z: int) -> str:
@@ -148,12 +156,17 @@ def main(rows: int = ROWS) -> bool:
     same = ours["cells"] == naive["cells"]  # both sides built the same cells
     ok = rate >= TARGET_RATE and speedup >= TARGET_SPEEDUP and ours["rss_gb"] <= TARGET_RSS_GB and same
     print(f"pyramid: {rows:,} reports, road_conditions profile, z{MINZOOM}-z{MAXZOOM}, cell detail {DETAIL}")
-    print(f"  hotspots scoring + pyramid : {ours['seconds']:6.2f} s  ({rate / 1e6:.2f} M reports/s, "
-          f"target >= {TARGET_RATE / 1e6:.1f}; scoring {ours['scoring_s']:.2f} s; {ours['cells']:,} cells; "
-          f"runs {ours['all']})")
+    print(
+        f"  hotspots scoring + pyramid : {ours['seconds']:6.2f} s  ({rate / 1e6:.2f} M reports/s, "
+        f"target >= {TARGET_RATE / 1e6:.1f}; scoring {ours['scoring_s']:.2f} s; {ours['cells']:,} cells; "
+        f"runs {ours['all']})"
+    )
     print(f"  naive, DuckDB GROUP BY/zoom: {naive['seconds']:6.2f} s  ({naive['cells']:,} cells; runs {naive['all']})")
     print(f"  speedup over naive         : {speedup:6.1f}x (target >= {TARGET_SPEEDUP:.0f}x)")
-    print(f"  peak RSS                   : {ours['rss_gb']:6.2f} GB (target <= {TARGET_RSS_GB:.0f}; naive {naive['rss_gb']:.2f})")
+    print(
+        f"  peak RSS                   : {ours['rss_gb']:6.2f} GB "
+        f"(target <= {TARGET_RSS_GB:.0f}; naive {naive['rss_gb']:.2f})"
+    )
     print(f"  {'PASS' if ok else 'FAIL'}")
     return ok
 

@@ -60,8 +60,10 @@ def main() -> bool:
                 publish_tileset(cfg, name, AS_OF + timedelta(hours=hour))
                 shared[name] += json.loads((cfg.home / "work" / name / "staged.json").read_text())["shared"]["files"]
         seconds = time.perf_counter() - started
-        print(f"retention: the demo ({', '.join(cfg.tilesets)}), {HOURS} hourly snapshots, no new reports "
-              f"({seconds:.0f} s)")
+        print(
+            f"retention: the demo ({', '.join(cfg.tilesets)}), {HOURS} hourly snapshots, no new reports "
+            f"({seconds:.0f} s)"
+        )
         print(f"  {'tileset':<18}{'snapshots':>10}{'files':>9}{'apparent MB':>13}{'on disk MB':>12}{'linked':>8}")
         total = [0, 0, 0]
         for name in cfg.tilesets:
@@ -69,8 +71,10 @@ def main() -> bool:
             files, apparent, disk = usage(snapshots)
             count = sum(1 for p in snapshots.iterdir() if not p.name.startswith("."))
             total = [total[0] + files, total[1] + apparent, total[2] + disk]
-            print(f"  {name:<18}{count:>10}{files:>9,}{apparent / 1e6:>13.1f}{disk / 1e6:>12.1f}"
-                  f"{shared[name] / max(files, 1):>8.0%}")
+            print(
+                f"  {name:<18}{count:>10}{files:>9,}{apparent / 1e6:>13.1f}{disk / 1e6:>12.1f}"
+                f"{shared[name] / max(files, 1):>8.0%}"
+            )
         print(f"  {'all':<18}{'':>10}{total[0]:>9,}{total[1] / 1e6:>13.1f}{total[2] / 1e6:>12.1f}")
         shutil.rmtree(tmp / "output")
     return True

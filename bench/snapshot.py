@@ -27,14 +27,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
 import yaml
 
 ROWS = 1_000_000
-AS_OF = datetime(2026, 11, 1, tzinfo=timezone.utc)
+AS_OF = datetime(2026, 11, 1, tzinfo=UTC)
 TARGETS = {"wall": 0.3, "rss_gb": 1.5, "files": 50_000, "bytes": 1.5}
 INPUTS = {
     "city": ({"domain": "road_conditions", "days": 60, "bbox": [-0.51, 51.28, 0.33, 51.69]}, "road_conditions"),
@@ -102,11 +102,16 @@ def steps(config: str) -> None:
 def one(name: str, rows: int, tmp: Path) -> bool:
     source, profile = INPUTS[name]
     config = tmp / "hotspots.yaml"
-    config.write_text(yaml.safe_dump({
-        "home": str(tmp / ".hotspots"), "output": str(tmp / "output"),
-        "sources": {"bench": {"kind": "synthetic", "count": rows, "seed": 3, **source}},
-        "tilesets": {"bench": {"source": "bench", "profile": profile, "minzoom": 0, "maxzoom": 14}},
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "home": str(tmp / ".hotspots"),
+                "output": str(tmp / "output"),
+                "sources": {"bench": {"kind": "synthetic", "count": rows, "seed": 3, **source}},
+                "tilesets": {"bench": {"source": "bench", "profile": profile, "minzoom": 0, "maxzoom": 14}},
+            }
+        )
+    )
     python, hotspots = sys.executable, str(Path(sys.executable).parent / "hotspots")
     run = measure([hotspots, "run", "--config", str(config), "--as-of", AS_OF.isoformat()])
 
@@ -127,8 +132,20 @@ def one(name: str, rows: int, tmp: Path) -> bool:
     done = json.loads(ours.stdout.strip().splitlines()[-1])
     files, size = folder_size(Path(done["path"]))
     archive = tmp / "theirs.pmtiles"
-    theirs = measure([tippecanoe(), "-o", str(archive), "-z14", "--drop-densest-as-needed",
-                      "-l", "reports", "--force", "--quiet", str(points)])  # fmt: skip
+    theirs = measure(
+        [
+            tippecanoe(),
+            "-o",
+            str(archive),
+            "-z14",
+            "--drop-densest-as-needed",
+            "-l",
+            "reports",
+            "--force",
+            "--quiet",
+            str(points),
+        ]
+    )
     their_size = archive.stat().st_size
 
     ratios = {"wall": ours.wall / theirs.wall, "rss_gb": ours.rss / 1e9, "files": files, "bytes": size / their_size}
@@ -137,12 +154,17 @@ def one(name: str, rows: int, tmp: Path) -> bool:
     print(f"  {'':<34}{'wall s':>9}{'peak RSS GB':>13}{'files':>10}{'MB':>10}")
     print(f"  {'hotspots snapshot':<34}{ours.wall:9.2f}{ours.rss / 1e9:13.2f}{files:10,}{size / 1e6:10.1f}")
     print(f"  {'hotspots run (extraction incl.)':<34}{run.wall:9.2f}{run.rss / 1e9:13.2f}")
-    print(f"  {'tippecanoe -z14 --drop-densest':<34}{theirs.wall:9.2f}{theirs.rss / 1e9:13.2f}{1:10,}{their_size / 1e6:10.1f}")
+    print(
+        f"  {'tippecanoe -z14 --drop-densest':<34}{theirs.wall:9.2f}{theirs.rss / 1e9:13.2f}"
+        f"{1:10,}{their_size / 1e6:10.1f}"
+    )
     print("  steps: " + ", ".join(f"{k} {v:.2f} s" for k, v in done["steps"].items()))
     print(f"  wall  {ratios['wall']:.2f}x tippecanoe (target <= {TARGETS['wall']}) {'ok' if met['wall'] else 'MISSED'}")
     print(f"  RSS   {ratios['rss_gb']:.2f} GB (target <= {TARGETS['rss_gb']}) {'ok' if met['rss_gb'] else 'MISSED'}")
     print(f"  files {files:,} (target <= {TARGETS['files']:,}) {'ok' if met['files'] else 'MISSED'}")
-    print(f"  bytes {ratios['bytes']:.2f}x tippecanoe (target <= {TARGETS['bytes']}) {'ok' if met['bytes'] else 'MISSED'}")
+    print(
+        f"  bytes {ratios['bytes']:.2f}x tippecanoe (target <= {TARGETS['bytes']}) {'ok' if met['bytes'] else 'MISSED'}"
+    )
     return all(met.values())
 
 

@@ -100,9 +100,13 @@ def build_cells(cfg: Config, tileset: str) -> list[ZoomSummary]:
     def write(frame: pl.DataFrame, z: int) -> ZoomSummary:
         size = geoparquet.write(frame, cells_path(cfg, tileset, z))
         return ZoomSummary(
-            z, frame.height, int(frame.get_column("report_count").sum()),
-            float(frame.get_column("weight").sum()), float(frame.get_column("score").max()), size,
-        )  # fmt: skip
+            z,
+            frame.height,
+            int(frame.get_column("report_count").sum()),
+            float(frame.get_column("weight").sum()),
+            float(frame.get_column("score").max()),
+            size,
+        )
 
     # a zoom's file is written while the next coarser zoom is rolled up (at most two zooms held)
     with ThreadPoolExecutor(max_workers=1) as writer:
@@ -149,11 +153,16 @@ def check_pyramid(cfg: Config, tileset: str) -> list[PyramidCheck]:
             rows.append(PyramidCheck(z, 0, summary["scored"], 0.0, summary["weight"], summary["scored"] == 0))
             continue
         cells = pl.read_parquet(path, columns=["report_count", "weight", "lng", "lat", "cell_key"])
-        rows.append(PyramidCheck(
-            z, int(cells.get_column("report_count").sum()), summary["scored"],
-            float(cells.get_column("weight").sum()), summary["weight"],
-            centroids_inside(cells, z + ts.cell_detail),
-        ))  # fmt: skip
+        rows.append(
+            PyramidCheck(
+                z,
+                int(cells.get_column("report_count").sum()),
+                summary["scored"],
+                float(cells.get_column("weight").sum()),
+                summary["weight"],
+                centroids_inside(cells, z + ts.cell_detail),
+            )
+        )
     return rows
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import glob
 import os
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -115,7 +115,7 @@ class FileSource(_SourceBase):
     on_unreadable_file: Literal["fail", "skip"] = "fail"
 
     @model_validator(mode="after")
-    def _needs_a_position(self) -> "FileSource":
+    def _needs_a_position(self) -> FileSource:
         cols = self.columns
         if cols.geometry is None and (cols.lat is None or cols.lng is None):
             if self.format in ("csv", "parquet", "ndjson"):
@@ -173,7 +173,7 @@ class PostgresSource(_SourceBase):
     time_range_hours: float = Field(24.0, gt=0)  # rail adapter: stats summed over this window
 
     @model_validator(mode="after")
-    def _one_way_in(self) -> "PostgresSource":
+    def _one_way_in(self) -> PostgresSource:
         given = [k for k in ("adapter", "table", "query") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError("give exactly one of adapter, table or query")
@@ -194,7 +194,7 @@ class PostgresSource(_SourceBase):
         return self.columns is None or self.columns.observed_at is not None
 
 
-Source = Annotated[Union[FileSource, SyntheticSource, PostgresSource], Field(discriminator="kind")]
+Source = Annotated[FileSource | SyntheticSource | PostgresSource, Field(discriminator="kind")]
 
 
 PositiveDays = Annotated[float, Field(gt=0)]
@@ -272,7 +272,7 @@ class Tileset(_Strict):
     as_of: datetime | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Tileset":
+    def _consistent(self) -> Tileset:
         if self.maxzoom < self.minzoom:
             raise _KeyError("maxzoom", f"must be >= minzoom ({self.minzoom}), got {self.maxzoom}")
         if self.strata_detail >= self.cell_detail:
@@ -282,9 +282,7 @@ class Tileset(_Strict):
             )
         if self.preset is not None and self.preset not in PRESETS.get(self.profile, ()):
             known = ", ".join(PRESETS.get(self.profile, ())) or "none"
-            raise _KeyError(
-                "preset", f"unknown preset {self.preset!r} for profile {self.profile} (known: {known})"
-            )
+            raise _KeyError("preset", f"unknown preset {self.preset!r} for profile {self.profile} (known: {known})")
         if self.preset is not None:
             for key in PRESET_VALUES[self.profile][self.preset].needs:
                 if not getattr(self.filters, key):
@@ -292,7 +290,9 @@ class Tileset(_Strict):
         if len(set(self.formats)) != len(self.formats):
             raise _KeyError("formats", f"lists a format twice: {self.formats}")
         if self.maxzoom + self.cell_detail > 30:
-            raise _KeyError("cell_detail", f"maxzoom + cell_detail must be <= 30, got {self.maxzoom + self.cell_detail}")
+            raise _KeyError(
+                "cell_detail", f"maxzoom + cell_detail must be <= 30, got {self.maxzoom + self.cell_detail}"
+            )
         return self
 
     @field_validator("as_of")
@@ -341,15 +341,13 @@ class Config(_Strict):
     file: Path | None = Field(None, exclude=True)  # where it was loaded from
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Config":
+    def _consistent(self) -> Config:
         if not self.sources:
             raise _KeyError("sources", "declare at least one source")
         for name, ts in self.tilesets.items():
             if ts.source not in self.sources:
                 known = ", ".join(self.sources)
-                raise _KeyError(
-                    f"tilesets.{name}.source", f"unknown source {ts.source!r} (known: {known})"
-                )
+                raise _KeyError(f"tilesets.{name}.source", f"unknown source {ts.source!r} (known: {known})")
         out, home = self.output.resolve(), self.home.resolve()  # symlinks followed: no escape through one
         roots = [r.resolve() for r in self.roots]
         for key, path in (("output", out), ("home", home)):
@@ -385,8 +383,8 @@ class _KeyError(ValueError):
 def as_utc(value: datetime) -> datetime:
     """A timezone-aware UTC datetime (naive input is taken as UTC)."""
     if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
 
 
 def parse_as_of(text: str) -> datetime:

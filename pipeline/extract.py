@@ -104,9 +104,7 @@ def validate(cfg: Config, sources: list[str], as_of: datetime) -> dict[str, Vali
         for name in sources:
             src = cfg.sources[name]
             formats = src.formats() if isinstance(src, FileSource) else []
-            results[name] = validate_source(
-                con, name, src.rules, formats, as_of, **source_flags(src)
-            )
+            results[name] = validate_source(con, name, src.rules, formats, as_of, **source_flags(src))
     return results
 
 
@@ -134,10 +132,12 @@ def source_counts(db: Path, source: str) -> dict:
     with warehouse.reader(db) as con:
         read = con.execute("SELECT count(*) FROM raw_reports WHERE source = ?", [source]).fetchone()[0]
         valid = con.execute("SELECT count(*) FROM reports WHERE source = ?", [source]).fetchone()[0]
-        rejected = dict(con.execute(
-            "SELECT reason, count(*) FROM rejected_reports WHERE source = ? GROUP BY reason ORDER BY reason",
-            [source],
-        ).fetchall())  # fmt: skip
+        rejected = dict(
+            con.execute(
+                "SELECT reason, count(*) FROM rejected_reports WHERE source = ? GROUP BY reason ORDER BY reason",
+                [source],
+            ).fetchall()
+        )
     return {"read": read, "valid": valid, "rejected": rejected}
 
 

@@ -40,9 +40,13 @@ def feature_text(features: pl.DataFrame) -> pl.Expr:
     coord = lambda c: pl.col(c).round(6).cast(pl.String)  # noqa: E731
     return pl.concat_str(
         pl.lit('{"type":"Feature","geometry":{"type":"Point","coordinates":['),
-        coord("lng"), pl.lit(","), coord("lat"),
-        pl.lit(']},"properties":'), properties(features), pl.lit("}"),
-    ).alias("feature")  # fmt: skip
+        coord("lng"),
+        pl.lit(","),
+        coord("lat"),
+        pl.lit(']},"properties":'),
+        properties(features),
+        pl.lit("}"),
+    ).alias("feature")
 
 
 def collection(features: pl.DataFrame) -> str:

@@ -32,10 +32,17 @@ def wkb_points(x: np.ndarray, y: np.ndarray) -> pa.Array:
 
 def plain_strings(table: pa.Table) -> pa.Table:
     """String columns as plain ``string``, readable everywhere (polars exports string views)."""
-    return table.cast(pa.schema([
-        pa.field(f.name, pa.string() if pa.types.is_string_view(f.type) or pa.types.is_large_string(f.type) else f.type)
-        for f in table.schema
-    ]))  # fmt: skip
+    return table.cast(
+        pa.schema(
+            [
+                pa.field(
+                    f.name,
+                    pa.string() if pa.types.is_string_view(f.type) or pa.types.is_large_string(f.type) else f.type,
+                )
+                for f in table.schema
+            ]
+        )
+    )
 
 
 def to_table(frame: pl.DataFrame, lng: str = "lng", lat: str = "lat") -> pa.Table:
@@ -64,11 +71,12 @@ def low_cardinality(frame: pl.DataFrame) -> list[str]:
     small = (pl.String, pl.Boolean, pl.Int8, pl.Int16, pl.Int32)
     limit = max(1000, frame.height // 20)
     return [
-        c for c, t in frame.schema.items()
+        c
+        for c, t in frame.schema.items()
         if isinstance(t, small) or t in small
         # a sample first: unique keys (quadkeys) are ruled out without hashing them all
         if frame.get_column(c).head(4 * limit).n_unique() <= limit and frame.get_column(c).n_unique() <= limit
-    ]  # fmt: skip
+    ]
 
 
 def write(frame: pl.DataFrame, path: Path) -> int:
@@ -81,8 +89,12 @@ def write(frame: pl.DataFrame, path: Path) -> int:
     tmp = path.with_name(f".{path.name}.tmp")
     floats = [c for c, t in frame.schema.items() if t in (pl.Float32, pl.Float64)]
     pq.write_table(
-        to_table(frame), tmp, compression="zstd", row_group_size=128 * 1024,
-        use_dictionary=low_cardinality(frame), column_encoding=dict.fromkeys(floats, "BYTE_STREAM_SPLIT"),
-    )  # fmt: skip
+        to_table(frame),
+        tmp,
+        compression="zstd",
+        row_group_size=128 * 1024,
+        use_dictionary=low_cardinality(frame),
+        column_encoding=dict.fromkeys(floats, "BYTE_STREAM_SPLIT"),
+    )
     os.replace(tmp, path)
     return path.stat().st_size

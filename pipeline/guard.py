@@ -15,6 +15,7 @@ with no reports, is never a loss: there is nothing to lose.
 from __future__ import annotations
 
 import json
+
 from .config import Config
 
 TOP_REASONS = 3
@@ -103,4 +104,3 @@ def guard_tileset(cfg: Config, tileset: str, scoring_summary: dict) -> str | Non
     return source_loss(cfg, source["name"], source["read"], source["rejected"]) or tileset_loss(
         cfg, tileset, scoring_summary["scored"]
     )
-

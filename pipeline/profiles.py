@@ -15,9 +15,10 @@ constant. ``half_life`` mode is a true half-life, ``0.5 ** (age / h)``;
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Literal, Mapping
+from typing import Literal
 
 from .defaults import DEFAULTS
 
@@ -130,9 +131,16 @@ class Profile:
 
 WEATHER = ("ice", "snow", "mud", "flooding", "standing_water")
 STRUCTURAL = (
-    "pothole", "crack", "uneven_surface", "missing_section", "debris",
-    "broken_glass", "poor_lighting", "construction", "congestion",
-)  # fmt: skip
+    "pothole",
+    "crack",
+    "uneven_surface",
+    "missing_section",
+    "debris",
+    "broken_glass",
+    "poor_lighting",
+    "construction",
+    "congestion",
+)
 
 PROFILES: dict[str, Profile] = {
     "generic": Profile(name="generic", severity_range=(0.0, math.inf)),  # a weight is never negative
@@ -198,15 +206,19 @@ class Preset:
 PRESETS: dict[str, dict[str, Preset]] = {
     "campus_issues": {
         "emergency": Preset(
-            decay_factor=1.0, severity_weight_multiplier=3.0, max_age_days=7,
+            decay_factor=1.0,
+            severity_weight_multiplier=3.0,
+            max_age_days=7,
             filters=Filters(priorities=("CRITICAL", "HIGH"), statuses=("OPEN", "IN_PROGRESS")),
         ),
         "maintenance": Preset(
-            decay_factor=0.3, severity_weight_multiplier=1.5, max_age_days=90,
+            decay_factor=0.3,
+            severity_weight_multiplier=1.5,
+            max_age_days=90,
             filters=Filters(statuses=("OPEN", "RESOLVED")),
         ),
         "overview": Preset(decay_factor=0.5, severity_weight_multiplier=2.0, max_age_days=30),
         # the seed's example building ("engineering-bldg") is one campus's: the tileset names its own
         "building": Preset(decay_factor=0.4, severity_weight_multiplier=2.0, max_age_days=60, needs=("buildings",)),
     },
-}  # fmt: skip
+}

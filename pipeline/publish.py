@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
@@ -94,8 +94,9 @@ def _select_zoom(cfg: Config, tileset: str, ts: Tileset, profile, z: int) -> Zoo
     if not path.exists():
         return None
     cells = pl.read_parquet(path).drop("geometry")
-    cells = privacy.coarsen(cells, z=z, detail=ts.cell_detail, strata_detail=ts.strata_detail,
-                            min_count=profile.min_count)  # fmt: skip
+    cells = privacy.coarsen(
+        cells, z=z, detail=ts.cell_detail, strata_detail=ts.strata_detail, min_count=profile.min_count
+    )
     common = dict(z=z, detail=ts.cell_detail, strata_detail=ts.strata_detail, representative=profile.representative)
     tile_choice = choose(cells, budget=ts.max_features_per_tile, group_zoom=z, **common)
     tile_features = features(cells, tile_choice, profile)
@@ -104,15 +105,29 @@ def _select_zoom(cfg: Config, tileset: str, ts: Tileset, profile, z: int) -> Zoo
         over_choice = choose(cells, budget=overview_budget(z), group_zoom=0, **common)
         over_features = features(cells, over_choice, profile)
     key_to_quadkey = cells.select("cell_key", "quadkey")
-    annotated = cells.join(
-        tile_choice.join(key_to_quadkey.rename({"cell_key": "target_key", "quadkey": "tile_feature"}), on="target_key")
-        .select("cell_key", pl.col("chosen").alias("selected_tile"), "tier", "tile_feature",
-                pl.col("stratum_zoom").alias("tile_stratum_zoom")),
-        on="cell_key",
-    ).with_columns(
-        (pl.col("cell_key").is_in(over_choice.filter("chosen").get_column("cell_key").implode())
-         if overview else pl.lit(False)).alias("selected_overview")
-    ).sort("cell_key").drop("cell_key")  # fmt: skip
+    annotated = (
+        cells.join(
+            tile_choice.join(
+                key_to_quadkey.rename({"cell_key": "target_key", "quadkey": "tile_feature"}), on="target_key"
+            ).select(
+                "cell_key",
+                pl.col("chosen").alias("selected_tile"),
+                "tier",
+                "tile_feature",
+                pl.col("stratum_zoom").alias("tile_stratum_zoom"),
+            ),
+            on="cell_key",
+        )
+        .with_columns(
+            (
+                pl.col("cell_key").is_in(over_choice.filter("chosen").get_column("cell_key").implode())
+                if overview
+                else pl.lit(False)
+            ).alias("selected_overview")
+        )
+        .sort("cell_key")
+        .drop("cell_key")
+    )
     # cell_key, the exact quadkey as a number, stays private (see privacy.coarsen)
     out = selected_dir(cfg, tileset, z)
     geoparquet.write(annotated, out / "cells.parquet")  # published as is
@@ -120,11 +135,15 @@ def _select_zoom(cfg: Config, tileset: str, ts: Tileset, profile, z: int) -> Zoo
     if overview:
         _write_ipc(over_features, out / "overview_features.arrow")
     return ZoomSelection(
-        z, cells.height, tile_features.select(pl.struct("tile_x", "tile_y").n_unique()).item(), tile_features.height,
-        over_features.height if overview else 0, z + ts.strata_detail,
+        z,
+        cells.height,
+        tile_features.select(pl.struct("tile_x", "tile_y").n_unique()).item(),
+        tile_features.height,
+        over_features.height if overview else 0,
+        z + ts.strata_detail,
         int(tile_choice.get_column("stratum_zoom").min()),
         int(over_choice.get_column("stratum_zoom").min()) if overview else None,
-    )  # fmt: skip
+    )
 
 
 def read_selection(cfg: Config, tileset: str) -> list[dict]:
@@ -185,12 +204,20 @@ def check_selection(cfg: Config, tileset: str) -> list[SelectionCheck]:
         beaten = impact.filter(pl.col("best_unchosen") > pl.col("lowest_impact")).height
         overview_file = folder / "overview_features.arrow"
         over = pl.read_ipc(overview_file) if overview_file.exists() else None
-        rows.append(SelectionCheck(
-            z, int(per_tile.get_column("n").max() or 0), ts.max_features_per_tile,
-            over.height if over is not None else 0, overview_budget(z),
-            strata.filter(~pl.col("selected_tile")).height, beaten, unbalanced.height,
-            over is None or int(over.get_column("report_count").sum()) == int(cells.get_column("report_count").sum()),
-        ))  # fmt: skip
+        rows.append(
+            SelectionCheck(
+                z,
+                int(per_tile.get_column("n").max() or 0),
+                ts.max_features_per_tile,
+                over.height if over is not None else 0,
+                overview_budget(z),
+                strata.filter(~pl.col("selected_tile")).height,
+                beaten,
+                unbalanced.height,
+                over is None
+                or int(over.get_column("report_count").sum()) == int(cells.get_column("report_count").sum()),
+            )
+        )
     return rows
 
 
@@ -226,8 +253,11 @@ def _writing(folder: Path, published: str | None = None) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        after = (f"snapshot {published} is published, but index.html or pruning is not done" if published
-                 else "the previous snapshot stays published")
+        after = (
+            f"snapshot {published} is published, but index.html or pruning is not done"
+            if published
+            else "the previous snapshot stays published"
+        )
         raise PublishError(f"cannot write in {folder}: {exc.strerror or exc}; {after}") from exc
 
 
@@ -268,13 +298,14 @@ def _stage_into(cfg: Config, tileset: str, folder: SnapshotFolder) -> dict:
         folder.path(cells_out).parent.mkdir(parents=True)
         link_or_copy(selected / "cells.parquet", folder.path(cells_out))
         cells_bytes = folder.adopt(cells_out)
-        tiles, size = (geojson.write_tiles(tile_features, z, folder) if in_folders(z, "geojson")
-                       else (s["tiles"], 0))  # fmt: skip
+        tiles, size = geojson.write_tiles(tile_features, z, folder) if in_folders(z, "geojson") else (s["tiles"], 0)
         metrics.update(m for m in geojson.METRICS if m in tile_features.columns)
         if tile_features.height:
             box = tile_features.select(
-                pl.col("lng").min().alias("w"), pl.col("lat").min().alias("s"),
-                pl.col("lng").max().alias("e"), pl.col("lat").max().alias("n"),
+                pl.col("lng").min().alias("w"),
+                pl.col("lat").min().alias("s"),
+                pl.col("lng").max().alias("e"),
+                pl.col("lat").max().alias("n"),
             ).row(0)
             extent[:] = [min(extent[0], box[0]), min(extent[1], box[1]), max(extent[2], box[2]), max(extent[3], box[3])]
         overview_bytes = 0
@@ -291,9 +322,13 @@ def _stage_into(cfg: Config, tileset: str, folder: SnapshotFolder) -> dict:
         if in_folders(z, "mvt"):
             for x, y, data in zip(encoded.x.tolist(), encoded.y.tolist(), encoded.data):
                 folder.put(f"mvt/{z}/{x}/{y}.mvt", data)
-        return {**zoom, "mvt_tiles": len(encoded.data), "mvt_bytes": mvt_bytes,
-                "mvt_max_tile_bytes": max((len(d) for d in encoded.data), default=0),
-                "mvt_folder_bytes": mvt_bytes if in_folders(z, "mvt") else 0}  # fmt: skip
+        return {
+            **zoom,
+            "mvt_tiles": len(encoded.data),
+            "mvt_bytes": mvt_bytes,
+            "mvt_max_tile_bytes": max((len(d) for d in encoded.data), default=0),
+            "mvt_folder_bytes": mvt_bytes if in_folders(z, "mvt") else 0,
+        }
 
     # Zoom by zoom, coarsest first (the archive's tile-id order): while a
     # zoom's tiles are encoded (DuckDB and zlib, every core), its files are
@@ -326,17 +361,25 @@ def _stage_into(cfg: Config, tileset: str, folder: SnapshotFolder) -> dict:
     meta = {"name": tileset, "format": "pbf", "vector_layers": layers, "attribution": "Hotspots"}
     archive.close(meta, extent)
     pmtiles_bytes = folder.adopt("heatmap.pmtiles")
-    published = {fmt: (min(folders_maxz, maxz) if fmt in ts.formats and folders_maxz is not None and zooms else None)
-                 for fmt in ("geojson", "mvt")}  # fmt: skip
+    published = {
+        fmt: (min(folders_maxz, maxz) if fmt in ts.formats and folders_maxz is not None and zooms else None)
+        for fmt in ("geojson", "mvt")
+    }
     if published["mvt"] is not None or (not zooms and "mvt" in ts.formats):
         # TileJSON describes the mvt/ folder: its zooms are the folder's
         top = published["mvt"] if published["mvt"] is not None else maxz
         folder_layers = vector.vector_layers(sorted(metrics), minz, top)
         doc = vector.tilejson(tileset, folder_layers, extent, minz, top)
         folder.put("tiles.json", (strictjson.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
-    staged = {"path": str(tmp), "zooms": zooms, "digests": folder.digests, "pmtiles_bytes": pmtiles_bytes,
-              "max_features_per_tile": ts.max_features_per_tile, "folders": published,
-              "shared": {"files": folder.shared, "bytes": folder.shared_bytes}}  # fmt: skip
+    staged = {
+        "path": str(tmp),
+        "zooms": zooms,
+        "digests": folder.digests,
+        "pmtiles_bytes": pmtiles_bytes,
+        "max_features_per_tile": ts.max_features_per_tile,
+        "folders": published,
+        "shared": {"files": folder.shared, "bytes": folder.shared_bytes},
+    }
     _write_json(work_dir(cfg, tileset) / "staged.json", staged)
     return staged
 
@@ -377,20 +420,26 @@ def finalize_snapshot(cfg: Config, tileset: str, now: datetime | None = None) ->
                 os.sync()  # the files reach the disk before the rename makes them visible
                 os.rename(tmp, final)
                 _fsync_dir(final.parent)
-            generated = (now or datetime.now(timezone.utc)).replace(microsecond=0)
+            generated = (now or datetime.now(UTC)).replace(microsecond=0)
             _write_json(
                 root / LATEST,
-                {"snapshot_id": snapshot_id, "generated_at": generated.isoformat().replace("+00:00", "Z"),
-                 "as_of": manifest["as_of"], "path": f"{SNAPSHOTS}/{snapshot_id}/"},
+                {
+                    "snapshot_id": snapshot_id,
+                    "generated_at": generated.isoformat().replace("+00:00", "Z"),
+                    "as_of": manifest["as_of"],
+                    "path": f"{SNAPSHOTS}/{snapshot_id}/",
+                },
                 durable=True,
-            )  # fmt: skip
+            )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never published: give the space back
         raise
     with _writing(cfg.output, published=snapshot_id):
         write_viewer(cfg)
         pruned = prune(cfg, tileset, cfg.tilesets[tileset].retain_snapshots)
-    sizes = sum(z["tile_bytes"] + z["overview_bytes"] + z["cells_bytes"] + z["mvt_folder_bytes"] for z in staged["zooms"])
+    sizes = sum(
+        z["tile_bytes"] + z["overview_bytes"] + z["cells_bytes"] + z["mvt_folder_bytes"] for z in staged["zooms"]
+    )
     sizes += staged["pmtiles_bytes"] + len(text)
     return Snapshot(snapshot_id, final, len(digests), sizes, pruned, reused)
 
@@ -415,11 +464,27 @@ def build_manifest(cfg: Config, tileset: str, staged: dict) -> dict:
             "excluded": scored["excluded"],
         },
         "zooms": [
-            {k: z[k] for k in ("z", "cells", "selected_tile", "selected_overview", "stratum_zoom",
-                               "stratum_zoom_coarsest", "overview_stratum_zoom", "tiles", "tile_bytes",
-                               "overview_bytes", "cells_bytes", "mvt_tiles", "mvt_bytes", "mvt_max_tile_bytes")}
+            {
+                k: z[k]
+                for k in (
+                    "z",
+                    "cells",
+                    "selected_tile",
+                    "selected_overview",
+                    "stratum_zoom",
+                    "stratum_zoom_coarsest",
+                    "overview_stratum_zoom",
+                    "tiles",
+                    "tile_bytes",
+                    "overview_bytes",
+                    "cells_bytes",
+                    "mvt_tiles",
+                    "mvt_bytes",
+                    "mvt_max_tile_bytes",
+                )
+            }
             for z in staged["zooms"]
-        ],  # fmt: skip
+        ],
         "files": len(staged["digests"]) + 1,
         "pmtiles_bytes": staged["pmtiles_bytes"],
         # the deepest zoom of each per-tile folder (null: not published); the archive has every zoom
@@ -429,9 +494,12 @@ def build_manifest(cfg: Config, tileset: str, staged: dict) -> dict:
             "overview": "overview/<z>.geojson",
             "pmtiles": "heatmap.pmtiles",
             **({"tiles": "tiles/<z>/<x>/<y>.geojson"} if staged["folders"]["geojson"] is not None else {}),
-            **({"mvt": "mvt/<z>/<x>/<y>.mvt (gzip)", "tilejson": "tiles.json"}
-               if "tiles.json" in staged["digests"] else {}),
-        },  # fmt: skip
+            **(
+                {"mvt": "mvt/<z>/<x>/<y>.mvt (gzip)", "tilejson": "tiles.json"}
+                if "tiles.json" in staged["digests"]
+                else {}
+            ),
+        },
     }
 
 
@@ -540,4 +608,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-

@@ -25,9 +25,21 @@ EPSILON = 1e-14  # mercantile's: a point this close to a tile's right/bottom edg
 INSIDE = 1e-9  # degrees (0.1 mm) a centroid keeps from its cell's edges
 METRIC_COLUMNS = ("departures", "cancellations", "delays")
 CELL_COLUMNS = (
-    "z", "quadkey", "tile_x", "tile_y", "report_count", "weight", "score", "intensity",
-    "lng", "lat", "max_weight", "top_category", "first_seen", "last_seen",
-)  # fmt: skip
+    "z",
+    "quadkey",
+    "tile_x",
+    "tile_y",
+    "report_count",
+    "weight",
+    "score",
+    "intensity",
+    "lng",
+    "lat",
+    "max_weight",
+    "top_category",
+    "first_seen",
+    "last_seen",
+)
 
 
 def tile_x(lng: pl.Expr, level: int) -> pl.Expr:
@@ -46,9 +58,7 @@ def tile_y(lat: pl.Expr, level: int) -> pl.Expr:
 def _tile_index(v: pl.Expr, level: int) -> pl.Expr:
     z2 = float(2**level)
     inside = ((v + EPSILON) * z2).floor()
-    return (
-        pl.when(v <= 0).then(0.0).when(v >= 1).then(z2 - 1).otherwise(inside).cast(pl.UInt64)
-    )
+    return pl.when(v <= 0).then(0.0).when(v >= 1).then(z2 - 1).otherwise(inside).cast(pl.UInt64)
 
 
 def _spread16(v: np.ndarray) -> np.ndarray:
@@ -113,9 +123,14 @@ class _Level(NamedTuple):
 
     @classmethod
     def finest(
-        cls, reports: pl.DataFrame, key: np.ndarray, code: np.ndarray, n_categories: int, level: int,
+        cls,
+        reports: pl.DataFrame,
+        key: np.ndarray,
+        code: np.ndarray,
+        n_categories: int,
+        level: int,
         columns: list[tuple[str, str]],
-    ) -> "_Level":
+    ) -> _Level:
         """Finest cells from reports sorted (stably) by cell key, then category code.
 
         Sums run left to right over each cell's reports in that fixed order,
@@ -136,14 +151,18 @@ class _Level(NamedTuple):
         cell_key = key[starts]
         x, y = cell_xy(cell_key)
         return cls(
-            cell_key, x, y, _quadkey_digits(cell_key, level), sums,
+            cell_key,
+            x,
+            y,
+            _quadkey_digits(cell_key, level),
+            sums,
             np.maximum.reduceat(weight, starts),
             np.minimum.reduceat(times, starts),
             np.maximum.reduceat(times, starts),
             counts.reshape(n_categories + 1, -1)[:n_categories],
-        )  # fmt: skip
+        )
 
-    def parent(self) -> "_Level":
+    def parent(self) -> _Level:
         """The level above: siblings share ``key // 4`` and are adjacent (sorted keys)."""
         key = self.key >> np.uint64(2)
         starts = _run_starts(key)
@@ -216,15 +235,20 @@ def build(
     keyed = (
         scored.lazy()
         .select(
-            *{c for _, c in summed}, "observed_at",
+            *{c for _, c in summed},
+            "observed_at",
             tile_x(pl.col("lng"), level).alias("_x"),
             tile_y(pl.col("lat"), level).alias("_y"),
-            pl.col("category").cast(pl.Enum(categories)).to_physical().cast(pl.UInt64)
-            .fill_null(len(categories)).alias("code"),  # the last code: no category
+            pl.col("category")
+            .cast(pl.Enum(categories))
+            .to_physical()
+            .cast(pl.UInt64)
+            .fill_null(len(categories))
+            .alias("code"),  # the last code: no category
         )
         .with_columns(morton(pl.col("_x"), pl.col("_y")).alias("key"))
         .drop("_x", "_y")
-    )  # fmt: skip
+    )
     if 2 * level + code_bits <= 64:  # one packed sort column is faster than two
         packed = (pl.col("key") * (1 << code_bits) + pl.col("code")).alias("packed")
         reports = keyed.select(pl.all().exclude("key", "code"), packed).sort("packed", maintain_order=True).collect()
@@ -251,25 +275,27 @@ def _frame(
     top_code = _top_category(cells.category_counts)
     top = pl.Series([*categories, None], dtype=pl.String).gather(np.where(top_code < 0, len(categories), top_code))
     boosted = {c: cells.sums[c] for c in ("severity_boost_sum", "decay_sum") if c in cells.sums}
-    frame = pl.DataFrame({
-        "z": pl.Series(np.full(len(n), z, np.int32)),
-        "quadkey": _digits_to_strings(cells.digits),
-        "tile_x": x >> detail,
-        "tile_y": y >> detail,
-        "report_count": n,
-        "weight": cells.sums["weight"],
-        # the mean of member positions, held inside the cell against rounding
-        # (and against the last-ulp differences between math libraries' sinh)
-        "lng": np.clip(cells.sums["lng_sum"] / n, west + INSIDE, east - INSIDE),
-        "lat": np.clip(cells.sums["lat_sum"] / n, south + INSIDE, north - INSIDE),
-        "max_weight": cells.max_weight,
-        "top_category": top,
-        "first_seen": pl.Series(cells.first_seen).cast(pl.Datetime("us", "UTC")),
-        "last_seen": pl.Series(cells.last_seen).cast(pl.Datetime("us", "UTC")),
-        **{m: cells.sums[m] for m in metrics},
-        **boosted,
-        "cell_key": cells.key,
-    })  # fmt: skip
+    frame = pl.DataFrame(
+        {
+            "z": pl.Series(np.full(len(n), z, np.int32)),
+            "quadkey": _digits_to_strings(cells.digits),
+            "tile_x": x >> detail,
+            "tile_y": y >> detail,
+            "report_count": n,
+            "weight": cells.sums["weight"],
+            # the mean of member positions, held inside the cell against rounding
+            # (and against the last-ulp differences between math libraries' sinh)
+            "lng": np.clip(cells.sums["lng_sum"] / n, west + INSIDE, east - INSIDE),
+            "lat": np.clip(cells.sums["lat_sum"] / n, south + INSIDE, north - INSIDE),
+            "max_weight": cells.max_weight,
+            "top_category": top,
+            "first_seen": pl.Series(cells.first_seen).cast(pl.Datetime("us", "UTC")),
+            "last_seen": pl.Series(cells.last_seen).cast(pl.Datetime("us", "UTC")),
+            **{m: cells.sums[m] for m in metrics},
+            **boosted,
+            "cell_key": cells.key,
+        }
+    )
     frame = frame.with_columns(score(profile).alias("score")).with_columns(intensity(profile).alias("intensity"))
     return frame.select(*CELL_COLUMNS, *metrics, *boosted, "cell_key")
 
@@ -287,8 +313,13 @@ def _top_category(counts: np.ndarray) -> np.ndarray:
 def _compact(v: np.ndarray) -> np.ndarray:
     # bits 0, 2, 4, ... of v packed together (the inverse of _spread_bits)
     v = v & np.uint64(0x5555555555555555)
-    for shift, mask in ((1, 0x3333333333333333), (2, 0x0F0F0F0F0F0F0F0F), (4, 0x00FF00FF00FF00FF),
-                        (8, 0x0000FFFF0000FFFF), (16, 0x00000000FFFFFFFF)):  # fmt: skip
+    for shift, mask in (
+        (1, 0x3333333333333333),
+        (2, 0x0F0F0F0F0F0F0F0F),
+        (4, 0x00FF00FF00FF00FF),
+        (8, 0x0000FFFF0000FFFF),
+        (16, 0x00000000FFFFFFFF),
+    ):
         v = (v | (v >> np.uint64(shift))) & np.uint64(mask)
     return v.astype(np.int64)
 

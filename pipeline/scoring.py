@@ -33,17 +33,40 @@ EXCLUSIONS = (
 )
 SCORED_COLUMNS = ("lat", "lng", "observed_at", "category", "weight", "severity_boost", "decay")
 READ_COLUMNS = (
-    "report_id", "entity_type", "entity_id", "lat", "lng", "observed_at", "expires_at", "category",
-    "severity", "priority", "status", "organization", "building", "activity", "upvotes",
-    "departures", "cancellations", "delays", "is_public",
-)  # fmt: skip  -- never session_token or description
+    "report_id",
+    "entity_type",
+    "entity_id",
+    "lat",
+    "lng",
+    "observed_at",
+    "expires_at",
+    "category",
+    "severity",
+    "priority",
+    "status",
+    "organization",
+    "building",
+    "activity",
+    "upvotes",
+    "departures",
+    "cancellations",
+    "delays",
+    "is_public",
+)  # never session_token or description
 DAY_US = 86_400 * 10**6
 READ_TYPES = {
     **{c: pl.String for c in READ_COLUMNS},
-    "lat": pl.Float64, "lng": pl.Float64, "severity": pl.Float64, "departures": pl.Float64,
-    "cancellations": pl.Float64, "delays": pl.Float64, "upvotes": pl.Int64, "is_public": pl.Boolean,
-    "observed_at": pl.Datetime("us", "UTC"), "expires_at": pl.Datetime("us", "UTC"),
-}  # fmt: skip
+    "lat": pl.Float64,
+    "lng": pl.Float64,
+    "severity": pl.Float64,
+    "departures": pl.Float64,
+    "cancellations": pl.Float64,
+    "delays": pl.Float64,
+    "upvotes": pl.Int64,
+    "is_public": pl.Boolean,
+    "observed_at": pl.Datetime("us", "UTC"),
+    "expires_at": pl.Datetime("us", "UTC"),
+}
 
 
 class ScoreResult(NamedTuple):
@@ -78,10 +101,9 @@ def resolve(tileset: Tileset) -> tuple[Profile, Filters]:
     )
     overrides = {
         k: getattr(s, k)
-        for k in ("score", "normalize", "severity_weight_multiplier", "upvote_weight",
-                  "max_age_days", "representative")
+        for k in ("score", "normalize", "severity_weight_multiplier", "upvote_weight", "max_age_days", "representative")
         if getattr(s, k) is not None
-    }  # fmt: skip
+    }
     if s.metrics is not None:
         overrides["metrics"] = tuple(s.metrics)
     if s.priority_boost is not None:
@@ -134,9 +156,7 @@ def decay_days(profile: Profile) -> pl.Expr:
     per_category = {c: days[k] for c, k in profile.category_class.items() if k in days}
     per_category.update({k: v for k, v in days.items() if k not in profile.category_class.values()})
     per_category.pop("default", None)
-    return pl.col("category").replace_strict(
-        per_category, default=days.get("default"), return_dtype=pl.Float64
-    )
+    return pl.col("category").replace_strict(per_category, default=days.get("default"), return_dtype=pl.Float64)
 
 
 def decay(profile: Profile, as_of: datetime) -> pl.Expr:
@@ -196,10 +216,14 @@ def filter_passes(filters: Filters) -> pl.Expr:
     conds = [
         _in(col, getattr(filters, name))
         for name, col in (
-            ("entity_types", "entity_type"), ("categories", "category"), ("priorities", "priority"),
-            ("statuses", "status"), ("buildings", "building"), ("organizations", "organization"),
+            ("entity_types", "entity_type"),
+            ("categories", "category"),
+            ("priorities", "priority"),
+            ("statuses", "status"),
+            ("buildings", "building"),
+            ("organizations", "organization"),
             ("activities", "activity"),
-        )  # fmt: skip
+        )
         if getattr(filters, name) is not None
     ]
     if filters.min_severity is not None:
@@ -256,10 +280,14 @@ def score_reports(reports: pl.LazyFrame, profile: Profile, filters: Filters, as_
     # the canonical types, whatever the caller built (an all-null column has no type of its own)
     reports = reports.with_columns(pl.col(c).cast(t) for c, t in READ_TYPES.items() if c in present)
     judged = reports.with_columns(exclusion(profile, filters, as_of))
-    kept = judged.filter(pl.col("excluded").is_null()).with_columns(
-        (severity_score(profile) * priority_boost(profile)).alias("severity_boost"),
-        decay(profile, as_of).alias("decay"),
-    ).with_columns(weight(profile).alias("weight"))
+    kept = (
+        judged.filter(pl.col("excluded").is_null())
+        .with_columns(
+            (severity_score(profile) * priority_boost(profile)).alias("severity_boost"),
+            decay(profile, as_of).alias("decay"),
+        )
+        .with_columns(weight(profile).alias("weight"))
+    )
     columns = [*SCORED_COLUMNS, *(METRIC_COLUMNS if profile.metrics else ())]
     if profile.one_point_per_entity:
         kept = _one_point_per_entity(kept, columns)

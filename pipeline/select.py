@@ -73,8 +73,7 @@ def choose(
     frame = frame.with_columns(at(group_zoom).alias("group"))
     # the finest stratum zoom at which the group's non-empty strata fit the budget
     fits = [
-        pl.when(at(zoom).n_unique().over("group") <= budget).then(zoom)
-        for zoom in range(finest, group_zoom - 1, -1)
+        pl.when(at(zoom).n_unique().over("group") <= budget).then(zoom) for zoom in range(finest, group_zoom - 1, -1)
     ]
     frame = frame.with_columns(pl.coalesce(fits).cast(pl.Int32).alias("stratum_zoom"))
     stratum = pl.when(pl.col("stratum_zoom") == finest).then(at(finest))
@@ -89,11 +88,17 @@ def choose(
     frame = frame.with_columns(coverage.alias("coverage"))
     by_score = frame.sort(["coverage", "score", "cell_key"], descending=[True, True, False])
     slot = pl.int_range(pl.len()).over("group")  # coverage cells come first in each group
-    frame = by_score.with_columns((slot < budget).alias("chosen")).with_columns(
-        pl.when(pl.col("coverage")).then(pl.lit("coverage"))
-        .when(pl.col("chosen")).then(pl.lit("impact"))
-        .alias("tier")
-    ).collect()  # fmt: skip
+    frame = (
+        by_score.with_columns((slot < budget).alias("chosen"))
+        .with_columns(
+            pl.when(pl.col("coverage"))
+            .then(pl.lit("coverage"))
+            .when(pl.col("chosen"))
+            .then(pl.lit("impact"))
+            .alias("tier")
+        )
+        .collect()
+    )
     return _fold(frame).sort("cell_key").select("cell_key", "chosen", "tier", "target_key", "stratum_zoom")
 
 
@@ -106,9 +111,12 @@ def _busy(cells: pl.DataFrame, representative: str) -> list[str]:
 def _fold(frame: pl.DataFrame) -> pl.DataFrame:
     """Each unchosen cell's target: the nearest chosen cell of its stratum."""
     chosen = frame.filter("chosen").select(
-        "group", "stratum", pl.col("cell_key").alias("target_key"),
-        pl.col("lng").alias("t_lng"), pl.col("lat").alias("t_lat"),
-    )  # fmt: skip
+        "group",
+        "stratum",
+        pl.col("cell_key").alias("target_key"),
+        pl.col("lng").alias("t_lng"),
+        pl.col("lat").alias("t_lat"),
+    )
     rest = frame.filter(~pl.col("chosen"))
     if rest.height == 0:
         return frame.with_columns(pl.col("cell_key").alias("target_key"))
@@ -116,13 +124,15 @@ def _fold(frame: pl.DataFrame) -> pl.DataFrame:
     dx = (pl.col("lng") - pl.col("t_lng")) * pl.col("cos_lat")
     dy = pl.col("lat") - pl.col("t_lat")
     nearest = (
-        rest.lazy().select("group", "stratum", "cell_key", "lng", "lat", pl.col("lat").radians().cos().alias("cos_lat"))
+        rest.lazy()
+        .select("group", "stratum", "cell_key", "lng", "lat", pl.col("lat").radians().cos().alias("cos_lat"))
         .join(chosen.lazy(), on=["group", "stratum"])
         .with_columns((dx * dx + dy * dy).alias("d2"))
         .filter(pl.col("d2") == pl.col("d2").min().over("cell_key"))
-        .group_by("cell_key").agg(pl.col("target_key").min())  # equally near: the first quadkey
+        .group_by("cell_key")
+        .agg(pl.col("target_key").min())  # equally near: the first quadkey
         .collect()
-    )  # fmt: skip
+    )
     return frame.join(nearest, on="cell_key", how="left").with_columns(
         pl.coalesce("target_key", "cell_key").alias("target_key")
     )

@@ -53,7 +53,11 @@ def write_site(cfg: Config, published: list[dict]) -> None:
     """
     out = cfg.output
     csp = content_security_policy(cfg.viewer.origins())
-    page = (PAGE / "index.html").read_text(encoding="utf-8").replace("{{CSP}}", html.escape(csp, quote=False).replace('"', "&quot;"))
+    page = (
+        (PAGE / "index.html")
+        .read_text(encoding="utf-8")
+        .replace("{{CSP}}", html.escape(csp, quote=False).replace('"', "&quot;"))
+    )
     _replace(out / "index.html", page.encode())
     for name in PAGE_FILES:
         _replace(out / name, (PAGE / name).read_bytes())
@@ -72,8 +76,7 @@ def tileset_entry(cfg: Config, name: str) -> dict:
     """What the page needs to know of a tileset: its name, profile, metrics and legend."""
     ts = cfg.tilesets[name]
     profile, _ = scoring.resolve(ts)
-    return {"name": name, "profile": ts.profile, "metrics": list(profile.metrics),
-            "legend": scoring.describe(profile)}
+    return {"name": name, "profile": ts.profile, "metrics": list(profile.metrics), "legend": scoring.describe(profile)}
 
 
 def _replace(path: Path, data: bytes) -> None:
@@ -85,5 +88,3 @@ def _replace(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-

@@ -56,13 +56,31 @@ MERCATOR_MAX_LAT = 85.0511287798066  # atan(sinh(pi)) in degrees
 EPOCH_RANGE = (1e8, 1e14)  # |number| read as epoch seconds (< 1e11) or ms (>= 1e11)
 
 REASONS = (
-    "malformed_line", "invalid_geometry", "empty_geometry", "non_point_geometry", "missing_report_id",
-    "missing_coordinates", "non_numeric_coordinates", "nan_coordinates", "infinite_coordinates",
-    "latitude_out_of_range", "longitude_out_of_range", "outside_mercator", "missing_timestamp",
-    "unparseable_timestamp", "future_timestamp", "unparseable_expires_at", "missing_severity",
-    "non_numeric_severity", "invalid_upvotes", "invalid_metric", "invalid_is_public",
-    "description_too_long", "duplicate_report_id", "rate_limited",
-)  # fmt: skip
+    "malformed_line",
+    "invalid_geometry",
+    "empty_geometry",
+    "non_point_geometry",
+    "missing_report_id",
+    "missing_coordinates",
+    "non_numeric_coordinates",
+    "nan_coordinates",
+    "infinite_coordinates",
+    "latitude_out_of_range",
+    "longitude_out_of_range",
+    "outside_mercator",
+    "missing_timestamp",
+    "unparseable_timestamp",
+    "future_timestamp",
+    "unparseable_expires_at",
+    "missing_severity",
+    "non_numeric_severity",
+    "invalid_upvotes",
+    "invalid_metric",
+    "invalid_is_public",
+    "description_too_long",
+    "duplicate_report_id",
+    "rate_limited",
+)
 
 
 class ValidationResult(NamedTuple):
@@ -137,9 +155,7 @@ def _typed_select(formats: list[str], time_mapped: bool) -> str:
 
 
 def _reason_case(id_mapped: bool, severity_mapped: bool, time_mapped: bool) -> str:
-    metric_bad = " OR ".join(
-        f"(NOT {_blank(m)} AND (_{m} IS NULL OR NOT isfinite(_{m}) OR _{m} < 0))" for m in METRICS
-    )
+    metric_bad = " OR ".join(f"(NOT {_blank(m)} AND (_{m} IS NULL OR NOT isfinite(_{m}) OR _{m} < 0))" for m in METRICS)
     rules = [
         ("issue IS NOT NULL", "issue"),
         (f"{id_mapped} AND {_blank('report_id')}", "'missing_report_id'"),
@@ -266,9 +282,7 @@ def validate_source(
     try:
         con.execute("DELETE FROM reports WHERE source = $source", {"source": name})
         con.execute("DELETE FROM rejected_reports WHERE source = $source", {"source": name})
-        con.execute(
-            f"INSERT INTO reports SELECT {_canonical_select()} FROM _checked WHERE reason IS NULL"
-        )
+        con.execute(f"INSERT INTO reports SELECT {_canonical_select()} FROM _checked WHERE reason IS NULL")
         fields = ", ".join(f"'{c}', {quote(c)}" for c in REPORT_COLUMNS if c != "source")
         con.execute(
             f"""
@@ -281,9 +295,7 @@ def validate_source(
     except Exception:
         con.execute("ROLLBACK")
         raise
-    read, valid = con.execute(
-        "SELECT count(*), count(*) FILTER (WHERE reason IS NULL) FROM _checked"
-    ).fetchone()
+    read, valid = con.execute("SELECT count(*), count(*) FILTER (WHERE reason IS NULL) FROM _checked").fetchone()
     rejected = dict(
         con.execute(
             "SELECT reason, count(*) FROM _checked WHERE reason IS NOT NULL "
@@ -366,5 +378,8 @@ def source_flags(src: object) -> dict[str, bool]:
         mapped = column_mapping(src)
     else:  # synthetic: ids always, severity where the domain has one
         return {"id_mapped": True, "severity_mapped": False, "time_mapped": True}
-    return {"id_mapped": "report_id" in mapped, "severity_mapped": "severity" in mapped,
-            "time_mapped": "observed_at" in mapped}
+    return {
+        "id_mapped": "report_id" in mapped,
+        "severity_mapped": "severity" in mapped,
+        "time_mapped": "observed_at" in mapped,
+    }

@@ -79,11 +79,12 @@ def with_buffer(features: pl.DataFrame, z: int, buffer: int = BUFFER, extent: in
         tx, ty = pl.col("tile_x") + dx, pl.col("tile_y") + dy
         parts.append(
             base.filter(
-                tx.is_between(0, n - 1) & ty.is_between(0, n - 1)
+                tx.is_between(0, n - 1)
+                & ty.is_between(0, n - 1)
                 & (pl.col("_px") - tx).is_between(-margin, 1 + margin)
                 & (pl.col("_py") - ty).is_between(-margin, 1 + margin)
             ).with_columns(tx.alias("tx"), ty.alias("ty"))
-        )  # fmt: skip
+        )
     return (
         pl.concat(parts)
         .with_columns(
@@ -189,7 +190,7 @@ class Encoder:
         self._free: list[duckdb.DuckDBPyConnection] = []
         self._budget = Budget(self.ROWS_IN_FLIGHT)
 
-    def __enter__(self) -> "Encoder":
+    def __enter__(self) -> Encoder:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -201,7 +202,7 @@ class Encoder:
         for con in self._free:
             con.close()
 
-    def submit(self, features: pl.DataFrame, z: int) -> "Pending":
+    def submit(self, features: pl.DataFrame, z: int) -> Pending:
         """Start encoding a zoom's selected features; ``.result()`` gives its :class:`Encoded`."""
         return Pending(z, self._planner.submit(self._plan, features, z), self._budget)
 
@@ -241,9 +242,14 @@ class Encoder:
         finally:
             self._free.append(con)
         data = [gzip_ng.compress(b, GZIP_LEVEL, mtime=0) for b in encoded.column("mvt").to_pylist()]
-        return Encoded(-1, encoded.column("tx").to_numpy().astype(np.int64),
-                       encoded.column("ty").to_numpy().astype(np.int64), encoded.column("tile_id").to_numpy(),
-                       data, [digest(d) for d in data])  # fmt: skip
+        return Encoded(
+            -1,
+            encoded.column("tx").to_numpy().astype(np.int64),
+            encoded.column("ty").to_numpy().astype(np.int64),
+            encoded.column("tile_id").to_numpy(),
+            data,
+            [digest(d) for d in data],
+        )
 
 
 class Pending(NamedTuple):
@@ -262,9 +268,11 @@ class Pending(NamedTuple):
         if not parts:
             return Encoded(self.z, *(np.empty(0, np.int64),) * 3, [], [])
         return Encoded(
-            self.z, *(np.concatenate([getattr(p, k) for p in parts]) for k in ("x", "y", "tile_id")),
-            [d for p in parts for d in p.data], [h for p in parts for h in p.digest],
-        )  # fmt: skip
+            self.z,
+            *(np.concatenate([getattr(p, k) for p in parts]) for k in ("x", "y", "tile_id")),
+            [d for p in parts for d in p.data],
+            [h for p in parts for h in p.digest],
+        )
 
 
 def _single_threaded() -> duckdb.DuckDBPyConnection:
@@ -300,7 +308,7 @@ class Archive:
         ids, offsets, lengths, runs, stored = self._ids, self._offsets, self._lengths, self._runs, self._stored
         tile_id = tiles.tile_id.astype(np.uint64)
         after = ids[-1] + runs[-1] if ids else 0
-        fresh = (len(set(tiles.digest)) == len(tiles.digest) and not any(k in stored for k in tiles.digest))
+        fresh = len(set(tiles.digest)) == len(tiles.digest) and not any(k in stored for k in tiles.digest)
         if fresh and tile_id[0] >= after and bool(np.all(tile_id[1:] > tile_id[:-1])):
             # the usual batch: new tiles only, in order; one entry each, written in one go
             size = np.array([len(d) for d in tiles.data], np.uint64)
@@ -337,24 +345,38 @@ class Archive:
             zero = np.zeros(1, np.int64)
             self.add(Encoded(0, zero, zero, zero, [EMPTY_TILE], [digest(EMPTY_TILE)]))
         self._data.close()
-        root, leaves = directories(*(np.frombuffer(a, np.uint64) for a in (self._ids, self._offsets, self._lengths, self._runs)))
+        root, leaves = directories(
+            *(np.frombuffer(a, np.uint64) for a in (self._ids, self._offsets, self._lengths, self._runs))
+        )
         meta = gzip.compress(json.dumps(metadata).encode(), mtime=0)
         west, south, east, north = bounds
         minz, maxz = tileid_to_zxy(self._ids[0])[0], tileid_to_zxy(self._ids[-1])[0]
         header = {
-            "tile_type": TileType.MVT, "tile_compression": Compression.GZIP, "internal_compression": Compression.GZIP,
-            "clustered": True, "min_zoom": minz, "max_zoom": maxz,
-            "addressed_tiles_count": self._addressed, "tile_entries_count": len(self._ids),
+            "tile_type": TileType.MVT,
+            "tile_compression": Compression.GZIP,
+            "internal_compression": Compression.GZIP,
+            "clustered": True,
+            "min_zoom": minz,
+            "max_zoom": maxz,
+            "addressed_tiles_count": self._addressed,
+            "tile_entries_count": len(self._ids),
             "tile_contents_count": len(self._stored),
-            "root_offset": HEADER_BYTES, "root_length": len(root),
-            "metadata_offset": HEADER_BYTES + len(root), "metadata_length": len(meta),
-            "leaf_directory_offset": HEADER_BYTES + len(root) + len(meta), "leaf_directory_length": len(leaves),
-            "tile_data_offset": HEADER_BYTES + len(root) + len(meta) + len(leaves), "tile_data_length": self._size,
-            "min_lon_e7": int(west * 1e7), "min_lat_e7": int(south * 1e7),
-            "max_lon_e7": int(east * 1e7), "max_lat_e7": int(north * 1e7),
+            "root_offset": HEADER_BYTES,
+            "root_length": len(root),
+            "metadata_offset": HEADER_BYTES + len(root),
+            "metadata_length": len(meta),
+            "leaf_directory_offset": HEADER_BYTES + len(root) + len(meta),
+            "leaf_directory_length": len(leaves),
+            "tile_data_offset": HEADER_BYTES + len(root) + len(meta) + len(leaves),
+            "tile_data_length": self._size,
+            "min_lon_e7": int(west * 1e7),
+            "min_lat_e7": int(south * 1e7),
+            "max_lon_e7": int(east * 1e7),
+            "max_lat_e7": int(north * 1e7),
             "center_zoom": min(maxz, max(minz, 10)),
-            "center_lon_e7": int((west + east) / 2 * 1e7), "center_lat_e7": int((south + north) / 2 * 1e7),
-        }  # fmt: skip
+            "center_lon_e7": int((west + east) / 2 * 1e7),
+            "center_lat_e7": int((south + north) / 2 * 1e7),
+        }
         with open(self.path, "wb") as out, open(self._scratch, "rb") as data:
             out.write(serialize_header(header) + root + meta + leaves)
             shutil.copyfileobj(data, out, 1 << 22)
@@ -385,10 +407,15 @@ def serialize_directory(ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarra
     """A PMTiles directory (gzip), as ``pmtiles.tile.serialize_directory`` writes it."""
     contiguous = np.zeros(len(ids), bool)
     contiguous[1:] = offsets[1:] == offsets[:-1] + lengths[:-1]
-    body = b"".join([
-        varints(np.array([len(ids)])), varints(np.diff(ids, prepend=np.uint64(0))), varints(runs), varints(lengths),
-        varints(np.where(contiguous, np.uint64(0), offsets + np.uint64(1))),
-    ])  # fmt: skip
+    body = b"".join(
+        [
+            varints(np.array([len(ids)])),
+            varints(np.diff(ids, prepend=np.uint64(0))),
+            varints(runs),
+            varints(lengths),
+            varints(np.where(contiguous, np.uint64(0), offsets + np.uint64(1))),
+        ]
+    )
     return gzip.compress(body, mtime=0)
 
 
@@ -399,8 +426,12 @@ def directories(ids, offsets, lengths, runs) -> tuple[bytes, bytes]:
         return root, b""
     leaf_size = 4096
     while True:
-        leaves = [serialize_directory(ids[i : i + leaf_size], offsets[i : i + leaf_size], lengths[i : i + leaf_size],
-                                      runs[i : i + leaf_size]) for i in range(0, len(ids), leaf_size)]  # fmt: skip
+        leaves = [
+            serialize_directory(
+                ids[i : i + leaf_size], offsets[i : i + leaf_size], lengths[i : i + leaf_size], runs[i : i + leaf_size]
+            )
+            for i in range(0, len(ids), leaf_size)
+        ]
         sizes = np.array([len(leaf) for leaf in leaves], np.uint64)
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uint64)
         root = serialize_directory(ids[::leaf_size], starts, sizes, np.zeros(len(leaves), np.uint64))
@@ -412,9 +443,20 @@ def directories(ids, offsets, lengths, runs) -> tuple[bytes, bytes]:
 def vector_layers(metrics: list[str], minzoom: int, maxzoom: int) -> list[dict]:
     """TileJSON / PMTiles ``vector_layers``: the one layer and its fields."""
     kinds = {"VARCHAR": "String", "BOOLEAN": "Boolean"}
-    fields = {name: kinds.get(typ, "Number") for name, (typ, _) in PROPERTIES.items() if name not in METRICS or name in metrics}
-    return [{"id": LAYER, "fields": fields, "minzoom": minzoom, "maxzoom": maxzoom,
-             "description": "heatmap cells: the selected features of each tile"}]  # fmt: skip
+    fields = {
+        name: kinds.get(typ, "Number")
+        for name, (typ, _) in PROPERTIES.items()
+        if name not in METRICS or name in metrics
+    }
+    return [
+        {
+            "id": LAYER,
+            "fields": fields,
+            "minzoom": minzoom,
+            "maxzoom": maxzoom,
+            "description": "heatmap cells: the selected features of each tile",
+        }
+    ]
 
 
 def tilejson(name: str, layers: list[dict], bounds: list[float], minzoom: int, maxzoom: int) -> dict:

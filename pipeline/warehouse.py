@@ -101,7 +101,9 @@ LEASE_S = 60.0  # longer than the gap between two steps of a run; a killed run f
 
 
 @contextmanager
-def run_step(path: Path, run_id: str, *, last: bool = False, timeout: float = DEFAULTS.lock_timeout_s) -> Iterator[None]:
+def run_step(
+    path: Path, run_id: str, *, last: bool = False, timeout: float = DEFAULTS.lock_timeout_s
+) -> Iterator[None]:
     """Run one step of run ``run_id`` on something all the steps of a run share.
 
     A run's steps hand files to each other (a tileset's work folder), so the

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ from pipeline.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-AS_OF = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
+AS_OF = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 IN_CI = bool(os.environ.get("CI"))
 
 

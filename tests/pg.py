@@ -64,16 +64,46 @@ def server() -> Iterator[Server]:
     pwfile = root / "pw"
     pwfile.write_text(PASSWORD + "\n")
     shutil.chown(pwfile, "postgres")
-    _as_postgres(str(BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=scram-sha-256",
-                 f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C.UTF-8")  # fmt: skip
+    _as_postgres(
+        str(BIN / "initdb"),
+        "-D",
+        str(data),
+        "-U",
+        "postgres",
+        "--auth=scram-sha-256",
+        f"--pwfile={pwfile}",
+        "-E",
+        "UTF8",
+        "--locale=C.UTF-8",
+    )
     port = _free_port()
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
-        ["runuser", "-u", "postgres", "--", str(BIN / "postgres"), "-D", str(data), "-p", str(port),
-         "-h", "127.0.0.1", "-k", str(sockets), "-c", "fsync=off", "-c", "full_page_writes=off",
-         "-c", "synchronous_commit=off"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            str(BIN / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+            "-k",
+            str(sockets),
+            "-c",
+            "fsync=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "synchronous_commit=off",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         env = {**os.environ, "PGPASSWORD": PASSWORD}
         for _ in range(200):
@@ -84,8 +114,12 @@ def server() -> Iterator[Server]:
                 raise RuntimeError((root / "server.log").read_text())
             time.sleep(0.1)
         psql = [str(BIN / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-v", "ON_ERROR_STOP=1"]
-        subprocess.run([*psql, "-c", f"CREATE ROLE hotspots LOGIN SUPERUSER PASSWORD '{PASSWORD}'"],
-                       env=env, check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [*psql, "-c", f"CREATE ROLE hotspots LOGIN SUPERUSER PASSWORD '{PASSWORD}'"],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         yield Server("127.0.0.1", port, "hotspots", PASSWORD)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)

@@ -23,17 +23,22 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def _config(write_config, tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.csv").write_text("id,y,x,t\n1,40.7,-73.9,2026-10-30\n2,,1,2026-10-30\n")
-    return write_config({
-        "sources": {
-            "demo": {"kind": "synthetic", "domain": "campus_issues", "count": 3000},
-            "csv": {"kind": "file", "path": "data/*.csv",
-                    "columns": {"report_id": "id", "lat": "y", "lng": "x", "observed_at": "t"}},
-        },
-        "tilesets": {
-            "campus": {"source": "demo", "profile": "campus_issues", "preset": "emergency"},
-            "points": {"source": "csv"},
-        },
-    })  # fmt: skip
+    return write_config(
+        {
+            "sources": {
+                "demo": {"kind": "synthetic", "domain": "campus_issues", "count": 3000},
+                "csv": {
+                    "kind": "file",
+                    "path": "data/*.csv",
+                    "columns": {"report_id": "id", "lat": "y", "lng": "x", "observed_at": "t"},
+                },
+            },
+            "tilesets": {
+                "campus": {"source": "demo", "profile": "campus_issues", "preset": "emergency"},
+                "points": {"source": "csv"},
+            },
+        }
+    )
 
 
 def test_run_prints_counts_and_warehouse_and_is_idempotent(write_config, tmp_path):
@@ -58,15 +63,20 @@ def test_run_prints_counts_and_warehouse_and_is_idempotent(write_config, tmp_pat
 def test_runs_are_recorded_in_the_instance_make_dev_shows(write_config, tmp_path):
     path = _config(write_config, tmp_path)
     assert _run("--config", str(path), "--as-of", AS_OF.isoformat(), cwd=tmp_path).returncode == 0
-    assert _run("--config", str(path), "--tileset", "points", "--as-of", AS_OF.isoformat(), cwd=tmp_path).returncode == 0
+    assert (
+        _run("--config", str(path), "--tileset", "points", "--as-of", AS_OF.isoformat(), cwd=tmp_path).returncode == 0
+    )
     with dg.DagsterInstance.local_temp(str(tmp_path / ".hotspots" / "dagster")) as instance:
         runs = sorted((r.job_name, r.tags.get("dagster/partition", "")) for r in instance.get_runs())
-        assert runs == sorted([("extract", ""), ("publish", "campus"), ("publish", "points"),
-                               ("extract", ""), ("publish", "points")])  # fmt: skip
+        assert runs == sorted(
+            [("extract", ""), ("publish", "campus"), ("publish", "points"), ("extract", ""), ("publish", "points")]
+        )
         assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in instance.get_runs())
         published = instance.get_runs(dg.RunsFilter(job_name="publish", tags={"dagster/partition": "points"}))[0]
         events = [e.dagster_event for e in instance.all_logs(published.run_id) if e.dagster_event]
-        assert any(e.is_step_materialization for e in events) and any(e.event_type_value == "ASSET_CHECK_EVALUATION" for e in events)
+        assert any(e.is_step_materialization for e in events) and any(
+            e.event_type_value == "ASSET_CHECK_EVALUATION" for e in events
+        )
 
 
 def test_run_one_tileset_reads_only_its_source(write_config, tmp_path):

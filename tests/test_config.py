@@ -28,8 +28,11 @@ def base() -> dict:
 def test_default_config_loads_with_four_seed_profiles():
     cfg = load_config(REPO / "hotspots.yaml")
     assert {t.profile for t in cfg.tilesets.values()} == {
-        "community_needs", "road_conditions", "campus_issues", "rail_disruptions",
-    }  # fmt: skip
+        "community_needs",
+        "road_conditions",
+        "campus_issues",
+        "rail_disruptions",
+    }
     assert all(s.kind == "synthetic" for s in cfg.sources.values())
     assert cfg.home.is_absolute() and cfg.output.is_absolute()
 
@@ -108,7 +111,11 @@ UNTIMED = {"kind": "file", "path": "data/*.csv", "columns": {"lat": "y", "lng": 
     [
         ({"profile": "road_conditions"}, "scoring.decay.mode", "profile road_conditions decays by age (half_life)"),
         ({"profile": "campus_issues"}, "scoring.decay.mode", "decays by age (normalized_exponential)"),
-        ({"profile": "generic", "scoring": {"decay": {"mode": "half_life", "days": 3}}}, "scoring.decay.mode", "decays"),
+        (
+            {"profile": "generic", "scoring": {"decay": {"mode": "half_life", "days": 3}}},
+            "scoring.decay.mode",
+            "decays",
+        ),
         ({"profile": "generic", "scoring": {"max_age_days": 30}}, "scoring.max_age_days", "keeps reports for 30 days"),
         ({"profile": "generic", "filters": {"start_date": "2026-01-01"}}, "filters.start_date", "date filter"),
     ],
@@ -122,10 +129,14 @@ def test_a_profile_that_needs_time_on_an_untimed_source_names_the_key(write_conf
 
 
 def test_untimed_sources_serve_profiles_without_time(write_config):
-    data = {"sources": {"s": copy.deepcopy(UNTIMED)},
-            "tilesets": {"rail": {"source": "s", "profile": "rail_disruptions"},
-                         "plain": {"source": "s", "profile": "generic"},
-                         "help": {"source": "s", "profile": "community_needs"}}}  # fmt: skip
+    data = {
+        "sources": {"s": copy.deepcopy(UNTIMED)},
+        "tilesets": {
+            "rail": {"source": "s", "profile": "rail_disruptions"},
+            "plain": {"source": "s", "profile": "generic"},
+            "help": {"source": "s", "profile": "community_needs"},
+        },
+    }
     cfg = load_config(write_config(data))
     assert not cfg.sources["s"].timed and cfg.sources["s"].max_rejected_fraction == 0.5
     assert cfg.tilesets["rail"].min_publish_fraction == 0.5
@@ -134,11 +145,23 @@ def test_untimed_sources_serve_profiles_without_time(write_config):
 def test_viewer_style_origin_reaches_the_content_security_policy(write_config):
     from pipeline.site import content_security_policy
 
-    cfg = load_config(write_config({**base(), "viewer": {"style": "https://tiles.example.org/styles/liberty.json",
-                                                          "connect_src": ["https://glyphs.example.net"]}}))  # fmt: skip
+    cfg = load_config(
+        write_config(
+            {
+                **base(),
+                "viewer": {
+                    "style": "https://tiles.example.org/styles/liberty.json",
+                    "connect_src": ["https://glyphs.example.net"],
+                },
+            }
+        )
+    )
     assert cfg.viewer.origins() == ["https://glyphs.example.net", "https://tiles.example.org"]
     csp = content_security_policy(cfg.viewer.origins())
-    assert "script-src 'self';" in csp and "connect-src 'self' https://glyphs.example.net https://tiles.example.org;" in csp
+    assert (
+        "script-src 'self';" in csp
+        and "connect-src 'self' https://glyphs.example.net https://tiles.example.org;" in csp
+    )
     assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
 
 
@@ -226,8 +249,10 @@ def test_cli_bad_config_is_one_line_without_traceback(write_config):
     path = write_config(_set(base(), "tilesets.t.profile", "heat"))
     proc = subprocess.run(
         [sys.executable, "-m", "assets.cli", "run", "--config", str(path)],
-        capture_output=True, text=True, cwd=Path(path).parent,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=Path(path).parent,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and "tilesets.t.profile" in proc.stderr
@@ -261,9 +286,13 @@ def test_good_postgres_sources(write_config):
     data = base()
     data["sources"] = {
         "a": {**PG, "adapter": "community_needs"},
-        "b": {**PG, "query": "SELECT 1", "watermark": "updated_at",
-              "columns": {"report_id": "id", "geometry": "geog", "observed_at": "t"}},
-    }  # fmt: skip
+        "b": {
+            **PG,
+            "query": "SELECT 1",
+            "watermark": "updated_at",
+            "columns": {"report_id": "id", "geometry": "geog", "observed_at": "t"},
+        },
+    }
     data["tilesets"] = {"t": {"source": "a", "profile": "community_needs"}}
     cfg = load_config(write_config(data))
     assert cfg.sources["a"].incremental and cfg.sources["b"].watermark == "updated_at"

@@ -40,16 +40,26 @@ print("validated", flush=True)
 
 def _config(root: Path, count: int, seed: int, **tileset) -> Path:
     path = root / "hotspots.yaml"
-    path.write_text(yaml.safe_dump({
-        "sources": {"roads": {"kind": "synthetic", "domain": "road_conditions", "count": count, "seed": seed}},
-        "tilesets": {"roads": {"source": "roads", "profile": "road_conditions", "maxzoom": 10, **tileset}},
-    }))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "sources": {"roads": {"kind": "synthetic", "domain": "road_conditions", "count": count, "seed": seed}},
+                "tilesets": {"roads": {"source": "roads", "profile": "road_conditions", "maxzoom": 10, **tileset}},
+            }
+        )
+    )
     return path
 
 
 def _extract(config: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", EXTRACT, str(config), AS_OF.isoformat()], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", EXTRACT, str(config), AS_OF.isoformat()],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _timed(config: Path) -> dict[str, float]:
@@ -66,8 +76,10 @@ def _state(db: Path) -> tuple[tuple, tuple]:
     """What the staged and the validated tables hold: (rows, an order-free checksum of the ids)."""
     with warehouse.reader(db) as con:
         staged = con.execute("SELECT count(*), sum(hash(file, row_number)) FROM raw_reports").fetchone()
-        validated = con.execute("SELECT count(*), sum(hash(file, row_number)) FROM (SELECT file, row_number "
-                                "FROM reports UNION ALL SELECT file, row_number FROM rejected_reports)").fetchone()
+        validated = con.execute(
+            "SELECT count(*), sum(hash(file, row_number)) FROM (SELECT file, row_number "
+            "FROM reports UNION ALL SELECT file, row_number FROM rejected_reports)"
+        ).fetchone()
     return staged, validated
 
 
@@ -115,7 +127,9 @@ def small_disk(tmp_path):
     """``tmp_path/output`` on a 6 MB tmpfs (root and CAP_SYS_ADMIN needed: CI has both)."""
     mount = tmp_path / "output"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         if IN_CI:
             pytest.fail(f"cannot mount a tmpfs for the full-disk test: {done.stderr.strip()}")
@@ -127,8 +141,12 @@ def small_disk(tmp_path):
 
 
 def _hotspots_run(config: Path, as_of: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "hotspots"), "run", "--config", str(config), "--as-of", as_of],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [str(BIN / "hotspots"), "run", "--config", str(config), "--as-of", as_of],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _served(cfg) -> tuple[str, list[str]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import json
-from datetime import datetime, timezone
 import os
 import signal
 import socket
@@ -12,13 +11,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
-from assets.location import EXTRACT_JOB, PUBLISH_JOB, build_definitions
 from assets.extraction import conservation, raw_reports, rejected_share, validated_reports
+from assets.location import EXTRACT_JOB, PUBLISH_JOB, build_definitions
 from pipeline import build, publish, warehouse
 from pipeline.config import load_config
 from resources import HotspotsResource
@@ -30,16 +30,18 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture
 def small_config(write_config) -> Path:
-    return write_config({
-        "sources": {
-            "roads": {"kind": "synthetic", "domain": "road_conditions", "count": 4000, "bad_fraction": 0.01},
-            "rail": {"kind": "synthetic", "domain": "rail_disruptions", "count": 1000},
-        },
-        "tilesets": {
-            "roads": {"source": "roads", "profile": "road_conditions"},
-            "rail": {"source": "rail", "profile": "rail_disruptions"},
-        },
-    })  # fmt: skip
+    return write_config(
+        {
+            "sources": {
+                "roads": {"kind": "synthetic", "domain": "road_conditions", "count": 4000, "bad_fraction": 0.01},
+                "rail": {"kind": "synthetic", "domain": "rail_disruptions", "count": 1000},
+            },
+            "tilesets": {
+                "roads": {"source": "roads", "profile": "road_conditions"},
+                "rail": {"source": "rail", "profile": "rail_disruptions"},
+            },
+        }
+    )
 
 
 def _params(*ops: str) -> dict:
@@ -61,12 +63,24 @@ def test_definitions_load(small_config):
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == {
-        "raw_reports", "reports", "rejected_reports", "scored_reports", "cells", "selection", "tiles", "snapshot",
-    }  # fmt: skip
+        "raw_reports",
+        "reports",
+        "rejected_reports",
+        "scored_reports",
+        "cells",
+        "selection",
+        "tiles",
+        "snapshot",
+    }
     assert {k.name for k in graph.asset_check_keys} == {
-        "conservation", "rejected_share", "scoring_conservation", "publish_guard", "pyramid_conservation",
-        "selection_holds", "latest_is_complete",
-    }  # fmt: skip
+        "conservation",
+        "rejected_share",
+        "scoring_conservation",
+        "publish_guard",
+        "pyramid_conservation",
+        "selection_holds",
+        "latest_is_complete",
+    }
     publish = defs.resolve_job_def(PUBLISH_JOB)
     assert publish.partitions_def.get_partition_keys() == ["rail", "roads"]
     assert defs.resolve_job_def(EXTRACT_JOB).partitions_def is None
@@ -102,9 +116,12 @@ def test_materialize_everything(small_config, tmp_path):
         assert published.success
         evaluations = {e.check_name: e.passed for e in published.get_asset_check_evaluations()}
         assert evaluations == {
-            "scoring_conservation": True, "publish_guard": True, "pyramid_conservation": True,
-            "selection_holds": True, "latest_is_complete": True,
-        }  # fmt: skip
+            "scoring_conservation": True,
+            "publish_guard": True,
+            "pyramid_conservation": True,
+            "selection_holds": True,
+            "latest_is_complete": True,
+        }
         meta = {
             e.materialization.asset_key.to_user_string(): e.materialization.metadata
             for e in published.get_asset_materialization_events()
@@ -125,7 +142,8 @@ def test_materialize_everything(small_config, tmp_path):
     assert "| roads | rate_limited | 10 |" in mats["rejected_reports"]["by_reason"].value
     assert mats["reports"]["warehouse"].value == str(tmp_path / ".hotspots" / "warehouse.duckdb")
     assert {(c.check_name, c.passed) for c in result.get_asset_check_evaluations()} == {
-        ("conservation", True), ("rejected_share", True),
+        ("conservation", True),
+        ("rejected_share", True),
     }
     assert (tmp_path / ".hotspots" / "warehouse.duckdb").exists()
     assert not any((tmp_path / "output").glob("**/*.duckdb"))
@@ -136,9 +154,11 @@ def _after_extract(defs, instance, extraction) -> list[dg.RunRequest]:
     """What `publish_after_extract` requests when the daemon sees this extraction succeed."""
     sensor = defs.resolve_sensor_def("publish_after_extract")
     context = dg.build_run_status_sensor_context(
-        sensor_name=sensor.name, dagster_instance=instance, dagster_run=extraction.dagster_run,
+        sensor_name=sensor.name,
+        dagster_instance=instance,
+        dagster_run=extraction.dagster_run,
         dagster_event=extraction.get_run_success_event(),
-    )  # fmt: skip
+    )
     return list(sensor(context) or [])
 
 
@@ -179,8 +199,12 @@ def test_dagster_definitions_validate_and_dg_check_defs(small_config, tmp_path):
     env = _env(small_config, tmp_path)
     out = subprocess.run(
         [str(BIN / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     out = subprocess.run(
         [str(BIN / "dg"), "check", "defs"], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
@@ -203,9 +227,12 @@ def test_webserver_loads_the_hotspots_location(small_config, tmp_path):
     log = open(tmp_path / "webserver.log", "w")
     proc = subprocess.Popen(
         [str(BIN / "dagster-webserver"), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=REPO, env=_env(small_config, tmp_path), stdout=log, stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env=_env(small_config, tmp_path),
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         entries, deadline = None, time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -252,8 +279,12 @@ def test_two_tilesets_and_an_extraction_at_the_same_time_all_succeed(small_confi
     def start(job, partition=""):
         return subprocess.Popen(
             [sys.executable, "-c", RUN_JOB, str(small_config), job, partition, AS_OF.isoformat()],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        )  # fmt: skip
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
 
     first = start(EXTRACT_JOB)
     assert first.wait(timeout=240) == 0 and first.stdout.read().strip() == "OK"
@@ -275,16 +306,47 @@ def test_two_tilesets_and_an_extraction_at_the_same_time_all_succeed(small_confi
 def test_a_dagster_run_beside_a_cli_run_of_the_same_tileset(small_config, tmp_path):
     """A multiprocess Dagster run (each step its own process) and `hotspots run`, at once, on one tileset."""
     env = _env(small_config, tmp_path)
-    first = subprocess.run([str(BIN / "hotspots"), "run", "--tileset", "roads", "--as-of", AS_OF.isoformat()],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    first = subprocess.run(
+        [str(BIN / "hotspots"), "run", "--tileset", "roads", "--as-of", AS_OF.isoformat()],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert first.returncode == 0, first.stderr
     middle, later = AS_OF.replace(hour=15), AS_OF.replace(hour=18)
-    (tmp_path / "run.yaml").write_text(json.dumps({"ops": {"scored_reports": {"config": {"as_of": middle.isoformat()}}}}))
-    dagster_run = [str(BIN / "dagster"), "job", "execute", "-m", "assets.definitions", "-a", "defs",
-                   "-j", PUBLISH_JOB, "--tags", json.dumps({"dagster/partition": "roads"}), "-c", "run.yaml"]
+    (tmp_path / "run.yaml").write_text(
+        json.dumps({"ops": {"scored_reports": {"config": {"as_of": middle.isoformat()}}}})
+    )
+    dagster_run = [
+        str(BIN / "dagster"),
+        "job",
+        "execute",
+        "-m",
+        "assets.definitions",
+        "-a",
+        "defs",
+        "-j",
+        PUBLISH_JOB,
+        "--tags",
+        json.dumps({"dagster/partition": "roads"}),
+        "-c",
+        "run.yaml",
+    ]
     cli_run = [str(BIN / "hotspots"), "run", "--tileset", "roads", "--as-of", later.isoformat()]
-    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True) for cmd in (dagster_run, cli_run)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for cmd in (dagster_run, cli_run)
+    ]
     try:
         outcomes = [(p.wait(timeout=300), p.stdout.read()) for p in procs]
     finally:
@@ -297,11 +359,16 @@ def test_a_dagster_run_beside_a_cli_run_of_the_same_tileset(small_config, tmp_pa
     assert "RUN_SUCCESS" in outcomes[0][1]
     # each run published its own as_of, whole: its steps were not mixed with the other's
     snapshots = small_config.parent / "output" / "roads" / "snapshots"
-    published = {p.name.split("-")[0]: json.loads((p / "manifest.json").read_text()) for p in snapshots.iterdir()
-                 if not p.name.startswith(".")}  # fmt: skip
+    published = {
+        p.name.split("-")[0]: json.loads((p / "manifest.json").read_text())
+        for p in snapshots.iterdir()
+        if not p.name.startswith(".")
+    }
     assert set(published) == {f"{t:%Y%m%dT%H%M%SZ}" for t in (AS_OF, middle, later)}
     for manifest in published.values():
-        assert manifest["counts"]["scored"] + sum(manifest["counts"]["excluded"].values()) == manifest["counts"]["valid"]
+        assert (
+            manifest["counts"]["scored"] + sum(manifest["counts"]["excluded"].values()) == manifest["counts"]["valid"]
+        )
     cfg = load_config(small_config)
     assert publish.verify_latest(cfg, "roads") is None
     assert not build.lease_path(cfg, "roads").exists()  # both runs handed the tileset back
@@ -311,20 +378,25 @@ def test_a_dagster_run_beside_a_cli_run_of_the_same_tileset(small_config, tmp_pa
 
 def test_the_sensor_honours_a_tilesets_yaml_as_of(write_config):
     """The hourly schedule extracts without an as_of: each tileset's own `as_of:` still applies."""
-    own = datetime(2026, 10, 15, 6, 0, tzinfo=timezone.utc)
-    config = write_config({
-        "sources": {"rail": {"kind": "synthetic", "domain": "rail_disruptions", "count": 500}},
-        "tilesets": {"pinned": {"source": "rail", "profile": "rail_disruptions", "as_of": own.isoformat()},
-                     "live": {"source": "rail", "profile": "rail_disruptions"}},
-    })  # fmt: skip
+    own = datetime(2026, 10, 15, 6, 0, tzinfo=UTC)
+    config = write_config(
+        {
+            "sources": {"rail": {"kind": "synthetic", "domain": "rail_disruptions", "count": 500}},
+            "tilesets": {
+                "pinned": {"source": "rail", "profile": "rail_disruptions", "as_of": own.isoformat()},
+                "live": {"source": "rail", "profile": "rail_disruptions"},
+            },
+        }
+    )
     defs = build_definitions(config)
     instance = dg.DagsterInstance.ephemeral()
     extracted = defs.resolve_job_def(EXTRACT_JOB).execute_in_process(instance=instance)  # as the schedule does
     assert extracted.success
     extracted_at = next(
-        e.materialization.metadata["as_of"].value for e in extracted.get_asset_materialization_events()
+        e.materialization.metadata["as_of"].value
+        for e in extracted.get_asset_materialization_events()
         if e.materialization.asset_key.to_user_string() == "reports"
-    )  # fmt: skip
+    )
     cfg = load_config(config)
     for request in _after_extract(defs, instance, extracted):
         published = defs.resolve_job_def(PUBLISH_JOB).execute_in_process(

@@ -39,8 +39,16 @@ def _reports(root: Path) -> None:
         else:
             lng, lat = (-3.1883, 55.9533) if i == 57 else (-2.2426, 53.4808) if i == 58 else (-1.8904, 52.4862)
         day = 1 + i % 28
-        rows.append([f"r{i}", f"{lat:.6f}", f"{lng:.6f}", f"2026-10-{day:02d}T{i % 24:02d}:00:00Z",
-                     rng.choice(["pothole", "ice", "debris"]), rng.choice(["1", "2", "3"])])  # fmt: skip
+        rows.append(
+            [
+                f"r{i}",
+                f"{lat:.6f}",
+                f"{lng:.6f}",
+                f"2026-10-{day:02d}T{i % 24:02d}:00:00Z",
+                rng.choice(["pothole", "ice", "debris"]),
+                rng.choice(["1", "2", "3"]),
+            ]
+        )
     with open(root / "reports.csv", "w", newline="") as fh:
         out = csv.writer(fh)
         out.writerow(["id", "lat", "lng", "t", "kind", "severity"])
@@ -64,12 +72,22 @@ def _tiles(snapshot: Path) -> dict[str, object]:
 
 def test_tiles_match_the_golden_fixture(tmp_path):
     _reports(tmp_path)
-    columns = {"report_id": "id", "lat": "lat", "lng": "lng", "observed_at": "t", "category": "kind",
-               "severity": "severity"}  # fmt: skip
-    (tmp_path / "hotspots.yaml").write_text(yaml.safe_dump({
-        "sources": {"g": {"kind": "file", "path": "reports.csv", "columns": columns}},
-        "tilesets": {"g": {"source": "g", "maxzoom": 9, "max_features_per_tile": 6, "min_count": 2}},
-    }))  # fmt: skip
+    columns = {
+        "report_id": "id",
+        "lat": "lat",
+        "lng": "lng",
+        "observed_at": "t",
+        "category": "kind",
+        "severity": "severity",
+    }
+    (tmp_path / "hotspots.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "sources": {"g": {"kind": "file", "path": "reports.csv", "columns": columns}},
+                "tilesets": {"g": {"source": "g", "maxzoom": 9, "max_features_per_tile": 6, "min_count": 2}},
+            }
+        )
+    )
     cfg = load_config(tmp_path / "hotspots.yaml")
     run_extraction(cfg)
     got = _tiles(publish_tileset(cfg, "g").path)
@@ -83,5 +101,7 @@ def test_tiles_match_the_golden_fixture(tmp_path):
     # the fixture is not trivial: several zooms, folds, coarsened lone reports
     features = [f for name, v in want.items() if name.startswith("tiles/") for f in v["features"]]
     assert {f["properties"]["z"] for f in features} == set(range(10))
-    assert any(f["properties"]["coarsened"] for f in features) and not all(f["properties"]["coarsened"] for f in features)
+    assert any(f["properties"]["coarsened"] for f in features) and not all(
+        f["properties"]["coarsened"] for f in features
+    )
     assert any(f["properties"]["count"] > 1 for f in features)

@@ -18,8 +18,14 @@ from .conftest import AS_OF, shared_file
 
 HOTSPOTS = str(Path(sys.executable).parent / "hotspots")
 LATER = "2026-11-02T12:00:00+00:00"
-NYC_COLUMNS = {"report_id": "Unique Key", "lat": "Latitude", "lng": "Longitude", "observed_at": "Created Date",
-               "category": "Complaint Type", "status": "Status"}  # fmt: skip
+NYC_COLUMNS = {
+    "report_id": "Unique Key",
+    "lat": "Latitude",
+    "lng": "Longitude",
+    "observed_at": "Created Date",
+    "category": "Complaint Type",
+    "status": "Status",
+}
 
 
 def _hotspots(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -31,12 +37,18 @@ def _shared(write_config, nyc_format: str | None) -> Path:
     nyc = {"kind": "file", "path": str(shared_file("nyc311_animals_2025.csv")), "columns": NYC_COLUMNS}
     if nyc_format:
         nyc["timestamp_format"] = nyc_format
-    quakes = {"kind": "file", "path": str(shared_file("earthquakes_23k_1965_2016.csv")), "timestamp_format": "%m/%d/%Y",
-              "columns": {"lat": "Latitude", "lng": "Longitude", "observed_at": "Date", "severity": "Magnitude"}}
-    return write_config({
-        "sources": {"nyc": nyc, "quakes": quakes},
-        "tilesets": {"nyc": {"source": "nyc", "maxzoom": 8}, "quakes": {"source": "quakes", "maxzoom": 6}},
-    })  # fmt: skip
+    quakes = {
+        "kind": "file",
+        "path": str(shared_file("earthquakes_23k_1965_2016.csv")),
+        "timestamp_format": "%m/%d/%Y",
+        "columns": {"lat": "Latitude", "lng": "Longitude", "observed_at": "Date", "severity": "Magnitude"},
+    }
+    return write_config(
+        {
+            "sources": {"nyc": nyc, "quakes": quakes},
+            "tilesets": {"nyc": {"source": "nyc", "maxzoom": 8}, "quakes": {"source": "quakes", "maxzoom": 6}},
+        }
+    )
 
 
 def public_json_files(output: Path) -> list[Path]:
@@ -56,8 +68,9 @@ def test_a_source_that_lost_its_data_keeps_the_live_snapshot_and_force_publishes
     assert lost.returncode == 1, lost.stdout + lost.stderr
     assert "Traceback" not in lost.stderr
     [line] = lost.stderr.splitlines()
-    assert line.startswith("hotspots: source nyc: 4,969 of 4,969 rows rejected "
-                           "(unparseable_timestamp 4,907, missing_coordinates 62); ")  # fmt: skip
+    assert line.startswith(
+        "hotspots: source nyc: 4,969 of 4,969 rows rejected (unparseable_timestamp 4,907, missing_coordinates 62); "
+    )
     assert f"the live snapshot stays {snapshot}" in line
     assert "rejected: unparseable_timestamp 4,907, missing_coordinates 62" in lost.stdout  # the CLI says why
     assert (tmp_path / "output" / "nyc" / "latest.json").read_bytes() == live  # the live map stays
@@ -71,7 +84,9 @@ def test_a_source_that_lost_its_data_keeps_the_live_snapshot_and_force_publishes
     manifest = strictjson.load(folder / "manifest.json")
     assert manifest["counts"]["scored"] == 0 and manifest["counts"]["read"] == 4969
     # an empty snapshot is still complete: TileJSON, an archive, overviews
-    assert (folder / "heatmap.pmtiles").stat().st_size > 0 and strictjson.load(folder / "tiles.json")["tilejson"] == "3.0.0"
+    assert (folder / "heatmap.pmtiles").stat().st_size > 0 and strictjson.load(folder / "tiles.json")[
+        "tilejson"
+    ] == "3.0.0"
     assert strictjson.load(folder / "overview" / "0.geojson") == {"type": "FeatureCollection", "features": []}
     for file in public_json_files(tmp_path / "output"):
         strictjson.load(file)  # RFC 8259: a generic tileset's manifest once held Infinity
@@ -81,7 +96,11 @@ def test_a_tileset_that_scores_far_fewer_reports_keeps_the_live_snapshot(write_c
     (tmp_path / "data").mkdir()
     rows = "".join(f"{i},40.{i:03d},-73.9,2026-10-30\n" for i in range(100))
     (tmp_path / "data" / "a.csv").write_text("id,y,x,t\n" + rows)
-    source = {"kind": "file", "path": "data/a.csv", "columns": {"report_id": "id", "lat": "y", "lng": "x", "observed_at": "t"}}
+    source = {
+        "kind": "file",
+        "path": "data/a.csv",
+        "columns": {"report_id": "id", "lat": "y", "lng": "x", "observed_at": "t"},
+    }
     path = write_config({"sources": {"pts": source}, "tilesets": {"pts": {"source": "pts", "maxzoom": 6}}})
     assert _hotspots("run", "--config", str(path), "--as-of", AS_OF.isoformat(), cwd=tmp_path).returncode == 0
     live = (tmp_path / "output" / "pts" / "latest.json").read_bytes()
@@ -91,22 +110,32 @@ def test_a_tileset_that_scores_far_fewer_reports_keeps_the_live_snapshot(write_c
     assert out.returncode == 1
     [line] = out.stderr.splitlines()
     snapshot = json.loads(live)["snapshot_id"]
-    assert line == (f"hotspots: tileset pts: 10 reports scored, fewer than min_publish_fraction 0.5 of the live "
-                    f"snapshot's 100; the live snapshot stays {snapshot} (--force publishes anyway)")  # fmt: skip
+    assert line == (
+        f"hotspots: tileset pts: 10 reports scored, fewer than min_publish_fraction 0.5 of the live "
+        f"snapshot's 100; the live snapshot stays {snapshot} (--force publishes anyway)"
+    )
     assert (tmp_path / "output" / "pts" / "latest.json").read_bytes() == live
 
-    path = write_config({"sources": {"pts": source},
-                         "tilesets": {"pts": {"source": "pts", "maxzoom": 6, "min_publish_fraction": 0.05}}})
+    path = write_config(
+        {"sources": {"pts": source}, "tilesets": {"pts": {"source": "pts", "maxzoom": 6, "min_publish_fraction": 0.05}}}
+    )
     assert _hotspots("run", "--config", str(path), "--as-of", LATER, cwd=tmp_path).returncode == 0
     assert (tmp_path / "output" / "pts" / "latest.json").read_bytes() != live
 
 
 def test_an_entirely_unreadable_input_exits_1_and_force_publishes(write_config, tmp_path):
-    (tmp_path / "feed.ndjson").write_text("".join(
-        json.dumps({"id": i, "lat": 52.5, "lng": 13.4 + i / 100, "t": "2026-10-30T00:00:00Z"}) + "\n" for i in range(20)
-    ))  # fmt: skip
-    source = {"kind": "file", "path": "feed.ndjson", "format": "ndjson",
-              "columns": {"report_id": "id", "lat": "lat", "lng": "lng", "observed_at": "t"}}  # fmt: skip
+    (tmp_path / "feed.ndjson").write_text(
+        "".join(
+            json.dumps({"id": i, "lat": 52.5, "lng": 13.4 + i / 100, "t": "2026-10-30T00:00:00Z"}) + "\n"
+            for i in range(20)
+        )
+    )
+    source = {
+        "kind": "file",
+        "path": "feed.ndjson",
+        "format": "ndjson",
+        "columns": {"report_id": "id", "lat": "lat", "lng": "lng", "observed_at": "t"},
+    }
     path = write_config({"sources": {"feed": source}, "tilesets": {"feed": {"source": "feed", "maxzoom": 6}}})
     assert _hotspots("run", "--config", str(path), "--as-of", AS_OF.isoformat(), cwd=tmp_path).returncode == 0
     live = (tmp_path / "output" / "feed" / "latest.json").read_bytes()
@@ -132,8 +161,11 @@ def test_hotspots_rejected_prints_samples_with_their_reasons(write_config, tmp_p
         "id,y,x,t,cat\n1,40.7,-73.9,2026-10-30,ok\n2,,-73.9,2026-10-30,no position\n"
         "3,40.7,-73.9,someday,\x1b[31mred\x1b[0m\n4,95,-73.9,2026-10-30,pole\n"
     )
-    source = {"kind": "file", "path": "a.csv",
-              "columns": {"report_id": "id", "lat": "y", "lng": "x", "observed_at": "t", "category": "cat"}}  # fmt: skip
+    source = {
+        "kind": "file",
+        "path": "a.csv",
+        "columns": {"report_id": "id", "lat": "y", "lng": "x", "observed_at": "t", "category": "cat"},
+    }
     path = write_config({"sources": {"s": source}, "tilesets": {"s": {"source": "s", "maxzoom": 4}}})
     run = _hotspots("run", "--config", str(path), "--as-of", AS_OF.isoformat(), "--force", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
@@ -149,7 +181,9 @@ def test_hotspots_rejected_prints_samples_with_their_reasons(write_config, tmp_p
     assert any(" 3  unparseable_timestamp" in r and "observed_at=someday" in r for r in rows)
     assert "\x1b" not in out.stdout and "\\x1b[31mred" in out.stdout  # no escape sequence reaches the terminal
 
-    one = _hotspots("rejected", "s", "--config", str(path), "--reason", "latitude_out_of_range", "--limit", "5", cwd=tmp_path)
+    one = _hotspots(
+        "rejected", "s", "--config", str(path), "--reason", "latitude_out_of_range", "--limit", "5", cwd=tmp_path
+    )
     assert [r for r in one.stdout.splitlines() if "a.csv" in r] == [r for r in rows if "latitude_out_of_range" in r]
     unknown = _hotspots("rejected", "nope", "--config", str(path), cwd=tmp_path)
     assert unknown.returncode == 2 and "unknown source 'nope' (known: s)" in unknown.stderr
@@ -164,8 +198,9 @@ def test_dagster_checks_carry_the_numbers_and_block_only_the_lost_source(write_c
     params = {"as_of": AS_OF.isoformat()}
     extract = defs.resolve_job_def(EXTRACT_JOB)
     ops = ("raw_reports", "validated_reports", "reports_conservation", "reports_rejected_share")
-    result = extract.execute_in_process(run_config={"ops": {op: {"config": params} for op in ops}},
-                                        instance=instance, raise_on_error=False)  # fmt: skip
+    result = extract.execute_in_process(
+        run_config={"ops": {op: {"config": params} for op in ops}}, instance=instance, raise_on_error=False
+    )
     assert not result.success  # the blocking check fails the run: a scheduled run alerts
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["conservation"].passed and not checks["rejected_share"].passed
@@ -176,16 +211,19 @@ def test_dagster_checks_carry_the_numbers_and_block_only_the_lost_source(write_c
     # validation finished, so the sensor publishes each tileset; each tileset's guard decides
     sensor = defs.resolve_sensor_def("publish_after_partial_extract")
     context = dg.build_run_status_sensor_context(
-        sensor_name=sensor.name, dagster_instance=instance, dagster_run=result.dagster_run,
+        sensor_name=sensor.name,
+        dagster_instance=instance,
+        dagster_run=result.dagster_run,
         dagster_event=result.get_run_failure_event(),
-    )  # fmt: skip
+    )
     requests = list(sensor(context))
     assert sorted(r.partition_key for r in requests) == ["nyc", "quakes"]
     publish = defs.resolve_job_def(PUBLISH_JOB)
     outcomes = {}
     for request in requests:
-        run = publish.execute_in_process(run_config=request.run_config, partition_key=request.partition_key,
-                                         instance=instance, raise_on_error=False)  # fmt: skip
+        run = publish.execute_in_process(
+            run_config=request.run_config, partition_key=request.partition_key, instance=instance, raise_on_error=False
+        )
         guard = [c for c in run.get_asset_check_evaluations() if c.check_name == "publish_guard"][0]
         outcomes[request.partition_key] = (run.success, guard.passed, guard.metadata)
     assert outcomes["quakes"][:2] == (True, True)
@@ -202,11 +240,15 @@ def test_extraction_check_alone_blocks_in_materialize(write_config):
     result = dg.materialize(
         [raw_reports, validated_reports, conservation, rejected_share],
         resources={"hotspots": HotspotsResource(config_path=str(path))},
-        run_config={"ops": {"raw_reports": {"config": {"as_of": AS_OF.isoformat(), "force": True}},
-                            "validated_reports": {"config": {"as_of": AS_OF.isoformat()}},
-                            "reports_rejected_share": {"config": {"force": True}}}},
+        run_config={
+            "ops": {
+                "raw_reports": {"config": {"as_of": AS_OF.isoformat(), "force": True}},
+                "validated_reports": {"config": {"as_of": AS_OF.isoformat()}},
+                "reports_rejected_share": {"config": {"force": True}},
+            }
+        },
         raise_on_error=False,
-    )  # fmt: skip
+    )
     assert result.success  # forced: the check records the loss and lets it through
     [check] = [c for c in result.get_asset_check_evaluations() if c.check_name == "rejected_share"]
     assert check.passed and check.metadata["forced"].value is True and "source nyc" in check.metadata["lost"].value
@@ -214,7 +256,11 @@ def test_extraction_check_alone_blocks_in_materialize(write_config):
 
 def test_the_partial_extract_sensor_publishes_nothing_when_extraction_itself_failed(write_config, tmp_path):
     (tmp_path / "a.csv").write_text("id,y,x,t\n1,40.7,-73.9,2026-10-30\n")
-    source = {"kind": "file", "path": "a.csv", "columns": {"report_id": "id", "lat": "y", "lng": "x", "observed_at": "t"}}
+    source = {
+        "kind": "file",
+        "path": "a.csv",
+        "columns": {"report_id": "id", "lat": "y", "lng": "x", "observed_at": "t"},
+    }
     defs = build_definitions(write_config({"sources": {"s": source}}))
     (tmp_path / ".hotspots" / "warehouse.duckdb").mkdir(parents=True)  # not a database: raw_reports fails
     instance = dg.DagsterInstance.ephemeral()
@@ -222,7 +268,9 @@ def test_the_partial_extract_sensor_publishes_nothing_when_extraction_itself_fai
     assert not result.success
     sensor = defs.resolve_sensor_def("publish_after_partial_extract")
     context = dg.build_run_status_sensor_context(
-        sensor_name=sensor.name, dagster_instance=instance, dagster_run=result.dagster_run,
+        sensor_name=sensor.name,
+        dagster_instance=instance,
+        dagster_run=result.dagster_run,
         dagster_event=result.get_run_failure_event(),
-    )  # fmt: skip
+    )
     assert list(sensor(context) or []) == []

@@ -49,12 +49,22 @@ def _publish(root: Path, min_count: int | None) -> tuple[Path, int]:
     tileset = {"source": "needs", "profile": "community_needs"}
     if min_count is not None:
         tileset["min_count"] = min_count
-    columns = {"report_id": "id", "lat": "lat", "lng": "lng", "observed_at": "t", "category": "label",
-               "entity_id": "entity"}  # fmt: skip
-    (root / "hotspots.yaml").write_text(yaml.safe_dump({
-        "sources": {"needs": {"kind": "file", "path": "needs.csv", "columns": columns}},
-        "tilesets": {"needs": tileset},
-    }))  # fmt: skip
+    columns = {
+        "report_id": "id",
+        "lat": "lat",
+        "lng": "lng",
+        "observed_at": "t",
+        "category": "label",
+        "entity_id": "entity",
+    }
+    (root / "hotspots.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "sources": {"needs": {"kind": "file", "path": "needs.csv", "columns": columns}},
+                "tilesets": {"needs": tileset},
+            }
+        )
+    )
     cfg = load_config(root / "hotspots.yaml")
     run_extraction(cfg)
     return publish_tileset(cfg, "needs").path, len(rows)
@@ -95,9 +105,18 @@ def _nearest(points: tuple[np.ndarray, np.ndarray], address: tuple[float, float]
 
 
 def test_community_needs_defaults_to_min_count_3(write_config):
-    cfg = load_config(write_config({"sources": {"s": {"kind": "synthetic", "domain": "community_needs"}},
-                                    "tilesets": {"s": {"source": "s", "profile": "community_needs"},
-                                                 "g": {"source": "s"}, "m": {"source": "s", "min_count": 5}}}))
+    cfg = load_config(
+        write_config(
+            {
+                "sources": {"s": {"kind": "synthetic", "domain": "community_needs"}},
+                "tilesets": {
+                    "s": {"source": "s", "profile": "community_needs"},
+                    "g": {"source": "s"},
+                    "m": {"source": "s", "min_count": 5},
+                },
+            }
+        )
+    )
     assert [scoring.resolve(cfg.tilesets[t])[0].min_count for t in ("s", "g", "m")] == [3, 1, 5]
 
 

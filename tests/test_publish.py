@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,20 +23,31 @@ from pipeline.select import overview_budget
 
 from .conftest import AS_OF, publish_tileset, run_extraction
 
-
 _publish = publish_tileset
 
 
 @pytest.fixture
 def roads(write_config):
     """A small road tileset with tight budgets, so that selection folds and coarsens."""
-    src = {"kind": "synthetic", "domain": "road_conditions", "count": 6000, "seed": 5, "days": 60,
-           "bbox": [-0.2, 51.45, 0.0, 51.55]}  # fmt: skip
+    src = {
+        "kind": "synthetic",
+        "domain": "road_conditions",
+        "count": 6000,
+        "seed": 5,
+        "days": 60,
+        "bbox": [-0.2, 51.45, 0.0, 51.55],
+    }
     tilesets = {
         "roads": {"source": "r", "profile": "road_conditions", "maxzoom": 12, "max_features_per_tile": 40},
-        "tight": {"source": "r", "profile": "road_conditions", "maxzoom": 9, "max_features_per_tile": 5,
-                  "overview_maxzoom": 9, "retain_snapshots": 2},
-    }  # fmt: skip
+        "tight": {
+            "source": "r",
+            "profile": "road_conditions",
+            "maxzoom": 9,
+            "max_features_per_tile": 5,
+            "overview_maxzoom": 9,
+            "retain_snapshots": 2,
+        },
+    }
     cfg = load_config(write_config({"sources": {"r": src}, "tilesets": tilesets}))
     run_extraction(cfg)
     return cfg
@@ -112,8 +123,19 @@ def _is_rfc7946(doc: dict) -> list[str]:
         props = f["properties"]
         if any(isinstance(v, (dict, list)) for v in props.values()):
             problems.append("nested property")
-        if set(props) < {"cell", "z", "count", "weight", "score", "intensity", "top_category", "last_seen", "tier", "healthy",
-                         "coarsened"}:
+        if set(props) < {
+            "cell",
+            "z",
+            "count",
+            "weight",
+            "score",
+            "intensity",
+            "top_category",
+            "last_seen",
+            "tier",
+            "healthy",
+            "coarsened",
+        }:
             problems.append(f"missing properties {sorted(props)}")
     return problems
 
@@ -130,8 +152,9 @@ def test_every_geojson_file_is_rfc7946(roads):
 def _digests(root: Path) -> dict[str, str]:
     return {
         p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in root.rglob("*") if p.is_file() and p.name != "latest.json"
-    }  # fmt: skip
+        for p in root.rglob("*")
+        if p.is_file() and p.name != "latest.json"
+    }
 
 
 def test_same_input_and_as_of_give_identical_files(roads, tmp_path):
@@ -145,8 +168,9 @@ def test_same_input_and_as_of_give_identical_files(roads, tmp_path):
     assert second.snapshot_id == first.snapshot_id and not second.reused
     assert _digests(roads.output / "roads") == before
     latest_after = json.loads((roads.output / "roads" / "latest.json").read_text())
-    assert {k: v for k, v in latest_after.items() if k != "generated_at"} == \
-        {k: v for k, v in latest_before.items() if k != "generated_at"}  # fmt: skip
+    assert {k: v for k, v in latest_after.items() if k != "generated_at"} == {
+        k: v for k, v in latest_before.items() if k != "generated_at"
+    }
     # publishing the same content again reuses the snapshot
     third = _publish(roads, "roads")
     assert third.reused and third.snapshot_id == first.snapshot_id
@@ -193,13 +217,27 @@ def test_nothing_private_is_ever_published(write_config, tmp_path):
         rows.append(f"RID-{i:05d},{lat},{lng},2026-10-30T10:00:00Z,pothole,2,{SECRET_TOKEN},{SECRET_TEXT},true")
     rows.append(f"RID-hidden,51.6,-0.3,2026-10-30T10:00:00Z,{HIDDEN},2,{SECRET_TOKEN},{SECRET_TEXT},false")
     (tmp_path / "r.csv").write_text("\n".join(rows) + "\n")
-    columns = {"report_id": "id", "lat": "lat", "lng": "lng", "observed_at": "t", "category": "cat",
-               "severity": "sev", "session_token": "tok", "description": "desc", "is_public": "pub"}  # fmt: skip
-    cfg = load_config(write_config({
-        "sources": {"r": {"kind": "file", "path": "r.csv", "columns": columns,
-                          "rules": {"rate_limit_per_hour": None}}},
-        "tilesets": {"r": {"source": "r", "profile": "generic", "maxzoom": 12}},
-    }))  # fmt: skip
+    columns = {
+        "report_id": "id",
+        "lat": "lat",
+        "lng": "lng",
+        "observed_at": "t",
+        "category": "cat",
+        "severity": "sev",
+        "session_token": "tok",
+        "description": "desc",
+        "is_public": "pub",
+    }
+    cfg = load_config(
+        write_config(
+            {
+                "sources": {
+                    "r": {"kind": "file", "path": "r.csv", "columns": columns, "rules": {"rate_limit_per_hour": None}}
+                },
+                "tilesets": {"r": {"source": "r", "profile": "generic", "maxzoom": 12}},
+            }
+        )
+    )
     run_extraction(cfg)
     snap = _publish(cfg, "r")
     published = [p for p in cfg.output.rglob("*") if p.is_file()]
@@ -239,9 +277,12 @@ def test_sigkill_at_random_points_always_leaves_a_complete_latest_snapshot(roads
     kills = 30
     for i in range(kills):
         proc = subprocess.Popen(
-            [sys.executable, "-c", KILL_LOOP, str(roads.file)], cwd=repo, start_new_session=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
+            [sys.executable, "-c", KILL_LOOP, str(roads.file)],
+            cwd=repo,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         try:
             time.sleep(rng.uniform(0.6, 3.0))
         finally:
@@ -265,8 +306,11 @@ def test_the_default_run_publishes_every_tileset_within_its_contract(tmp_path):
     shutil.copy(repo / "hotspots.yaml", tmp_path / "hotspots.yaml")
     run = subprocess.run(
         [str(Path(sys.executable).parent / "hotspots"), "run", "--as-of", AS_OF.isoformat()],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     cfg = load_config(tmp_path / "hotspots.yaml")
     assert set(cfg.tilesets) == {"community_needs", "road_conditions", "campus_issues", "rail_disruptions"}

@@ -74,8 +74,11 @@ def test_every_zoom_conserves_reports_and_weight_and_centroids_stay_inside(point
         assert frame.get_column("quadkey").str.len_chars().unique().to_list() == [z + detail]
     # zoom z is the roll-up of zoom z + 1
     for child, parent in zip(levels, levels[1:]):
-        rolled = child.group_by(pl.col("quadkey").str.slice(0, child.get_column("quadkey").str.len_chars()[0] - 1)) \
-            .agg(pl.col("report_count").sum()).sort("quadkey")  # fmt: skip
+        rolled = (
+            child.group_by(pl.col("quadkey").str.slice(0, child.get_column("quadkey").str.len_chars()[0] - 1))
+            .agg(pl.col("report_count").sum())
+            .sort("quadkey")
+        )
         assert rolled.rows() == parent.select("quadkey", "report_count").rows()
 
 
@@ -112,10 +115,12 @@ def _brute_weights(profile_name: str, rows: list[dict]) -> list[dict]:
         for p in out:
             entities[(p["entity_type"], p["entity_id"], p["lat"], p["lng"])].append(p)
         out = [
-            {**max(notes, key=lambda p: (p["weight"], [-ord(c) for c in p["category"]])),
-             "observed_at": max(p["observed_at"] for p in notes)}
+            {
+                **max(notes, key=lambda p: (p["weight"], [-ord(c) for c in p["category"]])),
+                "observed_at": max(p["observed_at"] for p in notes),
+            }
             for notes in entities.values()
-        ]  # fmt: skip
+        ]
     return out
 
 
@@ -136,12 +141,16 @@ def _brute_cells(points: list[dict], profile_name: str, z: int, detail: int) -> 
         counts = Counter(p["category"] for p in members if p["category"] is not None)
         top = min(counts, key=lambda c: (-counts[c], c)) if counts else None
         cells[qk] = {
-            "report_count": n, "weight": weight, "score": score, "top_category": top,
-            "lng": sum(p["lng"] for p in members) / n, "lat": sum(p["lat"] for p in members) / n,
+            "report_count": n,
+            "weight": weight,
+            "score": score,
+            "top_category": top,
+            "lng": sum(p["lng"] for p in members) / n,
+            "lat": sum(p["lat"] for p in members) / n,
             "max_weight": max(p["weight"] for p in members),
             "first_seen": min(p["observed_at"] for p in members),
             "last_seen": max(p["observed_at"] for p in members),
-        }  # fmt: skip
+        }
     scores = [c["score"] for c in cells.values()]
     lo, hi = min(scores), max(scores)
     for c in cells.values():
@@ -163,8 +172,17 @@ def _brute_cells(points: list[dict], profile_name: str, z: int, detail: int) -> 
     ],
 )
 def test_pyramid_matches_a_brute_force_computation(extract_config, domain, profile_name, extra):
-    src = {"kind": "synthetic", "domain": domain, "count": 3000, "seed": 11, "days": 100, "bbox": [-74.05, 40.65, -73.85, 40.8]}
-    cfg, _, _ = extract_config({"sources": {"s": src}, "tilesets": {"t": {"source": "s", "profile": profile_name, **extra}}})
+    src = {
+        "kind": "synthetic",
+        "domain": domain,
+        "count": 3000,
+        "seed": 11,
+        "days": 100,
+        "bbox": [-74.05, 40.65, -73.85, 40.8],
+    }
+    cfg, _, _ = extract_config(
+        {"sources": {"s": src}, "tilesets": {"t": {"source": "s", "profile": profile_name, **extra}}}
+    )
     with warehouse.reader(cfg.warehouse_path) as con:
         rows = con.execute("SELECT * FROM reports").pl().to_dicts()
     profile, filters = scoring.resolve(cfg.tilesets["t"])
@@ -189,8 +207,14 @@ def test_pyramid_matches_a_brute_force_computation(extract_config, domain, profi
 
 def test_cells_are_geoparquet_readable_by_duckdb_spatial_and_pyarrow(write_config):
     src = {"kind": "synthetic", "domain": "campus_issues", "count": 4000, "bbox": [-122.19, 37.42, -122.15, 37.44]}
-    cfg = load_config(write_config({"sources": {"campus": src},
-                                    "tilesets": {"campus": {"source": "campus", "profile": "campus_issues", "maxzoom": 16}}}))  # fmt: skip
+    cfg = load_config(
+        write_config(
+            {
+                "sources": {"campus": src},
+                "tilesets": {"campus": {"source": "campus", "profile": "campus_issues", "maxzoom": 16}},
+            }
+        )
+    )
     run_extraction(cfg)
     build.score_tileset(cfg, "campus", AS_OF)
     zooms = build.build_cells(cfg, "campus")
@@ -207,8 +231,24 @@ def test_cells_are_geoparquet_readable_by_duckdb_spatial_and_pyarrow(write_confi
     west, south, east, north = geo["columns"]["geometry"]["bbox"]
     assert -122.19 <= west <= east <= -122.15 and 37.42 <= south <= north <= 37.44
     assert table.column("quadkey").to_pylist() == sorted(table.column("quadkey").to_pylist())
-    for column in ("z", "quadkey", "tile_x", "tile_y", "report_count", "weight", "score", "intensity", "lng",
-                   "lat", "max_weight", "top_category", "first_seen", "last_seen", "severity_boost_sum", "decay_sum"):
+    for column in (
+        "z",
+        "quadkey",
+        "tile_x",
+        "tile_y",
+        "report_count",
+        "weight",
+        "score",
+        "intensity",
+        "lng",
+        "lat",
+        "max_weight",
+        "top_category",
+        "first_seen",
+        "last_seen",
+        "severity_boost_sum",
+        "decay_sum",
+    ):
         assert column in table.column_names, column
 
     with warehouse.connect() as con:
@@ -225,8 +265,16 @@ def test_cells_are_geoparquet_readable_by_duckdb_spatial_and_pyarrow(write_confi
 
 def test_empty_tileset_builds_no_cells_and_checks_hold(write_config):
     src = {"kind": "synthetic", "domain": "road_conditions", "count": 500, "days": 30}
-    cfg = load_config(write_config({"sources": {"r": src}, "tilesets": {"r": {
-        "source": "r", "profile": "road_conditions", "filters": {"activities": ["skating"]}}}}))  # fmt: skip
+    cfg = load_config(
+        write_config(
+            {
+                "sources": {"r": src},
+                "tilesets": {
+                    "r": {"source": "r", "profile": "road_conditions", "filters": {"activities": ["skating"]}}
+                },
+            }
+        )
+    )
     run_extraction(cfg)
     result = build.score_tileset(cfg, "r", AS_OF)
     assert result.scored.height == 0 and result.excluded["filtered_out"] > 0
@@ -236,11 +284,17 @@ def test_empty_tileset_builds_no_cells_and_checks_hold(write_config):
 
 def test_determinism_same_input_same_bytes(write_config, tmp_path):
     src = {"kind": "synthetic", "domain": "rail_disruptions", "count": 2000}
-    cfg = load_config(write_config({"sources": {"r": src}, "tilesets": {"r": {"source": "r", "profile": "rail_disruptions", "maxzoom": 10}}}))
+    cfg = load_config(
+        write_config(
+            {"sources": {"r": src}, "tilesets": {"r": {"source": "r", "profile": "rail_disruptions", "maxzoom": 10}}}
+        )
+    )
     run_extraction(cfg)
     digests = []
     for _ in range(2):
         build.score_tileset(cfg, "r", AS_OF)
         build.build_cells(cfg, "r")
-        digests.append({p.name + p.parent.name: p.read_bytes() for p in (build.work_dir(cfg, "r") / "cells").rglob("*.parquet")})
+        digests.append(
+            {p.name + p.parent.name: p.read_bytes() for p in (build.work_dir(cfg, "r") / "cells").rglob("*.parquet")}
+        )
     assert digests[0] == digests[1] and len(digests[0]) == 11

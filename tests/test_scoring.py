@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import polars as pl
 import pytest
@@ -12,15 +12,28 @@ from pipeline import pyramid, scoring
 from pipeline.config import Tileset
 from pipeline.errors import ConfigError
 
-AS_OF = datetime(2026, 11, 1, tzinfo=timezone.utc)
+AS_OF = datetime(2026, 11, 1, tzinfo=UTC)
 SCHEMA = {
-    "report_id": pl.String, "entity_type": pl.String, "entity_id": pl.String,
-    "lat": pl.Float64, "lng": pl.Float64, "observed_at": pl.Datetime("us", "UTC"),
-    "expires_at": pl.Datetime("us", "UTC"), "category": pl.String, "severity": pl.Float64,
-    "priority": pl.String, "status": pl.String, "organization": pl.String, "building": pl.String,
-    "activity": pl.String, "upvotes": pl.Int32, "departures": pl.Float64,
-    "cancellations": pl.Float64, "delays": pl.Float64, "is_public": pl.Boolean,
-}  # fmt: skip
+    "report_id": pl.String,
+    "entity_type": pl.String,
+    "entity_id": pl.String,
+    "lat": pl.Float64,
+    "lng": pl.Float64,
+    "observed_at": pl.Datetime("us", "UTC"),
+    "expires_at": pl.Datetime("us", "UTC"),
+    "category": pl.String,
+    "severity": pl.Float64,
+    "priority": pl.String,
+    "status": pl.String,
+    "organization": pl.String,
+    "building": pl.String,
+    "activity": pl.String,
+    "upvotes": pl.Int32,
+    "departures": pl.Float64,
+    "cancellations": pl.Float64,
+    "delays": pl.Float64,
+    "is_public": pl.Boolean,
+}
 
 
 def reports(*rows: dict) -> pl.LazyFrame:
@@ -63,9 +76,11 @@ def test_seed002_decay_formula(days, kept):
 
 
 def test_seed002_weight_is_severity_over_10_times_boost_times_decay():
-    result = score({"profile": "campus_issues"},
-                   {"severity": 8.0, "priority": "HIGH", "observed_at": ago(45)},
-                   {"severity": 5.0, "priority": None, "observed_at": ago(0)})  # fmt: skip
+    result = score(
+        {"profile": "campus_issues"},
+        {"severity": 8.0, "priority": "HIGH", "observed_at": ago(45)},
+        {"severity": 5.0, "priority": None, "observed_at": ago(0)},
+    )
     w = result.scored.get_column("weight").to_list()
     assert w[0] == pytest.approx(0.8 * 2.5 * math.exp(-0.25))
     assert w[1] == pytest.approx(0.5)  # no priority: no boost
@@ -96,11 +111,18 @@ def test_seed002_building_preset_needs_buildings(write_config):
     with pytest.raises(ConfigError) as info:
         load_config(write_config(bad))
     assert info.value.key == "tilesets.t.filters.buildings"
-    good = {"sources": src, "tilesets": {"t": {"source": "s", "profile": "campus_issues", "preset": "building",
-                                               "filters": {"buildings": ["bldg-3"]}}}}  # fmt: skip
+    good = {
+        "sources": src,
+        "tilesets": {
+            "t": {"source": "s", "profile": "campus_issues", "preset": "building", "filters": {"buildings": ["bldg-3"]}}
+        },
+    }
     cfg = load_config(write_config(good))
-    result = score(cfg.tilesets["t"].model_dump(exclude={"source"}),
-                   {"building": "bldg-3", "severity": 4.0}, {"building": "bldg-4", "severity": 4.0})  # fmt: skip
+    result = score(
+        cfg.tilesets["t"].model_dump(exclude={"source"}),
+        {"building": "bldg-3", "severity": 4.0},
+        {"building": "bldg-4", "severity": 4.0},
+    )
     assert result.scored.height == 1 and result.excluded == {"filtered_out": 1}
 
 
@@ -112,8 +134,13 @@ def test_seed002_filters():
         {"category": "hvac", "severity": 8.0, "organization": "ORG9", "observed_at": ago(5)},
         {"category": "hvac", "severity": 8.0, "organization": "ORG123", "observed_at": ago(40)},
     ]
-    filters = {"categories": ["hvac"], "min_severity": 7, "organizations": ["ORG123"],
-               "start_date": ago(30).isoformat(), "end_date": AS_OF.isoformat()}  # fmt: skip
+    filters = {
+        "categories": ["hvac"],
+        "min_severity": 7,
+        "organizations": ["ORG123"],
+        "start_date": ago(30).isoformat(),
+        "end_date": AS_OF.isoformat(),
+    }
     result = score({"profile": "campus_issues", "filters": filters}, *rows)
     assert result.scored.height == 1 and result.excluded == {"filtered_out": 4}
 
@@ -195,8 +222,10 @@ def test_seed000_max_severity_of_active_public_notes_per_entity():
 
 
 def test_seed000_filter_by_entity_type():
-    notes = [{"entity_type": "post", "entity_id": "a", "category": "urgent"},
-             {"entity_type": "event", "entity_id": "b", "category": "urgent"}]  # fmt: skip
+    notes = [
+        {"entity_type": "post", "entity_id": "a", "category": "urgent"},
+        {"entity_type": "event", "entity_id": "b", "category": "urgent"},
+    ]
     result = score({"profile": "community_needs", "filters": {"entity_types": ["event"]}}, *notes)
     assert result.scored.height == 1 and result.excluded == {"filtered_out": 1}
 
@@ -221,7 +250,9 @@ def test_seed003_impact_is_the_enabled_metrics_and_healthy_stations_stay():
 # --- every profile ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("profile", ["generic", "community_needs", "road_conditions", "campus_issues", "rail_disruptions"])
+@pytest.mark.parametrize(
+    "profile", ["generic", "community_needs", "road_conditions", "campus_issues", "rail_disruptions"]
+)
 def test_not_public_after_as_of_and_expired_are_excluded_everywhere(profile):
     rows = [
         {"is_public": False, "entity_id": "x", "category": "pothole", "severity": 2.0},
@@ -236,7 +267,11 @@ def test_not_public_after_as_of_and_expired_are_excluded_everywhere(profile):
 
 def test_generic_profile_with_configured_decay_per_category():
     ts = {"profile": "generic", "scoring": {"decay": {"mode": "half_life", "days": {"a": 2, "b": 4}}}}
-    result = score(ts, {"category": "a", "observed_at": ago(2)}, {"category": "b", "observed_at": ago(2)},
-                   {"category": "c", "observed_at": ago(2)})  # fmt: skip
+    result = score(
+        ts,
+        {"category": "a", "observed_at": ago(2)},
+        {"category": "b", "observed_at": ago(2)},
+        {"category": "c", "observed_at": ago(2)},
+    )
     assert result.scored.get_column("decay").to_list() == pytest.approx([0.5, 2**-0.5])
     assert result.excluded == {"unknown_category": 1}

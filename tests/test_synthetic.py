@@ -53,8 +53,10 @@ def test_domain_values_follow_the_seeds():
     assert len(set(roads["category"])) == 14
     needs = generate(_src("community_needs", count=5000, bad_fraction=0), AS_OF).to_pydict()
     assert {(c, s) for c, s in zip(needs["category"], needs["severity"])} == {
-        ("urgent", "10"), ("notice", "5"), ("info", "1"),
-    }  # fmt: skip
+        ("urgent", "10"),
+        ("notice", "5"),
+        ("info", "1"),
+    }
     # an entity has one location, however many notes it has
     by_entity = {}
     for e, la, ln in zip(needs["entity_id"], needs["lat"], needs["lng"]):
@@ -90,8 +92,11 @@ def test_world_spread_is_deterministic_and_spans_continents():
     for w, s, e, n, _ in WORLD_REGIONS:
         inside += (w - 2 <= lng) & (lng <= e + 2) & (s - 2 <= lat) & (lat <= n + 2)
     assert (inside > 0).mean() > 0.99  # on the populated regions (cities near an edge spill a little)
-    populated = {i for i, (w, s, e, n, _) in enumerate(WORLD_REGIONS)
-                 if ((w <= lng) & (lng <= e) & (s <= lat) & (lat <= n)).sum() > 1000}  # fmt: skip
+    populated = {
+        i
+        for i, (w, s, e, n, _) in enumerate(WORLD_REGIONS)
+        if ((w <= lng) & (lng <= e) & (s <= lat) & (lat <= n)).sum() > 1000
+    }
     assert len(populated) >= 10
     # a few hundred cities hold most reports; the rest are corridors and a rural background
     assert 50 <= len(np.unique(city[city >= 0])) <= 500 and 0.6 < (city >= 0).mean() < 0.8

@@ -19,14 +19,31 @@ from .conftest import AS_OF
 
 HEADER = ["id", "lat", "lng", "t", "sev", "up", "dep", "pub", "tok", "desc", "exp"]
 GOOD = {
-    "id": "ok", "lat": "40.7", "lng": "-73.9", "t": "2026-10-30T10:00:00Z", "sev": "2",
-    "up": "1", "dep": "", "pub": "true", "tok": "", "desc": "fine", "exp": "",
-}  # fmt: skip
+    "id": "ok",
+    "lat": "40.7",
+    "lng": "-73.9",
+    "t": "2026-10-30T10:00:00Z",
+    "sev": "2",
+    "up": "1",
+    "dep": "",
+    "pub": "true",
+    "tok": "",
+    "desc": "fine",
+    "exp": "",
+}
 MAPPING = {
-    "report_id": "id", "lat": "lat", "lng": "lng", "observed_at": "t", "severity": "sev",
-    "upvotes": "up", "departures": "dep", "is_public": "pub", "session_token": "tok",
-    "description": "desc", "expires_at": "exp",
-}  # fmt: skip
+    "report_id": "id",
+    "lat": "lat",
+    "lng": "lng",
+    "observed_at": "t",
+    "severity": "sev",
+    "upvotes": "up",
+    "departures": "dep",
+    "is_public": "pub",
+    "session_token": "tok",
+    "description": "desc",
+    "expires_at": "exp",
+}
 
 # report id -> (field overrides, expected reason or None for valid)
 CASES = {
@@ -120,17 +137,22 @@ def test_values_are_typed_and_times_are_utc(tmp_path, extract_config):
 def test_rejected_rows_keep_their_raw_fields(tmp_path, extract_config):
     _write_csv(tmp_path / "r.csv", [{**GOOD, "id": "x", "lat": "forty"}])
     cfg, _, _ = extract_config({"sources": {"s": _csv_source(tmp_path / "r.csv")}})
-    [(file, row, rid, reason, fields)] = _rows(cfg, "SELECT file, row_number, report_id, reason, fields FROM rejected_reports")
+    [(file, row, rid, reason, fields)] = _rows(
+        cfg, "SELECT file, row_number, report_id, reason, fields FROM rejected_reports"
+    )
     assert (file, row, rid, reason) == (str(tmp_path / "r.csv"), 1, "x", "non_numeric_coordinates")
     assert json.loads(fields)["lat"] == "forty"
 
 
 def test_timestamp_formats_are_tried_before_iso(tmp_path, extract_config):
-    _write_csv(tmp_path / "r.csv", [
-        {**GOOD, "id": "a", "t": "10/30/2026 7:05"},
-        {**GOOD, "id": "b", "t": "2026-10-29"},
-        {**GOOD, "id": "c", "t": "30.10.2026"},
-    ])  # fmt: skip
+    _write_csv(
+        tmp_path / "r.csv",
+        [
+            {**GOOD, "id": "a", "t": "10/30/2026 7:05"},
+            {**GOOD, "id": "b", "t": "2026-10-29"},
+            {**GOOD, "id": "c", "t": "30.10.2026"},
+        ],
+    )
     src = _csv_source(tmp_path / "r.csv", timestamp_format=["%m/%d/%Y %H:%M"])
     cfg, _, v = extract_config({"sources": {"s": src}})
     assert v["s"].rejected == {"unparseable_timestamp": 1}
@@ -141,10 +163,7 @@ def test_timestamp_formats_are_tried_before_iso(tmp_path, extract_config):
 def test_rate_limit_refuses_the_excess_as_the_seed_trigger_would(tmp_path, extract_config):
     start = AS_OF - timedelta(days=1)
     minutes = list(range(35)) + [60, 61]
-    rows = [
-        {**GOOD, "id": f"f{m}", "tok": "flood", "t": (start + timedelta(minutes=m)).isoformat()}
-        for m in minutes
-    ]
+    rows = [{**GOOD, "id": f"f{m}", "tok": "flood", "t": (start + timedelta(minutes=m)).isoformat()} for m in minutes]
     rows += [{**GOOD, "id": f"calm{i}", "tok": "calm"} for i in range(5)]
     rows += [{**GOOD, "id": f"anon{i}", "tok": ""} for i in range(40)]  # no token: never limited
     _write_csv(tmp_path / "r.csv", rows)
@@ -177,7 +196,7 @@ def test_rate_limit_excess_matches_trigger_semantics(times, limit, window):
     for i, t in enumerate(times):
         # what the trigger counts: accepted rows in (t - window, t] filed before this one
         before = accepted[(accepted > t - window) & (accepted <= t)]
-        earlier = np.sum(before < t) + np.sum((before == t)) - (0 if refused[i] else 1)
+        earlier = np.sum(before < t) + np.sum(before == t) - (0 if refused[i] else 1)
         if refused[i]:
             assert np.sum((accepted > t - window) & (accepted <= t)) >= limit
         else:
@@ -185,23 +204,27 @@ def test_rate_limit_excess_matches_trigger_semantics(times, limit, window):
 
 
 def test_parquet_ndjson_and_typed_columns(tmp_path, extract_config):
-    table = pa.table({
-        "id": ["a", "b", "c"],
-        "lat": pa.array([40.7, None, 95.0]),
-        "lng": pa.array([-73.9, -73.9, -73.9]),
-        "t": pa.array([1.792e12, 1.792e12, 1.792e12]).cast(pa.int64()).cast(pa.timestamp("ms", tz="UTC")),
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "id": ["a", "b", "c"],
+            "lat": pa.array([40.7, None, 95.0]),
+            "lng": pa.array([-73.9, -73.9, -73.9]),
+            "t": pa.array([1.792e12, 1.792e12, 1.792e12]).cast(pa.int64()).cast(pa.timestamp("ms", tz="UTC")),
+        }
+    )
     pq.write_table(table, tmp_path / "r.parquet")
     with open(tmp_path / "r.ndjson", "w") as fh:
         for rec in ({"id": "a", "lat": 40.7, "lng": -73.9, "t": 1792000000}, {"id": "b", "lat": "x", "lng": 1, "t": 1}):
             fh.write(json.dumps(rec) + "\n")
     cols = {"report_id": "id", "lat": "lat", "lng": "lng", "observed_at": "t"}
-    cfg, _, v = extract_config({
-        "sources": {
-            "pq": {"kind": "file", "path": str(tmp_path / "*.parquet"), "format": "parquet", "columns": cols},
-            "nd": {"kind": "file", "path": str(tmp_path / "*.ndjson"), "format": "ndjson", "columns": cols},
+    cfg, _, v = extract_config(
+        {
+            "sources": {
+                "pq": {"kind": "file", "path": str(tmp_path / "*.parquet"), "format": "parquet", "columns": cols},
+                "nd": {"kind": "file", "path": str(tmp_path / "*.ndjson"), "format": "ndjson", "columns": cols},
+            }
         }
-    })  # fmt: skip
+    )
     assert v["pq"].rejected == {"missing_coordinates": 1, "latitude_out_of_range": 1}
     assert v["nd"].rejected == {"non_numeric_coordinates": 1}
     times = _rows(cfg, "SELECT report_id, strftime(observed_at, '%Y-%m-%d %H:%M:%S') FROM reports ORDER BY 1")
@@ -212,22 +235,31 @@ def test_geojson_points_give_positions_other_geometries_are_rejected(tmp_path, e
     def feature(fid, geometry):
         return {"type": "Feature", "properties": {"fid": fid, "when": "2026-10-30T00:00:00Z"}, "geometry": geometry}
 
-    fc = {"type": "FeatureCollection", "features": [
-        feature("pt", {"type": "Point", "coordinates": [-73.9, 40.7]}),
-        feature("line", {"type": "LineString", "coordinates": [[0, 0], [1, 1]]}),
-        feature("poly", {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 0]]]}),
-        feature("none", None),
-        feature("far", {"type": "Point", "coordinates": [10, 89]}),
-    ]}  # fmt: skip
+    fc = {
+        "type": "FeatureCollection",
+        "features": [
+            feature("pt", {"type": "Point", "coordinates": [-73.9, 40.7]}),
+            feature("line", {"type": "LineString", "coordinates": [[0, 0], [1, 1]]}),
+            feature("poly", {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 0]]]}),
+            feature("none", None),
+            feature("far", {"type": "Point", "coordinates": [10, 89]}),
+        ],
+    }
     (tmp_path / "r.geojson").write_text(json.dumps(fc))
-    src = {"kind": "file", "path": str(tmp_path / "r.geojson"), "format": "geojson",
-           "columns": {"report_id": "fid", "observed_at": "when"}}  # fmt: skip
+    src = {
+        "kind": "file",
+        "path": str(tmp_path / "r.geojson"),
+        "format": "geojson",
+        "columns": {"report_id": "fid", "observed_at": "when"},
+    }
     cfg, _, v = extract_config({"sources": {"g": src}})
     reasons = dict(_rows(cfg, "SELECT report_id, reason FROM rejected_reports"))
     assert reasons == {
-        "line": "non_point_geometry", "poly": "non_point_geometry",
-        "none": "missing_coordinates", "far": "outside_mercator",
-    }  # fmt: skip
+        "line": "non_point_geometry",
+        "poly": "non_point_geometry",
+        "none": "missing_coordinates",
+        "far": "outside_mercator",
+    }
     assert _rows(cfg, "SELECT lat, lng FROM reports") == [(40.7, -73.9)]
 
 
@@ -239,27 +271,36 @@ def test_wkt_geometry_column_and_empty_points(tmp_path, extract_config):
         'c,2026-10-30,"not wkt"\n'
         'd,2026-10-30,"LINESTRING (0 0, 1 1)"\n'
     )
-    src = {"kind": "file", "path": str(tmp_path / "r.csv"),
-           "columns": {"report_id": "id", "observed_at": "t", "geometry": "where"}}  # fmt: skip
+    src = {
+        "kind": "file",
+        "path": str(tmp_path / "r.csv"),
+        "columns": {"report_id": "id", "observed_at": "t", "geometry": "where"},
+    }
     cfg, _, v = extract_config({"sources": {"w": src}})
     assert dict(_rows(cfg, "SELECT report_id, reason FROM rejected_reports")) == {
-        "b": "empty_geometry", "c": "invalid_geometry", "d": "non_point_geometry",
-    }  # fmt: skip
+        "b": "empty_geometry",
+        "c": "invalid_geometry",
+        "d": "non_point_geometry",
+    }
 
 
 def test_an_unreadable_file_does_not_stop_the_others_when_the_source_says_skip(tmp_path, extract_config):
     _write_csv(tmp_path / "a.csv", [{**GOOD, "id": "a"}])
     (tmp_path / "b.csv").write_text("something,else\n1,2\n")  # lacks the mapped columns
     _write_csv(tmp_path / "c.csv", [{**GOOD, "id": "c"}])
-    cfg, staged, v = extract_config({"sources": {"s": {**_csv_source(tmp_path / "*.csv"), "on_unreadable_file": "skip"}}})
+    cfg, staged, v = extract_config(
+        {"sources": {"s": {**_csv_source(tmp_path / "*.csv"), "on_unreadable_file": "skip"}}}
+    )
     errors = {f.file.rsplit("/", 1)[1]: f.error for f in staged["s"]}
     assert errors["a.csv"] is None and errors["c.csv"] is None
     assert errors["b.csv"].startswith("missing column(s): id, lat, lng")
     assert v["s"].valid == 2
     logged = _rows(cfg, "SELECT file, rows, error IS NOT NULL FROM source_files ORDER BY file")
     assert [(f.rsplit("/", 1)[1], n, e) for f, n, e in logged] == [
-        ("a.csv", 1, False), ("b.csv", 0, True), ("c.csv", 1, False),
-    ]  # fmt: skip
+        ("a.csv", 1, False),
+        ("b.csv", 0, True),
+        ("c.csv", 1, False),
+    ]
 
 
 def test_rerun_is_idempotent_and_reports_replace(tmp_path, write_config):
@@ -291,14 +332,25 @@ def test_untimed_reports_take_the_runs_as_of(tmp_path, write_config):
 
     from .conftest import run_extraction
 
-    (tmp_path / "stations.csv").write_text("id,lat,lon,departures,delays,cancellations\n"
-                                           "s1,52.52,13.40,120,7,1\ns2,48.14,11.58,80,0,0\ns3,,11.5,3,0,0\n")
-    cols = {"report_id": "id", "lat": "lat", "lng": "lon", "departures": "departures", "delays": "delays",
-            "cancellations": "cancellations"}  # fmt: skip
-    cfg = load_config(write_config({
-        "sources": {"rail": {"kind": "file", "path": str(tmp_path / "stations.csv"), "columns": cols}},
-        "tilesets": {"rail": {"source": "rail", "profile": "rail_disruptions"}},
-    }))  # fmt: skip
+    (tmp_path / "stations.csv").write_text(
+        "id,lat,lon,departures,delays,cancellations\ns1,52.52,13.40,120,7,1\ns2,48.14,11.58,80,0,0\ns3,,11.5,3,0,0\n"
+    )
+    cols = {
+        "report_id": "id",
+        "lat": "lat",
+        "lng": "lon",
+        "departures": "departures",
+        "delays": "delays",
+        "cancellations": "cancellations",
+    }
+    cfg = load_config(
+        write_config(
+            {
+                "sources": {"rail": {"kind": "file", "path": str(tmp_path / "stations.csv"), "columns": cols}},
+                "tilesets": {"rail": {"source": "rail", "profile": "rail_disruptions"}},
+            }
+        )
+    )
     _, validated = run_extraction(cfg)
     assert (validated["rail"].valid, validated["rail"].rejected) == (2, {"missing_coordinates": 1})
     assert _rows(cfg, "SELECT DISTINCT observed_at FROM reports") == [(AS_OF,)]

@@ -23,8 +23,19 @@ from pmtiles.writer import optimize_directories
 
 from pipeline.config import load_config
 from pipeline.vector import (
-    BUFFER, EMPTY_TILE, EXTENT, MAX_TILE_BYTES, Archive, Budget, Encoded, Encoder, digest, directories, serialize_directory, tile_ids,
-)  # fmt: skip
+    BUFFER,
+    EMPTY_TILE,
+    EXTENT,
+    MAX_TILE_BYTES,
+    Archive,
+    Budget,
+    Encoded,
+    Encoder,
+    digest,
+    directories,
+    serialize_directory,
+    tile_ids,
+)
 
 from .conftest import publish_tileset, run_extraction
 
@@ -32,12 +43,30 @@ from .conftest import publish_tileset, run_extraction
 @pytest.fixture(scope="module")
 def snapshot(tmp_path_factory):
     root = tmp_path_factory.mktemp("vector")
-    (root / "hotspots.yaml").write_text(json.dumps({
-        "sources": {"rail": {"kind": "synthetic", "domain": "rail_disruptions", "count": 6000, "seed": 9,
-                             "bbox": [5.9, 47.3, 15.0, 55.0]}},
-        "tilesets": {"rail": {"source": "rail", "profile": "rail_disruptions", "maxzoom": 11,
-                              "max_features_per_tile": 60, "tiles_maxzoom": 11}},
-    }))  # fmt: skip
+    (root / "hotspots.yaml").write_text(
+        json.dumps(
+            {
+                "sources": {
+                    "rail": {
+                        "kind": "synthetic",
+                        "domain": "rail_disruptions",
+                        "count": 6000,
+                        "seed": 9,
+                        "bbox": [5.9, 47.3, 15.0, 55.0],
+                    }
+                },
+                "tilesets": {
+                    "rail": {
+                        "source": "rail",
+                        "profile": "rail_disruptions",
+                        "maxzoom": 11,
+                        "max_features_per_tile": 60,
+                        "tiles_maxzoom": 11,
+                    }
+                },
+            }
+        )
+    )
     cfg = load_config(root / "hotspots.yaml")
     run_extraction(cfg)
     return publish_tileset(cfg, "rail").path
@@ -67,14 +96,23 @@ def test_every_mvt_tile_decodes_to_its_geojson_twin(snapshot: Path):
         twin = json.loads(twin_path.read_text())["features"] if twin_path.exists() else []
         # MVT carries what a map draws (no cell, z or weight): match twins by position and properties
         unmatched = [
-            (*_pixel(*f["geometry"]["coordinates"], z, x, y), {k: v for k, v in f["properties"].items() if k not in GEOJSON_ONLY})
+            (
+                *_pixel(*f["geometry"]["coordinates"], z, x, y),
+                {k: v for k, v in f["properties"].items() if k not in GEOJSON_ONLY},
+            )
             for f in twin
         ]
         for feature in layer["features"]:
             px, py = feature["geometry"]["coordinates"]
             assert -BUFFER <= px <= EXTENT + BUFFER and -BUFFER <= py <= EXTENT + BUFFER
-            match = next((i for i, (ex, ey, want) in enumerate(unmatched)
-                          if abs(px - ex) <= 1 and abs(py - ey) <= 1 and _same(feature["properties"], want)), None)  # fmt: skip
+            match = next(
+                (
+                    i
+                    for i, (ex, ey, want) in enumerate(unmatched)
+                    if abs(px - ex) <= 1 and abs(py - ey) <= 1 and _same(feature["properties"], want)
+                ),
+                None,
+            )
             if match is None:
                 assert not (0 < px < EXTENT and 0 < py < EXTENT), "only buffer features come from neighbours"
             else:
@@ -103,13 +141,17 @@ def test_pmtiles_archive_lists_every_tile(snapshot: Path):
         reader = Reader(source)
         header, metadata = reader.header(), reader.metadata()
         listed = {(z, x, y): data for (z, x, y), data in all_tiles(source)}
-    files = {(int(p.parts[-3]), int(p.parts[-2]), int(p.stem)): p.read_bytes() for p in (snapshot / "mvt").rglob("*.mvt")}
+    files = {
+        (int(p.parts[-3]), int(p.parts[-2]), int(p.stem)): p.read_bytes() for p in (snapshot / "mvt").rglob("*.mvt")
+    }
     assert listed == files
     assert header["tile_type"] == TileType.MVT and header["tile_compression"] == Compression.GZIP
     assert header["clustered"] and (header["min_zoom"], header["max_zoom"]) == (0, 11)
     assert 5.9e7 <= header["min_lon_e7"] < header["max_lon_e7"] <= 15.0e7
     assert [layer["id"] for layer in metadata["vector_layers"]] == ["cells"]
-    assert {"count", "intensity", "delays", "cancellations", "departures"} <= set(metadata["vector_layers"][0]["fields"])
+    assert {"count", "intensity", "delays", "cancellations", "departures"} <= set(
+        metadata["vector_layers"][0]["fields"]
+    )
 
 
 def test_tilejson(snapshot: Path):
@@ -139,8 +181,13 @@ def test_tile_ids_are_pmtiles_ids(z, data):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 5000), st.integers(1, 1 << 22), st.integers(1, 4), st.booleans()),
-                min_size=1, max_size=400))  # fmt: skip
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 5000), st.integers(1, 1 << 22), st.integers(1, 4), st.booleans()),
+        min_size=1,
+        max_size=400,
+    )
+)
 def test_directory_is_the_reference_writers(rows):
     ids = np.cumsum([r[0] for r in rows]).astype(np.uint64)
     lengths = np.array([r[1] for r in rows], np.uint64)
@@ -204,13 +251,26 @@ def test_an_empty_archive_holds_one_empty_tile(tmp_path):
 @pytest.fixture(scope="module")
 def archive_only(tmp_path_factory):
     root = tmp_path_factory.mktemp("formats")
-    (root / "hotspots.yaml").write_text(json.dumps({
-        "sources": {"roads": {"kind": "synthetic", "domain": "road_conditions", "count": 8000, "seed": 12,
-                              "bbox": [-0.3, 51.4, 0.1, 51.6]}},
-        "tilesets": {"auto": {"source": "roads", "maxzoom": 13, "max_directory_features": 2000},
-                     "none": {"source": "roads", "maxzoom": 13, "formats": []},
-                     "geojson": {"source": "roads", "maxzoom": 13, "formats": ["geojson"], "tiles_maxzoom": 5}},
-    }))  # fmt: skip
+    (root / "hotspots.yaml").write_text(
+        json.dumps(
+            {
+                "sources": {
+                    "roads": {
+                        "kind": "synthetic",
+                        "domain": "road_conditions",
+                        "count": 8000,
+                        "seed": 12,
+                        "bbox": [-0.3, 51.4, 0.1, 51.6],
+                    }
+                },
+                "tilesets": {
+                    "auto": {"source": "roads", "maxzoom": 13, "max_directory_features": 2000},
+                    "none": {"source": "roads", "maxzoom": 13, "formats": []},
+                    "geojson": {"source": "roads", "maxzoom": 13, "formats": ["geojson"], "tiles_maxzoom": 5},
+                },
+            }
+        )
+    )
     cfg = load_config(root / "hotspots.yaml")
     run_extraction(cfg)
     return {name: publish_tileset(cfg, name).path for name in cfg.tilesets}
@@ -250,16 +310,22 @@ def test_every_zoom_of_the_archive_conserves_reports_per_tile(archive_only):
     for path in sorted((snapshot / "cells").glob("zoom=*/cells.parquet")):
         z = int(path.parent.name.split("=")[1])
         cells = pl.read_parquet(path, columns=["tile_x", "tile_y", "report_count"])
-        reports = {(x, y): n for x, y, n in cells.group_by("tile_x", "tile_y").agg(pl.col("report_count").sum()).iter_rows()}
+        reports = {
+            (x, y): n for x, y, n in cells.group_by("tile_x", "tile_y").agg(pl.col("report_count").sum()).iter_rows()
+        }
         for (x, y), total in reports.items():
             layer = mapbox_vector_tile.decode(gzip.decompress(tiles[(z, x, y)]), default_options={"y_coord_down": True})
             features = layer["cells"]["features"]
             # the tile's own features lie in [0, EXTENT]; a neighbour's buffer features outside,
             # or (rounded) on the shared edge
-            inside = sum(f["properties"]["count"] for f in features
-                         if all(0 < c < EXTENT for c in f["geometry"]["coordinates"]))  # fmt: skip
-            closed = sum(f["properties"]["count"] for f in features
-                         if all(0 <= c <= EXTENT for c in f["geometry"]["coordinates"]))  # fmt: skip
+            inside = sum(
+                f["properties"]["count"] for f in features if all(0 < c < EXTENT for c in f["geometry"]["coordinates"])
+            )
+            closed = sum(
+                f["properties"]["count"]
+                for f in features
+                if all(0 <= c <= EXTENT for c in f["geometry"]["coordinates"])
+            )
             assert inside <= total <= closed, (z, x, y)
         assert {(x, y) for tz, x, y in tiles if tz == z} >= set(reports)
 

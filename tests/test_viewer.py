@@ -31,9 +31,15 @@ from .conftest import AS_OF, IN_CI, REPO
 
 BIN = Path(sys.executable).parent
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]  # offline: no name resolves  # fmt: skip
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+]  # offline: no name resolves
 
 
 def _free_port() -> int:
@@ -44,8 +50,13 @@ def _free_port() -> int:
 
 def _serve(root: Path):
     port = _free_port()
-    proc = subprocess.Popen([str(BIN / "hotspots"), "serve", "--port", str(port)], cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [str(BIN / "hotspots"), "serve", "--port", str(port)],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
@@ -61,8 +72,13 @@ def site(tmp_path_factory):
     """The default hotspots.yaml, run and served on loopback."""
     root = tmp_path_factory.mktemp("site")
     shutil.copy(REPO / "hotspots.yaml", root / "hotspots.yaml")
-    run = subprocess.run([str(BIN / "hotspots"), "run", "--as-of", AS_OF.isoformat()], cwd=root,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    run = subprocess.run(
+        [str(BIN / "hotspots"), "run", "--as-of", AS_OF.isoformat()],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr
     assert "map: `hotspots serve` (make serve), then open http://127.0.0.1:8000/index.html" in run.stdout
     proc, url = _serve(root)
@@ -92,7 +108,10 @@ def test_serve_speaks_like_a_static_host(site):
     tile = next((cfg.output / "road_conditions" / latest["path"] / "mvt").rglob("*.mvt"))
     rel = tile.relative_to(cfg.output).as_posix()
     mvt = _get(f"{url}/{rel}")
-    assert mvt.headers["Content-Encoding"] == "gzip" and mvt.headers["Content-Type"] == "application/vnd.mapbox-vector-tile"
+    assert (
+        mvt.headers["Content-Encoding"] == "gzip"
+        and mvt.headers["Content-Type"] == "application/vnd.mapbox-vector-tile"
+    )
     assert _get(f"{snap}tiles/0/0/0.geojson").headers["Content-Type"] == "application/geo+json"
     if (REPO / "web" / "node_modules" / "maplibre-gl").exists() or IN_CI:  # published beside the page
         for lib in ("maplibre-gl-csp.js", "maplibre-gl-csp-worker.js", "pmtiles.js", "countries-50m.json"):
@@ -138,7 +157,8 @@ def browser():
 def _await(page, promise: str, seconds: int = 30):
     """Evaluate a JS promise, failing (not hanging) after ``seconds``."""
     return page.evaluate(
-        f"Promise.race([{promise}, new Promise((_, no) => setTimeout(() => no(new Error('timed out: {promise[:40]}')), {seconds * 1000}))])"
+        f"Promise.race([{promise}, new Promise((_, no) => "
+        f"setTimeout(() => no(new Error('timed out: {promise[:40]}')), {seconds * 1000}))])"
     )
 
 
@@ -157,8 +177,10 @@ class Visit:
 
         # (recorded, not intercepted: routing every request through Python slows each frame by seconds)
         page.on("request", lambda r: self.requests.append(r.url))
-        page.add_init_script("window.__violations = []; document.addEventListener('securitypolicyviolation', "
-                             "(e) => window.__violations.push(e.violatedDirective + ' ' + e.blockedURI));")  # fmt: skip
+        page.add_init_script(
+            "window.__violations = []; document.addEventListener('securitypolicyviolation', "
+            "(e) => window.__violations.push(e.violatedDirective + ' ' + e.blockedURI));"
+        )
         page.goto(f"{site_url}/{path}")
         self.map = _await(page, "window.hotspotsReady.then((m) => !!m)", 60)
 
@@ -169,14 +191,20 @@ class Visit:
 
     def idle(self):
         # (never return the map or an event from evaluate: serialising its object graph takes seconds)
-        _await(self.page, "new Promise((r) => { window.hotspotsMap.once('idle', () => r(true)); "
-               "window.hotspotsMap.triggerRepaint(); })")
+        _await(
+            self.page,
+            "new Promise((r) => { window.hotspotsMap.once('idle', () => r(true)); "
+            "window.hotspotsMap.triggerRepaint(); })",
+        )
 
     def jump(self, lng: float, lat: float, zoom: float):
         self.page.evaluate(f"window.hotspotsMap.jumpTo({{center: [{lng}, {lat}], zoom: {zoom}}}) && null")
         # (wait_for_function evaluates a string: the page's policy refuses that, as it should)
-        _await(self.page, "new Promise((r) => { const m = window.hotspotsMap; "
-               "const check = () => (m.loaded() && m.areTilesLoaded() ? r(true) : setTimeout(check, 50)); check(); })")
+        _await(
+            self.page,
+            "new Promise((r) => { const m = window.hotspotsMap; "
+            "const check = () => (m.loaded() && m.areTilesLoaded() ? r(true) : setTimeout(check, 50)); check(); })",
+        )
         self.idle()
 
     def popup_at_center(self) -> str:
@@ -202,7 +230,8 @@ def _features_at(visit: Visit, lng: float, lat: float, zoom: int) -> int:
     visit.jump(lng, lat, zoom)
     page = visit.page
     visible = page.evaluate(
-        f"(() => {{ const l = window.hotspotsMap.getLayer('heatmap'); return {zoom} >= (l.minzoom ?? 0) && {zoom} < (l.maxzoom ?? 24) "
+        f"(() => {{ const l = window.hotspotsMap.getLayer('heatmap'); "
+        f"return {zoom} >= (l.minzoom ?? 0) && {zoom} < (l.maxzoom ?? 24) "
         "&& window.hotspotsMap.getLayoutProperty('heatmap', 'visibility') !== 'none'; })()"
     )
     assert visible, zoom
@@ -228,14 +257,30 @@ def test_the_viewer_renders_the_default_run_in_chromium(site, browser, tmp_path)
     visit = Visit(browser, url, "index.html?tileset=road_conditions")
     page = visit.page
     # opened fitted to the data: all of it in view, and not zoomed far out
-    view = page.evaluate("(() => { const b = window.hotspotsMap.getBounds(); return [b.getWest(), b.getSouth(), b.getEast(), b.getNorth(), window.hotspotsMap.getZoom()]; })()")
-    bbox = json.loads(_get(f"{url}/road_conditions/{json.loads(_get(f'{url}/road_conditions/latest.json').read())['path']}tiles.json").read())["bounds"]
-    assert view[0] <= bbox[0] + 0.01 and view[2] >= bbox[2] - 0.01 and view[1] <= bbox[1] + 0.01 and view[3] >= bbox[3] - 0.01
+    view = page.evaluate(
+        "(() => { const b = window.hotspotsMap.getBounds(); "
+        "return [b.getWest(), b.getSouth(), b.getEast(), b.getNorth(), window.hotspotsMap.getZoom()]; })()"
+    )
+    bbox = json.loads(
+        _get(
+            f"{url}/road_conditions/{json.loads(_get(f'{url}/road_conditions/latest.json').read())['path']}tiles.json"
+        ).read()
+    )["bounds"]
+    assert (
+        view[0] <= bbox[0] + 0.01
+        and view[2] >= bbox[2] - 0.01
+        and view[1] <= bbox[1] + 0.01
+        and view[3] >= bbox[3] - 0.01
+    )
     assert view[4] >= 9, view  # a city opens as a city
     assert re.fullmatch(r"#[\d.]+/[-\d.]+/[-\d.]+", page.evaluate("location.hash"))  # the view is in the URL
     assert page.query_selector(".maplibregl-ctrl-zoom-in") and page.query_selector(".maplibregl-ctrl-scale")
-    assert page.evaluate("window.hotspotsBasemap") == "offline" and page.evaluate("!!window.hotspotsMap.getLayer('land')")
-    assert "halve every" in page.inner_text("#legend") and "As of 2026-11-01T12:00:00+00:00" in page.inner_text("#legend")
+    assert page.evaluate("window.hotspotsBasemap") == "offline" and page.evaluate(
+        "!!window.hotspotsMap.getLayer('land')"
+    )
+    assert "halve every" in page.inner_text("#legend") and "As of 2026-11-01T12:00:00+00:00" in page.inner_text(
+        "#legend"
+    )
     assert visit.status().startswith("snapshot ") and "reports" in visit.status()
     shot = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
     assert len(shot.getcolors(maxcolors=1 << 20) or []) > 50, "the screenshot is (nearly) blank"
@@ -255,7 +300,9 @@ def test_the_viewer_renders_the_default_run_in_chromium(site, browser, tmp_path)
 
     # the hash restores the view
     again = Visit(browser, url, "index.html?tileset=road_conditions#13.5/51.5/-0.12")
-    center = again.page.evaluate("[window.hotspotsMap.getZoom(), window.hotspotsMap.getCenter().lat, window.hotspotsMap.getCenter().lng]")
+    center = again.page.evaluate(
+        "[window.hotspotsMap.getZoom(), window.hotspotsMap.getCenter().lat, window.hotspotsMap.getCenter().lng]"
+    )
     assert abs(center[0] - 13.5) < 0.01 and abs(center[1] - 51.5) < 1e-3 and abs(center[2] + 0.12) < 1e-3
     again.page.close()
 
@@ -267,8 +314,12 @@ def test_metric_toggles_coverage_and_rail_popups(site, browser):
     visit = Visit(browser, url, "index.html?tileset=rail_disruptions")
     page = visit.page
     shot = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
-    assert _colour_share(shot, (0xDF, 0xE9, 0xF0)) > 0.01 and _colour_share(shot, (0xF6, 0xF4, 0xEE)) > 0.05  # sea, land
-    swatches = page.evaluate("[...document.querySelectorAll('#toggles .swatch')].map((s) => getComputedStyle(s).backgroundColor)")
+    assert (
+        _colour_share(shot, (0xDF, 0xE9, 0xF0)) > 0.01 and _colour_share(shot, (0xF6, 0xF4, 0xEE)) > 0.05
+    )  # sea, land
+    swatches = page.evaluate(
+        "[...document.querySelectorAll('#toggles .swatch')].map((s) => getComputedStyle(s).backgroundColor)"
+    )
     assert len(swatches) == 3 and len(set(swatches)) == 3  # cancellations, delays, coverage: each its colour
     visit.jump(*_densest(url, "rail_disruptions"), 9)
     text = visit.popup_at_center()
@@ -279,7 +330,9 @@ def test_metric_toggles_coverage_and_rail_popups(site, browser):
         return visit.rendered()
 
     everything = shown()
-    assert any(f["healthy"] for f in everything) and any(f.get("delays", 0) > 0 and not f.get("cancellations") for f in everything)
+    assert any(f["healthy"] for f in everything) and any(
+        f.get("delays", 0) > 0 and not f.get("cancellations") for f in everything
+    )
     page.click("#toggle-coverage")
     assert shown() and not any(f["healthy"] for f in shown())
     page.click("#toggle-metric-delays")
@@ -298,7 +351,7 @@ def test_metric_toggles_coverage_and_rail_popups(site, browser):
 # --- hostile data -------------------------------------------------------------------------------
 
 HOSTILE = [
-    '<img src=x onerror="document.title=\'XSS\'">',
+    "<img src=x onerror=\"document.title='XSS'\">",
     '<img src="{canary}/img" onerror="window.__pwned=1">',
     "<script>window.__pwned=1</script>",
     '"><svg onload="window.__pwned=1"><x a="',
@@ -338,22 +391,40 @@ def hostile_site(tmp_path_factory):
     rows = ["id,lat,lng,t,category"]
     for i, category in enumerate(strings):  # each string rules its own place, 3° apart
         lat, lng = -30 + 5 * (i // 6), -60 + 8 * (i % 6)
-        rows += [f"{i}-{k},{lat + k / 1e4},{lng},2026-10-30T00:00:00Z,\"{category.replace(chr(34), chr(34) * 2)}\"" for k in range(3)]
+        rows += [
+            f'{i}-{k},{lat + k / 1e4},{lng},2026-10-30T00:00:00Z,"{category.replace(chr(34), chr(34) * 2)}"'
+            for k in range(3)
+        ]
     rows.append("lonely,48.8566,2.3522,2026-10-30T00:00:00Z,lonely")
     (root / "hostile.csv").write_text("\n".join(rows) + "\n")
     style = f"http://127.0.0.1:{_free_port()}/style.json"  # nothing listens there
-    source = {"kind": "file", "path": "hostile.csv",
-              "columns": {"report_id": "id", "lat": "lat", "lng": "lng", "observed_at": "t", "category": "category"}}
-    (root / "hotspots.yaml").write_text(yaml.safe_dump({
-        "output": "output", "home": ".hotspots",
-        "viewer": {"style": style},  # unreachable: the offline basemap is drawn
-        "sources": {"hostile": source},
-        "tilesets": {"hostile": {"source": "hostile", "maxzoom": 14},
-                     "one": {"source": "hostile", "filters": {"categories": ["lonely"]}, "maxzoom": 14},
-                     "empty": {"source": "hostile", "filters": {"categories": ["no such category"]}, "maxzoom": 4}},
-    }))  # fmt: skip
-    run = subprocess.run([str(BIN / "hotspots"), "run", "--as-of", AS_OF.isoformat()], cwd=root,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    source = {
+        "kind": "file",
+        "path": "hostile.csv",
+        "columns": {"report_id": "id", "lat": "lat", "lng": "lng", "observed_at": "t", "category": "category"},
+    }
+    (root / "hotspots.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "output": "output",
+                "home": ".hotspots",
+                "viewer": {"style": style},  # unreachable: the offline basemap is drawn
+                "sources": {"hostile": source},
+                "tilesets": {
+                    "hostile": {"source": "hostile", "maxzoom": 14},
+                    "one": {"source": "hostile", "filters": {"categories": ["lonely"]}, "maxzoom": 14},
+                    "empty": {"source": "hostile", "filters": {"categories": ["no such category"]}, "maxzoom": 4},
+                },
+            }
+        )
+    )
+    run = subprocess.run(
+        [str(BIN / "hotspots"), "run", "--as-of", AS_OF.isoformat()],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr
     # every other string the viewer shows, made hostile by hand: names, legends, ids, times
     out = root / "output"
@@ -423,7 +494,9 @@ def test_hostile_strings_are_shown_as_text_and_never_run(hostile_site, browser):
 def test_single_point_and_empty_snapshots_open_sensibly(hostile_site, browser):
     url, *_ = hostile_site
     one = Visit(browser, url, "index.html?tileset=one")
-    zoom, lat, lng = one.page.evaluate("[window.hotspotsMap.getZoom(), window.hotspotsMap.getCenter().lat, window.hotspotsMap.getCenter().lng]")
+    zoom, lat, lng = one.page.evaluate(
+        "[window.hotspotsMap.getZoom(), window.hotspotsMap.getCenter().lat, window.hotspotsMap.getCenter().lng]"
+    )
     assert 10 <= zoom <= 15 and abs(lat - 48.8566) < 0.01 and abs(lng - 2.3522) < 0.01
     assert one.problems == ["Failed to load resource: net::ERR_CONNECTION_REFUSED"]  # the unreachable basemap
     one.page.close()

@@ -33,7 +33,10 @@ def prefetch(
 
 
 def stage_source(
-    con: duckdb.DuckDBPyConnection, name: str, cfg: Config, as_of: datetime,
+    con: duckdb.DuckDBPyConnection,
+    name: str,
+    cfg: Config,
+    as_of: datetime,
     fetched: Fetched | list[FetchedFile] | None = None,
 ) -> list[FileResult]:
     """Replace the source's rows in ``raw_reports`` with a fresh read

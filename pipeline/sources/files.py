@@ -88,8 +88,10 @@ def _fetch_ndjson(con: duckdb.DuckDBPyConnection, table: str, path: str, columns
             f"END AS {quote(c)}"
             for c in columns
         )
-        con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT _row, NOT _ok AS _malformed{fields} "
-                    f"FROM {lines} ORDER BY _row")  # fmt: skip
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT _row, NOT _ok AS _malformed{fields} "
+            f"FROM {lines} ORDER BY _row"
+        )
     finally:
         con.execute(f"DROP TABLE IF EXISTS {lines}")
 
@@ -113,10 +115,16 @@ def _fetch_geojson_features(con: duckdb.DuckDBPyConnection, table: str, path: st
     columns = {
         "_row": pa.array(range(1, len(features) + 1), pa.int64()),
         "_malformed": pa.array([f is None for f in features]),
-        "_geometry": pa.array([None if f is None or f.get("geometry") is None else json.dumps(f["geometry"])
-                               for f in features], pa.string()),  # fmt: skip
-        **{k: pa.array([None if f is None else value((f.get("properties") or {}).get(k)) for f in features],
-                       pa.string()) for k in keys},  # fmt: skip
+        "_geometry": pa.array(
+            [None if f is None or f.get("geometry") is None else json.dumps(f["geometry"]) for f in features],
+            pa.string(),
+        ),
+        **{
+            k: pa.array(
+                [None if f is None else value((f.get("properties") or {}).get(k)) for f in features], pa.string()
+            )
+            for k in keys
+        },
     }
     con.register("_features", pa.table(columns))
     try:

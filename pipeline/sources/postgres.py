@@ -109,8 +109,9 @@ def server_sql(src: PostgresSource, since: str | None, as_of: datetime) -> str:
     if src.adapter == "rail_disruptions":
         template, condition = ADAPTERS[src.adapter]
         and_where = "" if mark is None else "AND " + condition.format(mark=mark)
-        return template.format(as_of=_literal(as_of.isoformat()), range_s=float(src.time_range_hours) * 3600,
-                               and_where=and_where)  # fmt: skip
+        return template.format(
+            as_of=_literal(as_of.isoformat()), range_s=float(src.time_range_hours) * 3600, and_where=and_where
+        )
     if src.adapter is not None:
         template, column = ADAPTERS[src.adapter]
         return template.format(where="" if mark is None else f"WHERE {column} >= {mark}")
@@ -140,15 +141,55 @@ def column_mapping(src: PostgresSource) -> dict[str, str]:
 
 
 ADAPTER_COLUMNS = {
-    "community_needs": ("report_id", "entity_type", "entity_id", "lat", "lng", "observed_at", "expires_at",
-                        "category", "severity", "is_public"),
-    "road_conditions": ("report_id", "lat", "lng", "observed_at", "category", "severity", "description",
-                        "session_token", "activity", "upvotes"),
-    "campus_issues": ("report_id", "lat", "lng", "observed_at", "category", "severity", "priority", "status",
-                      "organization", "building"),
-    "rail_disruptions": ("report_id", "entity_type", "entity_id", "lat", "lng", "category", "observed_at",
-                         "departures", "cancellations", "delays"),
-}  # fmt: skip
+    "community_needs": (
+        "report_id",
+        "entity_type",
+        "entity_id",
+        "lat",
+        "lng",
+        "observed_at",
+        "expires_at",
+        "category",
+        "severity",
+        "is_public",
+    ),
+    "road_conditions": (
+        "report_id",
+        "lat",
+        "lng",
+        "observed_at",
+        "category",
+        "severity",
+        "description",
+        "session_token",
+        "activity",
+        "upvotes",
+    ),
+    "campus_issues": (
+        "report_id",
+        "lat",
+        "lng",
+        "observed_at",
+        "category",
+        "severity",
+        "priority",
+        "status",
+        "organization",
+        "building",
+    ),
+    "rail_disruptions": (
+        "report_id",
+        "entity_type",
+        "entity_id",
+        "lat",
+        "lng",
+        "category",
+        "observed_at",
+        "departures",
+        "cancellations",
+        "delays",
+    ),
+}
 
 
 def dsn(src: PostgresSource) -> tuple[str, str | None]:
@@ -156,8 +197,14 @@ def dsn(src: PostgresSource) -> tuple[str, str | None]:
     password = os.environ.get(src.password_env) if src.password_env else None
     if src.password_env and password is None:
         raise SourceError(f"environment variable {src.password_env} (password_env) is not set")
-    parts = {"host": src.host, "port": src.port, "dbname": src.database, "user": src.user, "password": password,
-             "connect_timeout": 10}  # fmt: skip
+    parts = {
+        "host": src.host,
+        "port": src.port,
+        "dbname": src.database,
+        "user": src.user,
+        "password": password,
+        "connect_timeout": 10,
+    }
     text = " ".join(f"{k}={_libpq_value(v)}" for k, v in parts.items() if v is not None)
     return text, password
 
@@ -194,7 +241,11 @@ class Fetched(NamedTuple):
 
 
 def fetch(
-    con: duckdb.DuckDBPyConnection, name: str, src: PostgresSource, as_of: datetime, full_refresh: bool,
+    con: duckdb.DuckDBPyConnection,
+    name: str,
+    src: PostgresSource,
+    as_of: datetime,
+    full_refresh: bool,
     since: str | None,
 ) -> Fetched:
     """Read the source's rows from the server into a temporary table.
@@ -218,7 +269,9 @@ def fetch(
         raise SourceError(f"source {name}: cannot connect to {where(src)}: {explain(exc, password)}") from None
     table = f"_{alias}"
     try:
-        con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT * FROM postgres_query({_literal(alias)}, {_literal(sql)})")
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT * FROM postgres_query({_literal(alias)}, {_literal(sql)})"
+        )
     except duckdb.Error as exc:
         raise SourceError(f"source {name}: query failed on {where(src)}: {explain(exc, password)}") from None
     finally:
@@ -244,11 +297,13 @@ def stage_fetched(
     if fetched.incremental:  # upsert: changed rows replace themselves by id
         id_column = quote(mapping["report_id"])
         con.execute(
-            f"DELETE FROM raw_reports WHERE source = ? AND report_id IN (SELECT CAST({id_column} AS VARCHAR) FROM {table})",
+            "DELETE FROM raw_reports WHERE source = ? AND report_id IN "
+            f"(SELECT CAST({id_column} AS VARCHAR) FROM {table})",
             [name],
         )
-        start = con.execute("SELECT coalesce(max(row_number), 0) + 1 FROM raw_reports WHERE source = ? AND file = ?",
-                            [name, where(src)]).fetchone()[0]  # fmt: skip
+        start = con.execute(
+            "SELECT coalesce(max(row_number), 0) + 1 FROM raw_reports WHERE source = ? AND file = ?", [name, where(src)]
+        ).fetchone()[0]
     else:
         con.execute("DELETE FROM raw_reports WHERE source = ?", [name])
         start = 1
@@ -259,7 +314,8 @@ def stage_fetched(
         # A time watermark never passes as_of: rows dated in the future (a clock
         # gone wrong) are read again until their time, not let leap the mark.
         bounded = "WHERE _watermark <= $as_of" if types["_watermark"].startswith("TIMESTAMP") else ""
-        newest = con.execute(f"SELECT CAST(max(_watermark) AS VARCHAR) FROM {table} {bounded}",
-                             {"as_of": as_of} if bounded else {}).fetchone()[0]  # fmt: skip
+        newest = con.execute(
+            f"SELECT CAST(max(_watermark) AS VARCHAR) FROM {table} {bounded}", {"as_of": as_of} if bounded else {}
+        ).fetchone()[0]
         watermark = newest if newest is not None else fetched.since
     return [result._replace(file=fetched.label)], watermark

@@ -107,8 +107,12 @@ def stage_relation(
         gcol = names[mapping["geometry"].lower()]
         relation = f"(SELECT *, {_geometry_expr(gcol, types[gcol.lower()])} AS _g FROM {relation})"
         # A point gives lat/lng; anything else is a reason, not a crash.
-        select["lat"] = "CASE WHEN ST_GeometryType(_g) = 'POINT' AND NOT ST_IsEmpty(_g) THEN CAST(ST_Y(_g) AS VARCHAR) END"
-        select["lng"] = "CASE WHEN ST_GeometryType(_g) = 'POINT' AND NOT ST_IsEmpty(_g) THEN CAST(ST_X(_g) AS VARCHAR) END"
+        select["lat"] = (
+            "CASE WHEN ST_GeometryType(_g) = 'POINT' AND NOT ST_IsEmpty(_g) THEN CAST(ST_Y(_g) AS VARCHAR) END"
+        )
+        select["lng"] = (
+            "CASE WHEN ST_GeometryType(_g) = 'POINT' AND NOT ST_IsEmpty(_g) THEN CAST(ST_X(_g) AS VARCHAR) END"
+        )
         raw = quote(gcol)
         select["issue"] = (
             f"CASE WHEN {raw} IS NOT NULL AND _g IS NULL THEN 'invalid_geometry' "
@@ -122,7 +126,5 @@ def stage_relation(
     params.update(source=source, file=file)
     if "entity_type" not in mapping:
         params["entity_type"] = entity_type
-    [(rows,)] = con.execute(
-        f"INSERT INTO raw_reports ({cols}) SELECT {exprs} FROM {relation}", params
-    ).fetchall()
+    [(rows,)] = con.execute(f"INSERT INTO raw_reports ({cols}) SELECT {exprs} FROM {relation}", params).fetchall()
     return FileResult(file, rows)

@@ -20,10 +20,21 @@ import pyarrow.compute as pc
 from ..config import SyntheticSource
 
 ROAD_CONDITIONS = (
-    "ice", "snow", "mud", "flooding", "standing_water",
-    "pothole", "crack", "uneven_surface", "missing_section", "debris",
-    "broken_glass", "poor_lighting", "construction", "congestion",
-)  # fmt: skip
+    "ice",
+    "snow",
+    "mud",
+    "flooding",
+    "standing_water",
+    "pothole",
+    "crack",
+    "uneven_surface",
+    "missing_section",
+    "debris",
+    "broken_glass",
+    "poor_lighting",
+    "construction",
+    "congestion",
+)
 ROAD_WEIGHTS = (4, 3, 2, 2, 3, 14, 10, 6, 2, 5, 3, 4, 5, 3)
 ACTIVITIES = ("running", "walking", "biking", "commuting")
 NOTE_SEVERITY = {"urgent": 10.0, "notice": 5.0, "info": 1.0}
@@ -68,9 +79,7 @@ def generate(src: SyntheticSource, as_of: datetime) -> pa.Table:
         return spread(rng, count, src.bbox)
 
     lng, lat, cluster = place(n)
-    age_days = np.where(
-        rng.random(n) < 0.7, rng.exponential(src.days / 4, n), rng.uniform(0, src.days, n)
-    )
+    age_days = np.where(rng.random(n) < 0.7, rng.exponential(src.days / 4, n), rng.uniform(0, src.days, n))
     observed = as_of.timestamp() - np.minimum(age_days, src.days) * 86400.0
     cols: dict[str, pa.Array] = {
         "report_id": _prefixed(src.domain[:4], np.arange(n)),
@@ -94,9 +103,11 @@ def positions(
     span = min(e - w, north - s)
     k = int(np.clip(n // 1500, 6, 300))
     centers = np.column_stack(
-        [rng.uniform(w + 0.05 * (e - w), e - 0.05 * (e - w), k),
-         rng.uniform(s + 0.05 * (north - s), north - 0.05 * (north - s), k)]
-    )  # fmt: skip
+        [
+            rng.uniform(w + 0.05 * (e - w), e - 0.05 * (e - w), k),
+            rng.uniform(s + 0.05 * (north - s), north - 0.05 * (north - s), k),
+        ]
+    )
     weights = rng.pareto(1.2, k) + 1.0
     sigma = rng.uniform(0.004, 0.03, k) * span
     kind = rng.choice(3, n, p=[0.65, 0.2, 0.15])  # neighbourhood, corridor, background
@@ -191,9 +202,8 @@ def _road(rng, n, cluster, observed, place):
         "upvotes": _text(rng.poisson(0.6, n)),
         "session_token": _prefixed("tok", tokens),
         "activity": _pick(rng, ACTIVITIES, n, mask=rng.random(n) < 0.3),
-        "description": _pick(rng, ("deep one, watch out", "near the corner", "reported again"), n,
-                             mask=~described),
-    }  # fmt: skip
+        "description": _pick(rng, ("deep one, watch out", "near the corner", "reported again"), n, mask=~described),
+    }
 
 
 def _community(rng, n, cluster, observed, place):
