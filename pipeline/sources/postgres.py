@@ -140,6 +140,7 @@ def column_mapping(src: PostgresSource) -> dict[str, str]:
     return src.columns.mapped()
 
 
+_REPORT = ("report_id", "lat", "lng", "observed_at", "category", "severity")
 ADAPTER_COLUMNS = {
     "community_needs": (
         "report_id",
@@ -154,24 +155,14 @@ ADAPTER_COLUMNS = {
         "is_public",
     ),
     "road_conditions": (
-        "report_id",
-        "lat",
-        "lng",
-        "observed_at",
-        "category",
-        "severity",
+        *_REPORT,
         "description",
         "session_token",
         "activity",
         "upvotes",
     ),
     "campus_issues": (
-        "report_id",
-        "lat",
-        "lng",
-        "observed_at",
-        "category",
-        "severity",
+        *_REPORT,
         "priority",
         "status",
         "organization",

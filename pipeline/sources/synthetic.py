@@ -18,23 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import SyntheticSource
+from ..profiles import STRUCTURAL, WEATHER
 
-ROAD_CONDITIONS = (
-    "ice",
-    "snow",
-    "mud",
-    "flooding",
-    "standing_water",
-    "pothole",
-    "crack",
-    "uneven_surface",
-    "missing_section",
-    "debris",
-    "broken_glass",
-    "poor_lighting",
-    "construction",
-    "congestion",
-)
+ROAD_CONDITIONS = WEATHER + STRUCTURAL  # seed 001's condition types, weather first
 ROAD_WEIGHTS = (4, 3, 2, 2, 3, 14, 10, 6, 2, 5, 3, 4, 5, 3)
 ACTIVITIES = ("running", "walking", "biking", "commuting")
 NOTE_SEVERITY = {"urgent": 10.0, "notice": 5.0, "info": 1.0}
