@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from . import extract, geoparquet, pyramid, scoring
+from . import atomic, extract, geoparquet, pyramid, scoring
 from .config import Config
 
 
@@ -178,9 +177,8 @@ def parquet_rows(path: Path) -> int:
 
 
 def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        write(tmp)
 
 
 def top_cells(cfg: Config, tileset: str, n: int) -> list[dict]:

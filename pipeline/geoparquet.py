@@ -10,13 +10,14 @@ by a fifth more than plain doubles.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from . import atomic
 
 GEO_VERSION = "1.1.0"
 _WKB_POINT = np.dtype([("order", "u1"), ("type", "<u4"), ("x", "<f8"), ("y", "<f8")])  # 21 bytes, packed
@@ -85,16 +86,14 @@ def write(frame: pl.DataFrame, path: Path) -> int:
     Dictionary encoding only where values repeat: on unique values (quadkeys,
     floats) it costs time and space for nothing.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     floats = [c for c, t in frame.schema.items() if t in (pl.Float32, pl.Float64)]
-    pq.write_table(
-        to_table(frame),
-        tmp,
-        compression="zstd",
-        row_group_size=128 * 1024,
-        use_dictionary=low_cardinality(frame),
-        column_encoding=dict.fromkeys(floats, "BYTE_STREAM_SPLIT"),
-    )
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        pq.write_table(
+            to_table(frame),
+            tmp,
+            compression="zstd",
+            row_group_size=128 * 1024,
+            use_dictionary=low_cardinality(frame),
+            column_encoding=dict.fromkeys(floats, "BYTE_STREAM_SPLIT"),
+        )
     return path.stat().st_size

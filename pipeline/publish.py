@@ -32,7 +32,7 @@ from typing import NamedTuple
 import numpy as np
 import polars as pl
 
-from . import geojson, geoparquet, privacy, scoring, site, strictjson, vector
+from . import atomic, geojson, geoparquet, privacy, scoring, site, strictjson, vector
 from .build import cells_path, read_cells, read_scoring, work_dir
 from .config import Config, Tileset
 from .errors import PublishError
@@ -419,7 +419,7 @@ def finalize_snapshot(cfg: Config, tileset: str, now: datetime | None = None) ->
                     _discard(final)
                 os.sync()  # the files reach the disk before the rename makes them visible
                 os.rename(tmp, final)
-                _fsync_dir(final.parent)
+                atomic.fsync_dir(final.parent)
             generated = (now or datetime.now(UTC)).replace(microsecond=0)
             _write_json(
                 root / LATEST,
@@ -579,32 +579,9 @@ def _jsonable(value):
 
 
 def _write_ipc(frame: pl.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.write_ipc(tmp, compression="uncompressed")
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        frame.write_ipc(tmp, compression="uncompressed")
 
 
 def _write_json(path: Path, value, durable: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(strictjson.dumps(value, indent=2))
-            fh.write("\n")
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if durable:
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic.write_bytes(path, (strictjson.dumps(value, indent=2) + "\n").encode(), durable)

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import filecmp
 import html
-import os
 from pathlib import Path
 
-from . import scoring, strictjson
+from . import atomic, scoring, strictjson
 from .config import Config
 
 PAGE = Path(__file__).parent / "viewer"
@@ -58,18 +57,18 @@ def write_site(cfg: Config, published: list[dict]) -> None:
         .read_text(encoding="utf-8")
         .replace("{{CSP}}", html.escape(csp, quote=False).replace('"', "&quot;"))
     )
-    _replace(out / "index.html", page.encode())
+    atomic.write_bytes(out / "index.html", page.encode())
     for name in PAGE_FILES:
-        _replace(out / name, (PAGE / name).read_bytes())
-    _replace(out / "tilesets.json", (strictjson.dumps(published, indent=2) + "\n").encode())
+        atomic.write_bytes(out / name, (PAGE / name).read_bytes())
+    atomic.write_bytes(out / "tilesets.json", (strictjson.dumps(published, indent=2) + "\n").encode())
     settings = {"style": cfg.viewer.style}
-    _replace(out / "viewer.json", (strictjson.dumps(settings, indent=2) + "\n").encode())
+    atomic.write_bytes(out / "viewer.json", (strictjson.dumps(settings, indent=2) + "\n").encode())
     for name, rel in LIBS.items():
         src = NODE_MODULES / rel
         if src.exists():  # else the page says `_lib/` is missing (run `make install` with npm)
             dst = out / "_lib" / name
             if not (dst.exists() and filecmp.cmp(src, dst, shallow=False)):
-                _replace(dst, src.read_bytes())
+                atomic.write_bytes(dst, src.read_bytes())
 
 
 def tileset_entry(cfg: Config, name: str) -> dict:
@@ -77,14 +76,3 @@ def tileset_entry(cfg: Config, name: str) -> dict:
     ts = cfg.tilesets[name]
     profile, _ = scoring.resolve(ts)
     return {"name": name, "profile": ts.profile, "metrics": list(profile.metrics), "legend": scoring.describe(profile)}
-
-
-def _replace(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

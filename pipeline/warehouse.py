@@ -24,6 +24,7 @@ from pathlib import Path
 
 import duckdb
 
+from . import atomic
 from .defaults import DEFAULTS
 from .errors import WarehouseBusyError
 from .schema import TABLES, ddl
@@ -157,9 +158,8 @@ def _read_lease(path: Path) -> dict | None:
 
 
 def _write_lease(path: Path, run_id: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"run_id": run_id, "pid": os.getpid(), "expires": time.time() + LEASE_S}))
-    os.replace(tmp, path)
+    lease = {"run_id": run_id, "pid": os.getpid(), "expires": time.time() + LEASE_S}
+    atomic.write_bytes(path, json.dumps(lease).encode())
 
 
 @contextmanager
