@@ -50,7 +50,7 @@ import pyarrow as pa
 
 from .config import FileSource, PostgresSource, Rules
 from .schema import METRICS, REPORT_COLUMNS
-from .sources.staging import quote
+from .sources.staging import literal, quote
 
 MERCATOR_MAX_LAT = 85.0511287798066  # atan(sinh(pi)) in degrees
 EPOCH_RANGE = (1e8, 1e14)  # |number| read as epoch seconds (< 1e11) or ms (>= 1e11)
@@ -116,7 +116,7 @@ def timestamp_expr(col: str, formats: list[str]) -> str:
     text = f"trim({col})"
     parts = []
     if formats:
-        fmts = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in formats) + "]"
+        fmts = "[" + ", ".join(literal(f) for f in formats) + "]"
         parts.append(f"CAST(try_strptime({text}, {fmts}) AS TIMESTAMPTZ)")
     parts.append(f"TRY_CAST({text} AS TIMESTAMPTZ)")
     num = _number(col)

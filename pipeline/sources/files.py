@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from ..config import FileSource
 from ..errors import ConfigError
-from .staging import FileResult, numbered_table, quote, stage_relation
+from .staging import FileResult, literal, numbered_table, quote, stage_relation
 
 SPATIAL_FORMATS = ("geojson", "gpkg", "shp", "fgb", "spatial")
 
@@ -37,7 +37,7 @@ def reader_sql(src: FileSource) -> str:
     if src.format == "csv":
         # RFC 4180 unless told otherwise: guessing the dialect from hostile
         # rows (a stray ';') can turn a whole file into one column.
-        delim = f", delim = {_literal(src.delimiter or ',')}, quote = '\"', escape = '\"'"
+        delim = f", delim = {literal(src.delimiter or ',')}, quote = '\"', escape = '\"'"
         # Ragged rows are padded, not fatal; lines that cannot be read (bad
         # encoding, say) go to a rejects table and become `malformed_line` rows.
         return (
@@ -84,7 +84,7 @@ def _fetch_ndjson(con: duckdb.DuckDBPyConnection, table: str, path: str, columns
         keys = {k.lower(): k for k in reversed(have)}
         keys.update({c.lower(): c for c in columns if c in have})  # an exact match wins
         fields = "".join(
-            f", CASE WHEN _ok THEN json_extract_string(line, {_literal('$.' + json.dumps(keys.get(c.lower(), c)))}) "
+            f", CASE WHEN _ok THEN json_extract_string(line, {literal('$.' + json.dumps(keys.get(c.lower(), c)))}) "
             f"END AS {quote(c)}"
             for c in columns
         )
@@ -314,10 +314,6 @@ def _stage_unreadable_lines(con: duckdb.DuckDBPyConnection, source: str, path: s
         "SELECT ?, ?, ? + i, 'malformed_line' FROM range(1, ? + 1) t(i)",
         [source, path, after, lines],
     )
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def _first_line(exc: Exception) -> str:

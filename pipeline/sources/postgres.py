@@ -23,7 +23,7 @@ import duckdb
 
 from ..config import PostgresSource
 from ..errors import SourceError
-from .staging import FileResult, numbered_table, quote, stage_relation
+from .staging import FileResult, literal, numbered_table, quote, stage_relation
 
 # Seed 000: notes on any locatable entity; legacy post_locations where locationables lacks the post.
 COMMUNITY_NEEDS = """
@@ -99,18 +99,14 @@ ADAPTERS = {
 }
 
 
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def server_sql(src: PostgresSource, since: str | None, as_of: datetime) -> str:
     """The SQL the server runs; ``since`` is the last watermark (None: everything)."""
-    mark = None if since is None else _literal(since)
+    mark = None if since is None else literal(since)
     if src.adapter == "rail_disruptions":
         template, condition = ADAPTERS[src.adapter]
         and_where = "" if mark is None else "AND " + condition.format(mark=mark)
         return template.format(
-            as_of=_literal(as_of.isoformat()), range_s=float(src.time_range_hours) * 3600, and_where=and_where
+            as_of=literal(as_of.isoformat()), range_s=float(src.time_range_hours) * 3600, and_where=and_where
         )
     if src.adapter is not None:
         template, column = ADAPTERS[src.adapter]
@@ -255,13 +251,13 @@ def fetch(
     incremental = src.incremental and not full_refresh and since is not None
     sql = server_sql(src, since if incremental else None, as_of)
     try:
-        con.execute(f"ATTACH {_literal(conninfo)} AS {alias} (TYPE postgres, READ_ONLY)")
+        con.execute(f"ATTACH {literal(conninfo)} AS {alias} (TYPE postgres, READ_ONLY)")
     except duckdb.Error as exc:
         raise SourceError(f"source {name}: cannot connect to {where(src)}: {explain(exc, password)}") from None
     table = f"_{alias}"
     try:
         con.execute(
-            f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT * FROM postgres_query({_literal(alias)}, {_literal(sql)})"
+            f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT * FROM postgres_query({literal(alias)}, {literal(sql)})"
         )
     except duckdb.Error as exc:
         raise SourceError(f"source {name}: query failed on {where(src)}: {explain(exc, password)}") from None

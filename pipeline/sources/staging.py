@@ -26,6 +26,11 @@ def quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
+def literal(text: str) -> str:
+    """A SQL string literal (standard quoting, as DuckDB and PostgreSQL read it)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 def _geometry_expr(column: str, duck_type: str) -> str:
     col = quote(column)
     if duck_type.startswith("GEOMETRY"):
