@@ -222,28 +222,30 @@ class Encoder:
         while cuts[-1] < len(ids):  # chunk ends on a tile boundary
             end = min(cuts[-1] + self.CHUNK_ROWS, len(ids))
             cuts.append(int(np.searchsorted(ids, ids[end - 1], side="right")))
-        return held, [self._pool.submit(self._chunk, table.slice(a, b - a), columns) for a, b in zip(cuts, cuts[1:])]
+        props = ", ".join(
+            f"'{name}': CAST({column} AS {typ})" for name, (typ, column) in PROPERTIES.items() if column in columns
+        )
+        sql = f"""
+            SELECT tile_id, any_value(tx) AS tx, any_value(ty) AS ty,
+                   ST_AsMVT({{'geometry': ST_Point(gx, gy), {props}}}, '{LAYER}', {EXTENT}, 'geometry') AS mvt
+            FROM features GROUP BY tile_id ORDER BY tile_id
+        """
+        return held, [self._pool.submit(self._chunk, table.slice(a, b - a), sql, z) for a, b in zip(cuts, cuts[1:])]
 
-    def _chunk(self, table: pa.Table, columns: list[str]) -> Encoded:
-        con = self._free.pop() if self._free else _single_threaded()
+    def _chunk(self, table: pa.Table, sql: str, z: int) -> Encoded:
         try:
-            props = ", ".join(
-                f"'{name}': CAST({column} AS {typ})" for name, (typ, column) in PROPERTIES.items() if column in columns
-            )
+            con = self._free.pop()  # atomic: two workers never share a connection
+        except IndexError:
+            con = _single_threaded()
+        try:
             con.register("features", table)
-            encoded = con.execute(
-                f"""
-                SELECT tile_id, any_value(tx) AS tx, any_value(ty) AS ty,
-                       ST_AsMVT({{'geometry': ST_Point(gx, gy), {props}}}, '{LAYER}', {EXTENT}, 'geometry') AS mvt
-                FROM features GROUP BY tile_id ORDER BY tile_id
-                """
-            ).to_arrow_table()
+            encoded = con.execute(sql).to_arrow_table()
             con.unregister("features")
         finally:
             self._free.append(con)
         data = [gzip_ng.compress(b, GZIP_LEVEL, mtime=0) for b in encoded.column("mvt").to_pylist()]
         return Encoded(
-            -1,
+            z,
             encoded.column("tx").to_numpy().astype(np.int64),
             encoded.column("ty").to_numpy().astype(np.int64),
             encoded.column("tile_id").to_numpy(),
