@@ -10,10 +10,12 @@ data included). Errors are one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import dagster as dg
 
@@ -81,11 +83,14 @@ def _instance(cfg) -> dg.DagsterInstance:
 
     Every CLI run is recorded there, with its metadata and check results.
     """
-    if os.environ.get("DAGSTER_HOME"):
-        return dg.DagsterInstance.get()
-    folder = cfg.home / "dagster"
+    home = os.environ.get("DAGSTER_HOME")
+    folder = Path(home) if home else cfg.home / "dagster"
     folder.mkdir(parents=True, exist_ok=True)
-    return dg.DagsterInstance.local_temp(str(folder))
+    # Dagster creates its SQLite schema on first open without a lock: two commands
+    # opening a new instance at once can both stamp it and leave it unusable
+    with open(folder / ".hotspots-open.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return dg.DagsterInstance.get() if home else dg.DagsterInstance.local_temp(str(folder))
 
 
 def _run_jobs(args, cfg, defs, instance, tilesets: list[str], sources: list[str], as_of) -> int:

@@ -79,6 +79,24 @@ def test_runs_are_recorded_in_the_instance_make_dev_shows(write_config, tmp_path
         )
 
 
+def test_commands_opening_a_new_instance_at_once_leave_it_usable(tmp_path):
+    # Dagster stamps a new SQLite instance without a lock; unguarded, two of
+    # four openers usually fail and can leave it with two schema heads for good
+    opener = (
+        "import sys, types; from assets.cli import _instance; "
+        "i = _instance(types.SimpleNamespace(home=__import__('pathlib').Path(sys.argv[1]))); "
+        "i.get_runs(limit=1); print('open')"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", opener, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    outcomes = [(p.wait(timeout=120), p.stderr.read().decode()[-500:]) for p in procs]
+    assert all(code == 0 for code, _ in outcomes), outcomes
+    with dg.DagsterInstance.local_temp(str(tmp_path / "dagster")) as instance:
+        assert instance.get_runs() == []
+
+
 def test_run_one_tileset_reads_only_its_source(write_config, tmp_path):
     path = _config(write_config, tmp_path)
     out = _run("--config", str(path), "--tileset", "points", cwd=tmp_path)
