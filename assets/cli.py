@@ -19,9 +19,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from pipeline import build, extract, guard, publish, warehouse
+from pipeline import build, extract, guard, plan, publish, warehouse
 from pipeline.config import ConfigError, check_inputs, load_config, parse_as_of
-from pipeline.errors import HotspotsError, InputPathError
+from pipeline.errors import HotspotsError, InputPathError, PlanError
 
 from .extraction import REJECTED_SHARE_STEP
 from .location import EXTRACT_JOB, PUBLISH_JOB, build_definitions
@@ -120,7 +120,7 @@ def _run_jobs(args, cfg, defs, instance, tilesets: list[str], sources: list[str]
         # the job's steps take the tileset's lease (other runs of it wait); a job that
         # stops early hands it back here instead of letting it expire
         ok, run_id, failures = _execute(defs, PUBLISH_JOB, params, instance, args.verbose, partition=name)
-        warehouse.release(build.lease_path(cfg, name), run_id)
+        warehouse.release(cfg.work(name).lease, run_id)
         if not ok:
             loss = None if args.force else _tileset_loss(cfg, name)
             if loss is None:
@@ -146,9 +146,10 @@ def _lost_sources(cfg, sources: list[str]) -> dict:
 
 
 def _tileset_loss(cfg, name: str):
+    work = cfg.work(name)
     try:
-        return guard.guard_tileset(cfg, name, build.read_scoring(cfg, name))
-    except (OSError, ValueError, KeyError):
+        return guard.guard_tileset(plan.read(work.plan), build.read_scoring(work))
+    except (OSError, ValueError, KeyError, PlanError):
         return None  # scoring did not finish: the step failure says why
 
 
@@ -260,21 +261,18 @@ def _print_extraction(cfg, sources: list[str]) -> None:
 
 
 def _print_tileset(cfg, name: str) -> None:
-    s = build.read_scoring(cfg, name)
+    work, published = cfg.work(name), cfg.published(name)
+    s = build.read_scoring(work)
     excluded = ", ".join(f"{r} {n:,}" for r, n in guard.top_reasons(s["excluded"], len(s["excluded"]))) or "none"
-    zooms = build.read_cells(cfg, name)
+    zooms = build.read_cells(work)
     print(f"tileset {name}: {s['scored']:,} scored, excluded: {excluded}; as_of {s['as_of']}")
     if zooms:
         print(
-            f"  cells z{zooms[0]['z']}-z{zooms[-1]['z']}: "
-            f"{sum(z['cells'] for z in zooms):,} cells -> {build.work_dir(cfg, name) / 'cells'}"
+            f"  cells z{zooms[0]['z']}-z{zooms[-1]['z']}: {sum(z['cells'] for z in zooms):,} cells -> {work.cells_root}"
         )
-    latest = publish.read_latest(cfg, name)
+    latest = publish.read_latest(published)
     if latest:
-        print(
-            f"  published: {publish.tileset_root(cfg, name) / latest['path']} "
-            f"(latest: {publish.tileset_root(cfg, name) / publish.LATEST})"
-        )
+        print(f"  published: {published.root / latest['path']} (latest: {published.latest})")
 
 
 if __name__ == "__main__":

@@ -5,17 +5,22 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 
 import dagster as dg
 
-from pipeline import build, warehouse
+from pipeline import plan, warehouse
 from pipeline.config import Config, parse_as_of
+from pipeline.errors import PlanError
+from pipeline.paths import Work
+
+PLANNER = dg.AssetKey("scored_reports")  # the first step of a build: it freezes the plan
 
 
 class RunParams(dg.Config):
     """Parameters of one run, the same for every asset of it."""
 
-    as_of: str | None = None  # ISO 8601; wins over a tileset's own `as_of` (see build.decide_as_of)
+    as_of: str | None = None  # ISO 8601; wins over a tileset's own `as_of` (see plan.decide_as_of)
     # when neither as_of nor the tileset's YAML says: the extraction's time (default: the run's start)
     default_as_of: str | None = None
     tilesets: list[str] = []  # tilesets to build; empty: all of them
@@ -34,21 +39,55 @@ def run_start(context: Context) -> datetime:
 
 
 @contextmanager
-def tileset_step(context: Context, cfg: Config, tileset: str, last: bool = False) -> Iterator[None]:
-    """One step of this run on the tileset's work folder: another run's steps wait.
+def work_step(context: Context, work: Work, last: bool = False) -> Iterator[None]:
+    """One step of this run on a build's work folder: another run's steps wait.
 
     Runs of one tileset (a CLI run, a scheduled run, a click in the UI) never
     interleave their steps; see :func:`pipeline.warehouse.run_step`.
     """
-    with warehouse.run_step(build.lease_path(cfg, tileset), context.run.run_id, last=last):
+    with warehouse.run_step(work.lease, context.run.run_id, last=last):
         yield
 
 
+def freeze_plan(context: Context, params: RunParams, cfg: Config) -> plan.Plan:
+    """The plan of this run's build of the partition's tileset, resolved from the config once.
+
+    Only the first step (``scored_reports``) calls this; it writes the plan
+    into the work folder (under the lease) and names the file in its
+    materialization, where every later step finds it.
+    """
+    name = context.partition_key
+    if name not in cfg.tilesets:
+        raise dg.Failure(f"tileset {name} is no longer in {cfg.file}: reload the code location")
+    return plan.make(cfg, name, resolve_as_of(context, params, cfg.tilesets[name].as_of))
+
+
+@contextmanager
+def planned_step(context: Context, last: bool = False, lease: bool = True) -> Iterator[plan.Plan]:
+    """A later step of a build: the work folder's lease, and the plan its scoring step froze.
+
+    ``last``: the build's last step hands the lease back; ``lease=False``: a
+    check after it, which reads only what is published.
+    """
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=PLANNER, asset_partitions=[context.partition_key]), limit=1
+    ).records
+    entry = records[0].asset_materialization.metadata.get("plan") if records else None
+    if entry is None:
+        raise PlanError(f"tileset {context.partition_key} has no plan yet: materialize {PLANNER.to_user_string()}")
+    work = Work(Path(entry.value).parent)
+    if not lease:
+        yield plan.read(work.plan)
+        return
+    with work_step(context, work, last=last):
+        yield plan.read(work.plan)
+
+
 def resolve_as_of(context: Context, params: RunParams, tileset_as_of: datetime | None = None) -> datetime:
-    """This run's ``as_of`` for a step (a tileset's, with its YAML ``as_of``): see :func:`build.decide_as_of`."""
+    """This run's ``as_of`` for a build (a tileset's, with its YAML ``as_of``): see :func:`plan.decide_as_of`."""
     given = parse_as_of(params.as_of) if params.as_of else None
     default = parse_as_of(params.default_as_of) if params.default_as_of else run_start(context)
-    return build.decide_as_of(given, tileset_as_of, default)
+    return plan.decide_as_of(given, tileset_as_of, default)
 
 
 def selected_sources(cfg: Config, params: RunParams) -> list[str]:

@@ -10,7 +10,7 @@ import dagster as dg
 from pipeline import publish, retention
 from resources import HotspotsResource
 
-from .common import markdown_table, run_start, tileset_step
+from .common import markdown_table, planned_step, run_start
 from .extraction import REJECTED_SHARE_STEP
 
 
@@ -23,14 +23,13 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
         group_name="publish",
         kinds={"polars"},
     )
-    def selection(context: dg.AssetExecutionContext, hotspots: HotspotsResource) -> dg.MaterializeResult:
+    def selection(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         """Per zoom, each tile's and the overview's features: coverage of every stratum, then impact, every other
         cell folded into its nearest chosen one.
         """
-        cfg, name = hotspots.load(), context.partition_key
         started = time.perf_counter()
-        with tileset_step(context, cfg, name):
-            zooms = publish.select_tileset(cfg, name)
+        with planned_step(context) as plan:
+            zooms = publish.select_tileset(plan)
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": sum(z.selected_tile for z in zooms),
@@ -66,13 +65,12 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
         partitions_def=partitions,
         blocking=True,
     )
-    def selection_holds(context: dg.AssetCheckExecutionContext, hotspots: HotspotsResource):
+    def selection_holds(context: dg.AssetCheckExecutionContext):
         """Per zoom and tile: features <= budget, every non-empty stratum covered, no unchosen cell outscores an
         impact cell, features carry all reports (and the overview's too).
         """
-        cfg, name = hotspots.load(), context.partition_key
-        with tileset_step(context, cfg, name):
-            rows = publish.check_selection(cfg, name)
+        with planned_step(context) as plan:
+            rows = publish.check_selection(plan)
         return dg.AssetCheckResult(
             passed=all(r.holds for r in rows),
             metadata={
@@ -112,16 +110,15 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
         group_name="publish",
         kinds={"geojson", "parquet", "pmtiles"},
     )
-    def tiles(context: dg.AssetExecutionContext, hotspots: HotspotsResource) -> dg.MaterializeResult:
+    def tiles(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         """The snapshot's public files, written into `output/<tileset>/snapshots/.tmp-<token>/`: cells
         GeoParquet, overview GeoJSON, heatmap.pmtiles (every zoom, streamed) and the per-tile folders
         `formats` asks for (GeoJSON tiles, MVT tiles and tiles.json). Files identical to the live snapshot's
         are hard links to them.
         """
-        cfg, name = hotspots.load(), context.partition_key
         started = time.perf_counter()
-        with tileset_step(context, cfg, name):
-            staged = publish.stage_snapshot(cfg, name)
+        with planned_step(context) as plan:
+            staged = publish.stage_snapshot(plan)
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": sum(z["tiles"] for z in staged["zooms"]),
@@ -165,13 +162,12 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
         group_name="publish",
         kinds={"json"},
     )
-    def snapshot(context: dg.AssetExecutionContext, hotspots: HotspotsResource) -> dg.MaterializeResult:
+    def snapshot(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         """The published snapshot: manifest, atomic rename to `snapshots/<id>/`, `latest.json` replaced
         atomically, old snapshots pruned.
         """
-        cfg, name = hotspots.load(), context.partition_key
-        with tileset_step(context, cfg, name, last=True):
-            snap = publish.finalize_snapshot(cfg, name)
+        with planned_step(context, last=True) as plan:
+            snap = publish.finalize_snapshot(plan)
         return dg.MaterializeResult(
             metadata={
                 "snapshot_id": snap.snapshot_id,
@@ -180,7 +176,7 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
                 "reused": snap.reused,
                 "pruned": ", ".join(snap.pruned) or "none",
                 "path": dg.MetadataValue.path(str(snap.path)),
-                "latest": dg.MetadataValue.path(str(publish.tileset_root(cfg, name) / publish.LATEST)),
+                "latest": dg.MetadataValue.path(str(plan.published.latest)),
             }
         )
 
@@ -189,10 +185,10 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
         partitions_def=partitions,
         blocking=True,
     )
-    def latest_is_complete(context: dg.AssetCheckExecutionContext, hotspots: HotspotsResource):
+    def latest_is_complete(context: dg.AssetCheckExecutionContext):
         """latest.json names a complete snapshot: its manifest and every file it counts are there."""
-        cfg, name = hotspots.load(), context.partition_key
-        problem = publish.verify_latest(cfg, name)
+        with planned_step(context, lease=False) as plan:
+            problem = publish.verify_latest(plan.published)
         return dg.AssetCheckResult(passed=problem is None, metadata={"problem": problem or "none"})
 
     return [selection, tiles, snapshot], [selection_holds, latest_is_complete]

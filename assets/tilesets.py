@@ -8,9 +8,10 @@ import time
 import dagster as dg
 
 from pipeline import build, guard
+from pipeline import plan as plans
 from resources import HotspotsResource
 
-from .common import RunParams, markdown_table, resolve_as_of, tileset_step
+from .common import RunParams, freeze_plan, markdown_table, planned_step, work_step
 
 
 def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
@@ -26,15 +27,16 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
         context: dg.AssetExecutionContext, config: RunParams, hotspots: HotspotsResource
     ) -> dg.MaterializeResult:
         """Each valid report of the tileset's source weighted by its profile, or excluded with a reason (private:
-        `<home>/work/<tileset>/scored.parquet`).
+        `<home>/work/<tileset>/scored.parquet`). The build's first step: it freezes the plan every later
+        step reads (`<home>/work/<tileset>/plan.json`).
         """
-        cfg, name = hotspots.load(), context.partition_key
-        as_of = resolve_as_of(context, config, cfg.tilesets[name].as_of)
+        plan = freeze_plan(context, config, hotspots.load())
         started = time.perf_counter()
-        with tileset_step(context, cfg, name):
-            result = build.score_tileset(cfg, name, as_of)
+        with work_step(context, plan.work):
+            plans.write(plan)
+            result = build.score_tileset(plan)
         seconds = round(time.perf_counter() - started, 3)
-        ts = cfg.tilesets[name]
+        ts = plan.settings
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": result.scored.height,
@@ -43,9 +45,10 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
                     ["reason", "reports"], [[r, n] for r, n in result.excluded.items()] or [["none", 0]]
                 ),
                 "profile": f"{ts.profile}" + (f" / {ts.preset}" if ts.preset else ""),
-                "as_of": as_of.isoformat(),
+                "as_of": plan.as_of.isoformat(),
                 "seconds": seconds,
-                "path": dg.MetadataValue.path(str(build.work_dir(cfg, name) / "scored.parquet")),
+                "path": dg.MetadataValue.path(str(plan.work.scored)),
+                "plan": dg.MetadataValue.path(str(plan.work.plan)),
             }
         )
 
@@ -54,12 +57,11 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
         partitions_def=partitions,
         blocking=True,
     )
-    def scoring_conservation(context: dg.AssetCheckExecutionContext, hotspots: HotspotsResource):
+    def scoring_conservation(context: dg.AssetCheckExecutionContext):
         """valid = scored + excluded, and scored.parquet holds every scored report."""
-        cfg, name = hotspots.load(), context.partition_key
-        with tileset_step(context, cfg, name):
-            summary = build.read_scoring(cfg, name)
-            rows = build.parquet_rows(build.work_dir(cfg, name) / "scored.parquet")
+        with planned_step(context) as plan:
+            summary = build.read_scoring(plan.work)
+            rows = build.parquet_rows(plan.work.scored)
         excluded = sum(summary["excluded"].values())
         return dg.AssetCheckResult(
             passed=summary["valid"] == summary["scored"] + excluded and rows == summary["scored"],
@@ -71,18 +73,15 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
         partitions_def=partitions,
         blocking=True,
     )
-    def publish_guard(
-        context: dg.AssetCheckExecutionContext, config: RunParams, hotspots: HotspotsResource
-    ) -> dg.AssetCheckResult:
+    def publish_guard(context: dg.AssetCheckExecutionContext, config: RunParams) -> dg.AssetCheckResult:
         """The run did not lose its data: the source rejected at most `max_rejected_fraction` of its rows, and at
         least `min_publish_fraction` of the live snapshot's reports were scored. A failure keeps the live
         snapshot; `--force` publishes anyway.
         """
-        cfg, name = hotspots.load(), context.partition_key
-        with tileset_step(context, cfg, name):
-            summary = build.read_scoring(cfg, name)
-            loss = guard.guard_tileset(cfg, name, summary)
-            live = guard.live_snapshot(cfg, name)
+        with planned_step(context) as plan:
+            summary = build.read_scoring(plan.work)
+            loss = guard.guard_tileset(plan, summary)
+            live = guard.live_snapshot(plan.published)
         source = summary["source"]
         rejected = sum(source["rejected"].values())
         return dg.AssetCheckResult(
@@ -92,11 +91,11 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
                 "read": source["read"],
                 "rejected": rejected,
                 "rejected_share": guard.share_rejected(source["read"], rejected),
-                "max_rejected_fraction": cfg.sources[source["name"]].max_rejected_fraction,
+                "max_rejected_fraction": plan.max_rejected_fraction,
                 "scored": summary["scored"],
                 "live_scored": guard.scored_in(live[1]) if live else 0,
                 "live_snapshot": live[0] if live else "none",
-                "min_publish_fraction": cfg.tilesets[name].min_publish_fraction,
+                "min_publish_fraction": plan.settings.min_publish_fraction,
                 "problem": loss or "none",
                 "forced": config.force,
             },
@@ -108,16 +107,15 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
         group_name="tilesets",
         kinds={"polars", "parquet"},
     )
-    def cells(context: dg.AssetExecutionContext, hotspots: HotspotsResource) -> dg.MaterializeResult:
+    def cells(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         """Tile-aligned cells for every zoom, rolled up from the finest
         (`<home>/work/<tileset>/cells/zoom=<z>/cells.parquet`, GeoParquet 1.1).
         """
-        cfg, name = hotspots.load(), context.partition_key
         started = time.perf_counter()
-        with tileset_step(context, cfg, name):
-            zooms = build.build_cells(cfg, name)
+        with planned_step(context) as plan:
+            zooms = build.build_cells(plan)
             seconds = round(time.perf_counter() - started, 3)
-            top = build.top_cells(cfg, name, 5)
+            top = build.top_cells(plan, 5)
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": sum(z.cells for z in zooms),
@@ -130,7 +128,8 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
                     [[r["quadkey"], r["report_count"], r["score"], r["top_category"], r["lng"], r["lat"]] for r in top],
                 ),
                 "seconds": seconds,
-                "path": dg.MetadataValue.path(str(build.work_dir(cfg, name) / "cells")),
+                "cell_detail": plan.settings.cell_detail,
+                "path": dg.MetadataValue.path(str(plan.work.cells_root)),
             }
         )
 
@@ -139,13 +138,12 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
         partitions_def=partitions,
         blocking=True,
     )
-    def pyramid_conservation(context: dg.AssetCheckExecutionContext, hotspots: HotspotsResource):
+    def pyramid_conservation(context: dg.AssetCheckExecutionContext):
         """At every zoom: Σ report_count = scored reports, Σ weight = their weight (1e-9 relative), and every
         centroid inside its cell.
         """
-        cfg, name = hotspots.load(), context.partition_key
-        with tileset_step(context, cfg, name):
-            rows = build.check_pyramid(cfg, name)
+        with planned_step(context) as plan:
+            rows = build.check_pyramid(plan)
         return dg.AssetCheckResult(
             passed=all(r.holds for r in rows),
             metadata={

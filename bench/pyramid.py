@@ -62,9 +62,10 @@ def make_reports(rows: int, seed: int = 0) -> pl.DataFrame:
 def hotspots_side(path: str) -> dict:
     from pipeline import pyramid, scoring
     from pipeline.config import Tileset
+    from pipeline.plan import resolve
 
     reports = pl.read_parquet(path)
-    profile, filters = scoring.resolve(Tileset(source="roads", profile="road_conditions"))
+    profile, filters = resolve(Tileset(source="roads", profile="road_conditions"))
     started = time.perf_counter()
     result = scoring.score_reports(reports.lazy(), profile, filters, AS_OF)
     scored_s = time.perf_counter() - started

@@ -81,17 +81,18 @@ def folder_size(path: Path) -> tuple[int, int]:
 
 def steps(config: str) -> None:
     """The snapshot alone, from an extracted warehouse: prints its step times as JSON."""
-    from pipeline import build, publish
+    from pipeline import build, plan, publish
     from pipeline.config import load_config
 
-    cfg = load_config(config)
+    frozen = plan.make(load_config(config), "bench", AS_OF)
+    plan.write(frozen)
     times = {}
     for name, step in (
-        ("score", lambda: build.score_tileset(cfg, "bench", AS_OF)),
-        ("pyramid", lambda: build.build_cells(cfg, "bench")),
-        ("select", lambda: publish.select_tileset(cfg, "bench")),
-        ("tiles", lambda: publish.stage_snapshot(cfg, "bench")),
-        ("publish", lambda: publish.finalize_snapshot(cfg, "bench")),
+        ("score", lambda: build.score_tileset(frozen)),
+        ("pyramid", lambda: build.build_cells(frozen)),
+        ("select", lambda: publish.select_tileset(frozen)),
+        ("tiles", lambda: publish.stage_snapshot(frozen)),
+        ("publish", lambda: publish.finalize_snapshot(frozen)),
     ):
         started = time.perf_counter()
         result = step()

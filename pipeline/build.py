@@ -1,8 +1,11 @@
 """Build one tileset: score its reports, then its cell pyramid, in its private work folder.
 
-``<home>/work/<tileset>/`` holds ``scored.parquet`` (individual positions:
-never published), ``scoring.json``, and ``cells/zoom=<z>/cells.parquet``
-with ``cells.json``; publishing copies what is public into ``output/``.
+Every function takes the build's frozen :class:`~pipeline.plan.Plan`; its
+``work`` folder (see :mod:`pipeline.paths`) holds ``scored.parquet``
+(individual positions: never published), ``scoring.json``, and
+``cells/zoom=<z>/cells.parquet`` with ``cells.json``; publishing copies what
+is public into ``output/``. This module reads the warehouse and hands frames
+to the pure stages (:mod:`~pipeline.scoring`, :mod:`~pipeline.pyramid`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import math
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,8 +22,9 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from . import atomic, extract, geoparquet, pyramid, scoring
-from .config import Config
+from . import atomic, extract, geoparquet, pyramid, scoring, warehouse
+from .paths import Work
+from .plan import Plan
 
 
 class ZoomSummary(NamedTuple):
@@ -35,69 +38,48 @@ class ZoomSummary(NamedTuple):
     bytes: int
 
 
-def work_dir(cfg: Config, tileset: str) -> Path:
-    """The tileset's private working folder under ``home``."""
-    return cfg.home / "work" / tileset
+def read_reports(db: Path, source: str) -> pl.LazyFrame:
+    """The valid reports of one source, from the warehouse (read-only), as Arrow."""
+    cols = ", ".join(f'"{c}"' for c in scoring.READ_COLUMNS)
+    with warehouse.reader(db) as con:
+        table = con.execute(f"SELECT {cols} FROM reports WHERE source = ?", [source]).fetch_arrow_table()
+    return pl.from_arrow(table).lazy()
 
 
-def lease_path(cfg: Config, tileset: str) -> Path:
-    """The lease that keeps two runs' steps on a tileset's work folder from interleaving."""
-    return cfg.home / "work" / f"{tileset}.lease"
-
-
-def cells_path(cfg: Config, tileset: str, z: int) -> Path:
-    return work_dir(cfg, tileset) / "cells" / f"zoom={z}" / "cells.parquet"
-
-
-def decide_as_of(given: datetime | None, tileset_as_of: datetime | None, default: datetime) -> datetime:
-    """The one rule for the time a run is computed at.
-
-    ``given`` (``--as-of``, run config ``as_of``) wins; else the tileset's own
-    ``as_of`` from the YAML; else ``default``: the time of the extraction the
-    run publishes (``hotspots run``'s start, or the extraction run's, which the
-    publishing sensor passes on), else the run's own start.
-    """
-    return given or tileset_as_of or default
-
-
-def score_tileset(cfg: Config, tileset: str, as_of: datetime) -> scoring.ScoreResult:
+def score_tileset(plan: Plan) -> scoring.ScoreResult:
     """Score the tileset's reports into ``scored.parquet`` (+ ``scoring.json``)."""
-    ts = cfg.tilesets[tileset]
-    profile, filters = scoring.resolve(ts)
     started = time.perf_counter()
-    result = scoring.score_reports(scoring.read_reports(cfg.warehouse_path, ts.source), profile, filters, as_of)
-    out = work_dir(cfg, tileset)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic(out / "scored.parquet", lambda p: result.scored.write_parquet(p, compression="zstd"))
+    result = scoring.score_reports(read_reports(plan.warehouse, plan.source), plan.profile, plan.filters, plan.as_of)
+    work = plan.work
+    work.root.mkdir(parents=True, exist_ok=True)
+    _atomic(work.scored, lambda p: result.scored.write_parquet(p, compression="zstd"))
     summary = {
-        "tileset": tileset,
-        "source": {"name": ts.source, **extract.source_counts(cfg.warehouse_path, ts.source)},
-        "as_of": as_of.isoformat(),
+        "tileset": plan.tileset,
+        "source": {"name": plan.source, **extract.source_counts(plan.warehouse, plan.source)},
+        "as_of": plan.as_of.isoformat(),
         "valid": result.valid,
         "scored": result.scored.height,
         "excluded": result.excluded,
         "weight": float(result.scored.get_column("weight").sum()),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    _atomic(out / "scoring.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+    _atomic(work.scoring, lambda p: p.write_text(json.dumps(summary, indent=2)))
     return result
 
 
-def read_scoring(cfg: Config, tileset: str) -> dict:
-    return json.loads((work_dir(cfg, tileset) / "scoring.json").read_text())
+def read_scoring(work: Work) -> dict:
+    return json.loads(work.scoring.read_text())
 
 
-def build_cells(cfg: Config, tileset: str) -> list[ZoomSummary]:
+def build_cells(plan: Plan) -> list[ZoomSummary]:
     """Build the pyramid from ``scored.parquet`` and write one GeoParquet per zoom."""
-    ts = cfg.tilesets[tileset]
-    profile, _ = scoring.resolve(ts)
-    scored = pl.read_parquet(work_dir(cfg, tileset) / "scored.parquet")
-    cells_root = work_dir(cfg, tileset) / "cells"
-    shutil.rmtree(cells_root, ignore_errors=True)
+    ts, work = plan.settings, plan.work
+    scored = pl.read_parquet(work.scored)
+    shutil.rmtree(work.cells_root, ignore_errors=True)
     summaries = []
 
     def write(frame: pl.DataFrame, z: int) -> ZoomSummary:
-        size = geoparquet.write(frame, cells_path(cfg, tileset, z))
+        size = geoparquet.write(frame, work.cells(z))
         return ZoomSummary(
             z,
             frame.height,
@@ -110,7 +92,7 @@ def build_cells(cfg: Config, tileset: str) -> list[ZoomSummary]:
     # a zoom's file is written while the next coarser zoom is rolled up (at most two zooms held)
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending = None
-        for frame in pyramid.build(scored, profile, ts.minzoom, ts.maxzoom, ts.cell_detail):
+        for frame in pyramid.build(scored, plan.profile, ts.minzoom, ts.maxzoom, ts.cell_detail):
             if frame.height == 0:
                 continue
             if pending is not None:
@@ -121,7 +103,7 @@ def build_cells(cfg: Config, tileset: str) -> list[ZoomSummary]:
             summaries.append(pending.result())
     summaries.sort()
     _atomic(
-        work_dir(cfg, tileset) / "cells.json",
+        work.cells_summary,
         lambda p: p.write_text(json.dumps([s._asdict() for s in summaries], indent=2)),
     )
     return summaries
@@ -141,13 +123,12 @@ class PyramidCheck(NamedTuple):
         return self.reports == self.expected_reports and close and self.centroids_inside
 
 
-def check_pyramid(cfg: Config, tileset: str) -> list[PyramidCheck]:
+def check_pyramid(plan: Plan) -> list[PyramidCheck]:
     """Per zoom, read back: Σ report_count = scored reports, Σ weight = their weight, centroids in cells."""
-    ts = cfg.tilesets[tileset]
-    summary = read_scoring(cfg, tileset)
+    summary = read_scoring(plan.work)
     rows = []
-    for z in range(ts.minzoom, ts.maxzoom + 1):
-        path = cells_path(cfg, tileset, z)
+    for z in plan.zooms:
+        path = plan.work.cells(z)
         if not path.exists():
             rows.append(PyramidCheck(z, 0, summary["scored"], 0.0, summary["weight"], summary["scored"] == 0))
             continue
@@ -159,7 +140,7 @@ def check_pyramid(cfg: Config, tileset: str) -> list[PyramidCheck]:
                 summary["scored"],
                 float(cells.get_column("weight").sum()),
                 summary["weight"],
-                centroids_inside(cells, z + ts.cell_detail),
+                centroids_inside(cells, z + plan.settings.cell_detail),
             )
         )
     return rows
@@ -181,15 +162,15 @@ def _atomic(path: Path, write) -> None:
         write(tmp)
 
 
-def top_cells(cfg: Config, tileset: str, n: int) -> list[dict]:
+def top_cells(plan: Plan, n: int) -> list[dict]:
     """The ``n`` highest-score cells at the tileset's max zoom (ties: quadkey)."""
-    path = cells_path(cfg, tileset, cfg.tilesets[tileset].maxzoom)
+    path = plan.work.cells(plan.settings.maxzoom)
     if not path.exists():
         return []
     cells = pl.read_parquet(path, columns=["quadkey", "report_count", "score", "top_category", "lng", "lat"])
     return cells.sort(["score", "quadkey"], descending=[True, False]).head(n).to_dicts()
 
 
-def read_cells(cfg: Config, tileset: str) -> list[dict]:
+def read_cells(work: Work) -> list[dict]:
     """The per-zoom summary ``build_cells`` wrote."""
-    return json.loads((work_dir(cfg, tileset) / "cells.json").read_text())
+    return json.loads(work.cells_summary.read_text())

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import paths
 from .defaults import DEFAULTS
 from .errors import ConfigError, InputPathError
 from .profiles import PRESETS as PRESET_VALUES
@@ -363,7 +364,15 @@ class Config(_Strict):
 
     @property
     def warehouse_path(self) -> Path:
-        return self.home / "warehouse.duckdb"
+        return paths.warehouse(self.home)
+
+    def work(self, key: str) -> paths.Work:
+        """A build's private work folder (see :mod:`pipeline.paths`)."""
+        return paths.Work.of(self.home, key)
+
+    def published(self, tileset: str) -> paths.Published:
+        """A tileset's public folder, ``<output>/<tileset>/``."""
+        return paths.Published.of(self.output, tileset)
 
     def sources_for(self, tilesets: list[str] | None) -> list[str]:
         """Names of the sources the given tilesets read (all sources for None)."""
@@ -472,7 +481,7 @@ def time_needs(ts: Tileset) -> tuple[str, str] | None:
     A source without ``observed_at`` dates every report at the run's ``as_of``,
     so decay, an age window or a date filter would mean nothing on it.
     """
-    from .scoring import resolve  # scoring imports this module
+    from .plan import resolve  # plan imports this module
 
     profile, filters = resolve(ts)
     if profile.decay.mode != "none":

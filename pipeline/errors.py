@@ -52,3 +52,7 @@ class WarehouseBusyError(HotspotsError):
 
 class PublishError(HotspotsError):
     """A snapshot could not be written (a full disk, a read-only folder); the previous one stays published."""
+
+
+class PlanError(HotspotsError):
+    """A build has no plan (its first step has not run), or names an unknown tileset."""

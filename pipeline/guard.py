@@ -15,8 +15,11 @@ with no reports, is never a loss: there is nothing to lose.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from .config import Config
+from .paths import Published
+from .plan import Plan
 
 TOP_REASONS = 3
 
@@ -39,9 +42,9 @@ def reasons_text(rejected: dict[str, int], n: int = TOP_REASONS) -> str:
     return text + (f", {rest} other reason(s)" if rest > 0 else "")
 
 
-def live_snapshot(cfg: Config, tileset: str) -> tuple[str, dict] | None:
+def live_snapshot(published: Published) -> tuple[str, dict] | None:
     """The live snapshot's id and manifest, or None before the first publish."""
-    latest = cfg.output / tileset / "latest.json"
+    latest = published.latest
     try:
         pointer = json.loads(latest.read_text())
         manifest = json.loads((latest.parent / pointer["path"] / "manifest.json").read_text())
@@ -55,8 +58,8 @@ def scored_in(manifest: dict) -> int:
     return int((manifest.get("counts") or {}).get("scored") or 0)
 
 
-def _what_stays(cfg: Config, tilesets: list[str]) -> str:
-    live = {t: live_snapshot(cfg, t) for t in tilesets}
+def _what_stays(output: Path, tilesets: list[str]) -> str:
+    live = {t: live_snapshot(Published.of(output, t)) for t in tilesets}
     named = [f"{t} {snap[0]}" for t, snap in live.items() if snap]
     if not named:
         return "nothing is published"
@@ -68,39 +71,45 @@ def _what_stays(cfg: Config, tilesets: list[str]) -> str:
 def source_loss(cfg: Config, source: str, read: int, rejected: dict[str, int]) -> str | None:
     """Why the source lost its data (one line), if more than its ``max_rejected_fraction`` of its rows
     were rejected; None if it did not."""
-    limit = cfg.sources[source].max_rejected_fraction
-    total = sum(rejected.values())
-    share = share_rejected(read, total)
-    if share <= limit:
-        return None
     tilesets = [t for t, ts in cfg.tilesets.items() if ts.source == source]
+    limit = cfg.sources[source].max_rejected_fraction
+    return _source_loss(cfg.output, tilesets, source, limit, read, rejected)
+
+
+def _source_loss(
+    output: Path, tilesets: list[str], source: str, limit: float, read: int, rejected: dict[str, int]
+) -> str | None:
+    total = sum(rejected.values())
+    if share_rejected(read, total) <= limit:
+        return None
     return (
         f"source {source}: {total:,} of {read:,} rows rejected ({reasons_text(rejected)}); "
-        f"more than max_rejected_fraction {limit:g}, so {_what_stays(cfg, tilesets)} "
+        f"more than max_rejected_fraction {limit:g}, so {_what_stays(output, tilesets)} "
         f"(`hotspots rejected {source}` shows them; --force publishes anyway)"
     )
 
 
-def tileset_loss(cfg: Config, tileset: str, scored: int) -> str | None:
+def tileset_loss(plan: Plan, scored: int) -> str | None:
     """Why the tileset lost its data (one line), if ``scored`` is below ``min_publish_fraction`` of the
     live snapshot's scored count; None if not."""
-    live = live_snapshot(cfg, tileset)
+    live = live_snapshot(plan.published)
     if live is None:
         return None
     snapshot_id, manifest = live
     before = scored_in(manifest)
-    fraction = cfg.tilesets[tileset].min_publish_fraction
+    fraction = plan.settings.min_publish_fraction
     if scored >= fraction * before:
         return None
     return (
-        f"tileset {tileset}: {scored:,} reports scored, fewer than min_publish_fraction {fraction:g} of the "
-        f"live snapshot's {before:,}; the live snapshot stays {snapshot_id} (--force publishes anyway)"
+        f"tileset {plan.tileset}: {scored:,} reports scored, fewer than min_publish_fraction {fraction:g} of "
+        f"the live snapshot's {before:,}; the live snapshot stays {snapshot_id} (--force publishes anyway)"
     )
 
 
-def guard_tileset(cfg: Config, tileset: str, scoring_summary: dict) -> str | None:
-    """Both guards for one tileset, from its scoring summary (``scoring.json``)."""
+def guard_tileset(plan: Plan, scoring_summary: dict) -> str | None:
+    """Both guards for one build, from its scoring summary (``scoring.json``)."""
     source = scoring_summary["source"]
-    return source_loss(cfg, source["name"], source["read"], source["rejected"]) or tileset_loss(
-        cfg, tileset, scoring_summary["scored"]
+    lost = _source_loss(
+        plan.output, list(plan.siblings), source["name"], plan.max_rejected_fraction, source["read"], source["rejected"]
     )
+    return lost or tileset_loss(plan, scoring_summary["scored"])

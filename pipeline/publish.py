@@ -29,18 +29,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import polars as pl
 
-from . import atomic, geojson, geoparquet, privacy, scoring, site, strictjson, vector
-from .build import cells_path, read_cells, read_scoring, work_dir
-from .config import Config, Tileset
+from . import atomic, geojson, geoparquet, privacy, site, strictjson, vector
+from .build import read_cells, read_scoring
+from .config import Tileset
 from .errors import PublishError
+from .paths import SNAPSHOTS, Published, Work
+from .plan import Plan
 from .select import choose, features, overview_budget
 from .snapfolder import SnapshotFolder, link_or_copy
 
-SNAPSHOTS = "snapshots"
-LATEST = "latest.json"
 STALE_TMP_S = 3600  # a .tmp- folder untouched this long was left by a dead run
 WORLD = (-180.0, -85.051129, 180.0, 85.051129)  # the bounds of a snapshot with no reports
 POINT_PAD = 1e-5  # degrees (about a metre) around data that is a single point
@@ -57,40 +56,34 @@ class ZoomSelection(NamedTuple):
     overview_stratum_zoom: int | None
 
 
-def selected_dir(cfg: Config, tileset: str, z: int) -> Path:
-    return work_dir(cfg, tileset) / "selected" / f"zoom={z}"
-
-
 SELECT_CELLS_IN_FLIGHT = 1_000_000  # cells selected at once (about 0.75 KB of memory each while selected)
 
 
-def select_tileset(cfg: Config, tileset: str) -> list[ZoomSelection]:
+def select_tileset(plan: Plan) -> list[ZoomSelection]:
     """Choose each zoom's tile and overview features (see :mod:`pipeline.select`).
 
     Zooms are independent: two at a time (polars and Parquet release the GIL).
     """
-    ts = cfg.tilesets[tileset]
-    profile, _ = scoring.resolve(ts)
-    shutil.rmtree(work_dir(cfg, tileset) / "selected", ignore_errors=True)
-    sizes = {c["z"]: c["cells"] for c in read_cells(cfg, tileset)}
+    shutil.rmtree(plan.work.selected_root, ignore_errors=True)
+    sizes = {c["z"]: c["cells"] for c in read_cells(plan.work)}
     budget = vector.Budget(SELECT_CELLS_IN_FLIGHT)
 
     def select(z: int) -> ZoomSelection | None:
         with budget.hold(sizes.get(z, 0)):
-            return _select_zoom(cfg, tileset, ts, profile, z)
+            return _select_zoom(plan, z)
 
     # largest and smallest zooms alternate, so a large zoom waiting for room
     # leaves the other worker small ones to do
-    by_size = sorted(range(ts.minzoom, ts.maxzoom + 1), key=lambda z: -sizes.get(z, 0))
+    by_size = sorted(plan.zooms, key=lambda z: -sizes.get(z, 0))
     order = [by_size[i // 2] if i % 2 == 0 else by_size[-1 - i // 2] for i in range(len(by_size))]
     with ThreadPoolExecutor(max_workers=2) as pool:
         summary = sorted((s for s in pool.map(select, order) if s is not None), key=lambda s: s.z)
-    _write_json(work_dir(cfg, tileset) / "selected.json", [s._asdict() for s in summary])
+    _write_json(plan.work.selected_summary, [s._asdict() for s in summary])
     return summary
 
 
-def _select_zoom(cfg: Config, tileset: str, ts: Tileset, profile, z: int) -> ZoomSelection | None:
-    path = cells_path(cfg, tileset, z)
+def _select_zoom(plan: Plan, z: int) -> ZoomSelection | None:
+    ts, profile, path = plan.settings, plan.profile, plan.work.cells(z)
     if not path.exists():
         return None
     cells = pl.read_parquet(path).drop("geometry")
@@ -129,7 +122,7 @@ def _select_zoom(cfg: Config, tileset: str, ts: Tileset, profile, z: int) -> Zoo
         .drop("cell_key")
     )
     # cell_key, the exact quadkey as a number, stays private (see privacy.coarsen)
-    out = selected_dir(cfg, tileset, z)
+    out = plan.work.selected(z)
     geoparquet.write(annotated, out / "cells.parquet")  # published as is
     _write_ipc(tile_features, out / "tile_features.arrow")  # private, read once: uncompressed Arrow
     if overview:
@@ -146,8 +139,8 @@ def _select_zoom(cfg: Config, tileset: str, ts: Tileset, profile, z: int) -> Zoo
     )
 
 
-def read_selection(cfg: Config, tileset: str) -> list[dict]:
-    return json.loads((work_dir(cfg, tileset) / "selected.json").read_text())
+def read_selection(work: Work) -> list[dict]:
+    return json.loads(work.selected_summary.read_text())
 
 
 # --- checks -----------------------------------------------------------------
@@ -178,13 +171,12 @@ class SelectionCheck(NamedTuple):
         )
 
 
-def check_selection(cfg: Config, tileset: str) -> list[SelectionCheck]:
+def check_selection(plan: Plan) -> list[SelectionCheck]:
     """Budgets, coverage, impact order and fold conservation, read back per zoom."""
-    ts = cfg.tilesets[tileset]
     rows = []
-    for s in read_selection(cfg, tileset):
+    for s in read_selection(plan.work):
         z = s["z"]
-        folder = selected_dir(cfg, tileset, z)
+        folder = plan.work.selected(z)
         cells = pl.read_parquet(folder / "cells.parquet")
         feats = pl.read_ipc(folder / "tile_features.arrow")
         tile = ["tile_x", "tile_y"]
@@ -208,7 +200,7 @@ def check_selection(cfg: Config, tileset: str) -> list[SelectionCheck]:
             SelectionCheck(
                 z,
                 int(per_tile.get_column("n").max() or 0),
-                ts.max_features_per_tile,
+                plan.settings.max_features_per_tile,
                 over.height if over is not None else 0,
                 overview_budget(z),
                 strata.filter(~pl.col("selected_tile")).height,
@@ -224,24 +216,20 @@ def check_selection(cfg: Config, tileset: str) -> list[SelectionCheck]:
 # --- snapshots ----------------------------------------------------------------
 
 
-def tileset_root(cfg: Config, tileset: str) -> Path:
-    return cfg.output / tileset
-
-
-def stage_snapshot(cfg: Config, tileset: str) -> dict:
+def stage_snapshot(plan: Plan) -> dict:
     """Write the public files of a snapshot into a fresh ``.tmp-`` folder in ``output/``.
 
     Returns the staging summary (also kept in ``<work>/staged.json``).
     """
-    snapshots = tileset_root(cfg, tileset) / SNAPSHOTS
-    with _writing(snapshots):
-        snapshots.mkdir(parents=True, exist_ok=True)
-        tmp = snapshots / f".tmp-{secrets.token_hex(6)}"
+    published = plan.published
+    with _writing(published.snapshots):
+        published.snapshots.mkdir(parents=True, exist_ok=True)
+        tmp = published.snapshots / f".tmp-{secrets.token_hex(6)}"
         tmp.mkdir()
-        latest = read_latest(cfg, tileset)
-        live = tileset_root(cfg, tileset) / latest["path"] if latest else None
+        latest = read_latest(published)
+        live = published.root / latest["path"] if latest else None
         try:
-            return _stage_into(cfg, tileset, SnapshotFolder(tmp, live))
+            return _stage_into(plan, SnapshotFolder(tmp, live))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back
             raise
@@ -280,10 +268,10 @@ def directory_maxzoom(ts: Tileset, selection: list[dict]) -> int | None:
     return deepest
 
 
-def _stage_into(cfg: Config, tileset: str, folder: SnapshotFolder) -> dict:
-    ts = cfg.tilesets[tileset]
+def _stage_into(plan: Plan, folder: SnapshotFolder) -> dict:
+    ts, tileset = plan.settings, plan.tileset
     tmp = folder.root
-    selection = read_selection(cfg, tileset)
+    selection = read_selection(plan.work)
     folders_maxz = directory_maxzoom(ts, selection)
     in_folders = lambda z, fmt: fmt in ts.formats and folders_maxz is not None and z <= folders_maxz  # noqa: E731
     zooms = []
@@ -293,7 +281,7 @@ def _stage_into(cfg: Config, tileset: str, folder: SnapshotFolder) -> dict:
 
     def write_files(s: dict, tile_features: pl.DataFrame) -> dict:
         """A zoom's cells, GeoJSON tiles and overview; widens the extent."""
-        z, selected = s["z"], selected_dir(cfg, tileset, s["z"])
+        z, selected = s["z"], plan.work.selected(s["z"])
         cells_out = f"cells/zoom={z}/cells.parquet"
         folder.path(cells_out).parent.mkdir(parents=True)
         link_or_copy(selected / "cells.parquet", folder.path(cells_out))
@@ -338,7 +326,7 @@ def _stage_into(cfg: Config, tileset: str, folder: SnapshotFolder) -> dict:
         with vector.Encoder() as encoder:
             before = None
             for s in selection:
-                tile_features = pl.read_ipc(selected_dir(cfg, tileset, s["z"]) / "tile_features.arrow")
+                tile_features = pl.read_ipc(plan.work.selected(s["z"]) / "tile_features.arrow")
                 encoding = encoder.submit(tile_features, s["z"])
                 zoom = write_files(s, tile_features)
                 del tile_features
@@ -380,7 +368,7 @@ def _stage_into(cfg: Config, tileset: str, folder: SnapshotFolder) -> dict:
         "folders": published,
         "shared": {"files": folder.shared, "bytes": folder.shared_bytes},
     }
-    _write_json(work_dir(cfg, tileset) / "staged.json", staged)
+    _write_json(plan.work.staged, staged)
     return staged
 
 
@@ -393,13 +381,14 @@ class Snapshot(NamedTuple):
     reused: bool  # the same content was already published under this id
 
 
-def finalize_snapshot(cfg: Config, tileset: str, now: datetime | None = None) -> Snapshot:
+def finalize_snapshot(plan: Plan, now: datetime | None = None) -> Snapshot:
     """Name the staged snapshot, move it into place, point ``latest.json`` at it, prune."""
-    staged = json.loads((work_dir(cfg, tileset) / "staged.json").read_text())
+    staged = json.loads(plan.work.staged.read_text())
     tmp = Path(staged["path"])
-    manifest = build_manifest(cfg, tileset, staged)
+    manifest = build_manifest(plan, staged)
     text = strictjson.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    root = tileset_root(cfg, tileset)
+    published = plan.published
+    root = published.root
     try:
         with _writing(root):
             digests = dict(staged["digests"])
@@ -422,7 +411,7 @@ def finalize_snapshot(cfg: Config, tileset: str, now: datetime | None = None) ->
                 atomic.fsync_dir(final.parent)
             generated = (now or datetime.now(UTC)).replace(microsecond=0)
             _write_json(
-                root / LATEST,
+                published.latest,
                 {
                     "snapshot_id": snapshot_id,
                     "generated_at": generated.isoformat().replace("+00:00", "Z"),
@@ -434,9 +423,9 @@ def finalize_snapshot(cfg: Config, tileset: str, now: datetime | None = None) ->
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never published: give the space back
         raise
-    with _writing(cfg.output, published=snapshot_id):
-        write_viewer(cfg)
-        pruned = prune(cfg, tileset, cfg.tilesets[tileset].retain_snapshots)
+    with _writing(plan.output, published=snapshot_id):
+        write_viewer(plan)
+        pruned = prune(published, plan.settings.retain_snapshots)
     sizes = sum(
         z["tile_bytes"] + z["overview_bytes"] + z["cells_bytes"] + z["mvt_folder_bytes"] for z in staged["zooms"]
     )
@@ -444,18 +433,13 @@ def finalize_snapshot(cfg: Config, tileset: str, now: datetime | None = None) ->
     return Snapshot(snapshot_id, final, len(digests), sizes, pruned, reused)
 
 
-def build_manifest(cfg: Config, tileset: str, staged: dict) -> dict:
-    """What a snapshot holds and how it was made; no private path or field."""
-    ts = cfg.tilesets[tileset]
-    scored = read_scoring(cfg, tileset)
-    profile, filters = scoring.resolve(ts)
+def build_manifest(plan: Plan, staged: dict) -> dict:
+    """What a snapshot holds and how it was made (its plan's public part); no private path or field."""
+    scored = read_scoring(plan.work)
     return {
-        "tileset": tileset,
+        "tileset": plan.tileset,
         "as_of": scored["as_of"],
-        "config": ts.model_dump(mode="json", exclude={"source", "as_of"}),
-        "profile": _jsonable(profile),
-        "filters": _jsonable(filters),
-        "source": {"kind": cfg.sources[ts.source].kind},
+        "plan": plan.public(),
         "counts": {
             "read": scored["source"]["read"],
             "valid": scored["source"]["valid"],
@@ -503,22 +487,23 @@ def build_manifest(cfg: Config, tileset: str, staged: dict) -> dict:
     }
 
 
-def write_viewer(cfg: Config) -> None:
+def write_viewer(plan: Plan) -> None:
     """The map page and ``tilesets.json`` (every tileset with a live snapshot); see :mod:`pipeline.site`."""
-    site.write_site(cfg, [site.tileset_entry(cfg, name) for name in cfg.tilesets if read_latest(cfg, name)])
+    live = [entry for entry in plan.site if read_latest(Published.of(plan.output, entry["name"]))]
+    site.write_site(plan.output, plan.viewer, live)
 
 
-def read_latest(cfg: Config, tileset: str) -> dict | None:
-    path = tileset_root(cfg, tileset) / LATEST
+def read_latest(published: Published) -> dict | None:
+    path = published.latest
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def verify_latest(cfg: Config, tileset: str) -> str | None:
+def verify_latest(published: Published) -> str | None:
     """None if ``latest.json`` names a complete snapshot, else what is wrong."""
-    latest = read_latest(cfg, tileset)
+    latest = read_latest(published)
     if latest is None:
         return "no latest.json"
-    problem = _complete(tileset_root(cfg, tileset) / latest["path"])
+    problem = _complete(published.root / latest["path"])
     return f"{latest['snapshot_id']}: {problem}" if problem else None
 
 
@@ -533,15 +518,15 @@ def _complete(folder: Path) -> str | None:
     return None
 
 
-def prune(cfg: Config, tileset: str, keep: int) -> list[str]:
+def prune(published: Published, keep: int) -> list[str]:
     """Delete all but the newest ``keep`` snapshots (and stale ``.tmp-`` folders).
 
     The snapshot ``latest.json`` names is never deleted.
     """
-    snapshots = tileset_root(cfg, tileset) / SNAPSHOTS
+    snapshots = published.snapshots
     if not snapshots.exists():
         return []
-    latest = (read_latest(cfg, tileset) or {}).get("snapshot_id")
+    latest = (read_latest(published) or {}).get("snapshot_id")
     done = [p for p in snapshots.iterdir() if p.is_dir() and not p.name.startswith(".tmp-")]
     done.sort(key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
     doomed = [p for p in done[keep:] if p.name != latest]
@@ -562,20 +547,6 @@ def _discard(path: Path) -> None:
     except FileNotFoundError:
         return
     shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _jsonable(value):
-    if isinstance(value, dict) or hasattr(value, "items"):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "__dataclass_fields__"):
-        return {k: _jsonable(getattr(value, k)) for k in value.__dataclass_fields__}
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, (np.integer, np.floating)):
-        value = value.item()
-    return strictjson.finite(value)  # generic's severity range ends at +inf: null in JSON
 
 
 def _write_ipc(frame: pl.DataFrame, path: Path) -> None:

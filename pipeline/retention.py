@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from . import publish, scoring, warehouse
+from . import publish, warehouse
 from .config import Config
+from .plan import resolve
 
 
 def max_age_days(cfg: Config, source: str) -> float | None:
     """How long a source's reports can still count: the longest max age of its
     tilesets, or None (keep everything) if one of them has no limit."""
-    ages = [scoring.resolve(ts)[0].max_age_days for ts in cfg.tilesets.values() if ts.source == source]
+    ages = [resolve(ts)[0].max_age_days for ts in cfg.tilesets.values() if ts.source == source]
     return None if not ages or None in ages else max(ages)
 
 
@@ -47,5 +48,5 @@ def retain(cfg: Config, now: datetime) -> dict:
                 ).fetchall()
                 con.execute("COMMIT")
                 deleted[source] = n
-    pruned = {name: publish.prune(cfg, name, ts.retain_snapshots) for name, ts in cfg.tilesets.items()}
+    pruned = {name: publish.prune(cfg.published(name), ts.retain_snapshots) for name, ts in cfg.tilesets.items()}
     return {"deleted": deleted, "pruned": pruned}

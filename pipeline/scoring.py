@@ -8,16 +8,12 @@ stays in the warehouse and is counted here by reason, so that
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
 from datetime import datetime
-from pathlib import Path
 from typing import NamedTuple
 
 import polars as pl
 
-from . import warehouse
-from .config import Tileset
-from .profiles import PRESETS, PROFILES, Decay, Filters, Profile, _frozen
+from .profiles import Filters, Profile
 from .schema import METRICS as METRIC_COLUMNS
 
 # Reasons, in the order they are tested; a report takes the first that applies.
@@ -80,46 +76,6 @@ class ScoreResult(NamedTuple):
     def holds(self) -> bool:
         """``valid = scored + excluded``."""
         return self.valid == self.scored.height + sum(self.excluded.values())
-
-
-def resolve(tileset: Tileset) -> tuple[Profile, Filters]:
-    """A tileset's profile and filters: profile <- preset <- the tileset's overrides."""
-    profile, filters = PROFILES[tileset.profile], Filters()
-    if tileset.preset:
-        preset = PRESETS[tileset.profile][tileset.preset]
-        profile, filters = preset.apply(profile), preset.filters
-
-    s, d = tileset.scoring, tileset.scoring.decay
-    days = profile.decay.days
-    if d.days is not None:
-        days = _frozen({"default": d.days} if isinstance(d.days, (int, float)) else d.days)
-    decay = Decay(
-        mode=d.mode or profile.decay.mode,
-        days=days,
-        factor=profile.decay.factor if d.factor is None else d.factor,
-        max_age_days=d.max_age_days or profile.decay.max_age_days,
-    )
-    overrides = {
-        k: getattr(s, k)
-        for k in ("score", "normalize", "severity_weight_multiplier", "upvote_weight", "max_age_days", "representative")
-        if getattr(s, k) is not None
-    }
-    if s.metrics is not None:
-        overrides["metrics"] = tuple(s.metrics)
-    if s.priority_boost is not None:
-        overrides["priority_boost"] = _frozen(s.priority_boost)
-    if s.category_severity is not None:
-        overrides["category_severity"] = _frozen(s.category_severity)
-    if tileset.min_count is not None:
-        overrides["min_count"] = tileset.min_count
-    profile = replace(profile, decay=decay, **overrides)
-
-    given = {f.name: getattr(tileset.filters, f.name) for f in fields(Filters)}
-    filters = replace(
-        filters,
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None},
-    )
-    return profile, filters
 
 
 def describe(profile: Profile) -> str:
@@ -321,11 +277,3 @@ def _one_point_per_entity(kept: pl.LazyFrame, columns: list[str]) -> pl.LazyFram
         .sort(["entity_type", "_entity", "lat", "lng"])  # deterministic order
         .select(columns)
     )
-
-
-def read_reports(db: Path, source: str) -> pl.LazyFrame:
-    """The valid reports of one source, from the warehouse (read-only), as Arrow."""
-    cols = ", ".join(f'"{c}"' for c in READ_COLUMNS)
-    with warehouse.reader(db) as con:
-        table = con.execute(f"SELECT {cols} FROM reports WHERE source = ?", [source]).fetch_arrow_table()
-    return pl.from_arrow(table).lazy()

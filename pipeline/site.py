@@ -15,7 +15,8 @@ import html
 from pathlib import Path
 
 from . import atomic, scoring, strictjson
-from .config import Config
+from .config import Tileset, Viewer
+from .plan import resolve
 
 PAGE = Path(__file__).parent / "viewer"
 NODE_MODULES = Path(__file__).resolve().parents[1] / "web" / "node_modules"
@@ -42,16 +43,19 @@ def content_security_policy(origins: list[str]) -> str:
     )
 
 
-def write_site(cfg: Config, published: list[dict]) -> None:
-    """Write the page, its settings and libraries into ``cfg.output`` (each file atomically).
+def write_site(out: Path, viewer: Viewer, published: list[dict]) -> None:
+    """Write the page, its settings and libraries into ``out`` (each file atomically).
 
     Parameters
     ----------
+    out : Path
+        The publish root (``output``).
+    viewer : Viewer
+        The page's settings (basemap style, allowed origins).
     published : list of dict
         ``tilesets.json``: one entry per tileset with a live snapshot.
     """
-    out = cfg.output
-    csp = content_security_policy(cfg.viewer.origins())
+    csp = content_security_policy(viewer.origins())
     page = (
         (PAGE / "index.html")
         .read_text(encoding="utf-8")
@@ -61,7 +65,7 @@ def write_site(cfg: Config, published: list[dict]) -> None:
     for name in PAGE_FILES:
         atomic.write_bytes(out / name, (PAGE / name).read_bytes())
     atomic.write_bytes(out / "tilesets.json", (strictjson.dumps(published, indent=2) + "\n").encode())
-    settings = {"style": cfg.viewer.style}
+    settings = {"style": viewer.style}
     atomic.write_bytes(out / "viewer.json", (strictjson.dumps(settings, indent=2) + "\n").encode())
     for name, rel in LIBS.items():
         src = NODE_MODULES / rel
@@ -71,8 +75,7 @@ def write_site(cfg: Config, published: list[dict]) -> None:
                 atomic.write_bytes(dst, src.read_bytes())
 
 
-def tileset_entry(cfg: Config, name: str) -> dict:
+def tileset_entry(name: str, ts: Tileset) -> dict:
     """What the page needs to know of a tileset: its name, profile, metrics and legend."""
-    ts = cfg.tilesets[name]
-    profile, _ = scoring.resolve(ts)
+    profile, _ = resolve(ts)
     return {"name": name, "profile": ts.profile, "metrics": list(profile.metrics), "legend": scoring.describe(profile)}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import build, extract, publish
+from pipeline import build, extract, plan, publish
 from pipeline.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,13 +50,26 @@ def run_extraction(cfg: Config, as_of: datetime = AS_OF):
     return staged, extract.validate(cfg, sources, as_of)
 
 
+def plan_for(cfg: Config, tileset: str, as_of: datetime = AS_OF) -> plan.Plan:
+    """What a build's first step does: resolve the plan and freeze it in the work folder."""
+    frozen = plan.make(cfg, tileset, as_of)
+    plan.write(frozen)
+    return frozen
+
+
+def plan_of(cfg: Config, tileset: str) -> plan.Plan:
+    """The plan the tileset's last build froze (what its later steps read)."""
+    return plan.read(cfg.work(tileset).plan)
+
+
 def publish_tileset(cfg: Config, tileset: str, as_of: datetime = AS_OF) -> publish.Snapshot:
     """Score, build, select, stage and publish one tileset (extraction done); the snapshot."""
-    build.score_tileset(cfg, tileset, as_of)
-    build.build_cells(cfg, tileset)
-    publish.select_tileset(cfg, tileset)
-    publish.stage_snapshot(cfg, tileset)
-    return publish.finalize_snapshot(cfg, tileset)
+    frozen = plan_for(cfg, tileset, as_of)
+    build.score_tileset(frozen)
+    build.build_cells(frozen)
+    publish.select_tileset(frozen)
+    publish.stage_snapshot(frozen)
+    return publish.finalize_snapshot(frozen)
 
 
 @pytest.fixture

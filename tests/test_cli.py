@@ -145,7 +145,7 @@ def test_without_as_of_the_tilesets_use_the_extractions_time_and_the_sensor_leav
         # the tileset scores at the extraction's as_of
         ops = extraction.run_config["ops"]
         assert {op["config"]["default_as_of"] for op in ops.values() if "config" in op} == {extracted_at}
-        assert build.read_scoring(load_config(path), "points")["as_of"] == extracted_at
+        assert build.read_scoring(load_config(path).work("points"))["as_of"] == extracted_at
         # `make dev`'s daemon, on the same instance, does not publish what the CLI publishes itself
         defs = build_definitions(path)
         sensor = defs.resolve_sensor_def("publish_after_extract")

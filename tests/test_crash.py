@@ -150,8 +150,8 @@ def _hotspots_run(config: Path, as_of: str) -> subprocess.CompletedProcess:
 
 
 def _served(cfg) -> tuple[str, list[str]]:
-    latest = publish.read_latest(cfg, "roads")
-    assert publish.verify_latest(cfg, "roads") is None
+    latest = publish.read_latest(cfg.published("roads"))
+    assert publish.verify_latest(cfg.published("roads")) is None
     return latest["snapshot_id"], sorted(p.name for p in (cfg.output / "roads" / "snapshots").iterdir())
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import yaml
 
 from assets.extraction import conservation, raw_reports, rejected_share, validated_reports
 from assets.location import EXTRACT_JOB, PUBLISH_JOB, build_definitions
@@ -370,8 +371,8 @@ def test_a_dagster_run_beside_a_cli_run_of_the_same_tileset(small_config, tmp_pa
             manifest["counts"]["scored"] + sum(manifest["counts"]["excluded"].values()) == manifest["counts"]["valid"]
         )
     cfg = load_config(small_config)
-    assert publish.verify_latest(cfg, "roads") is None
-    assert not build.lease_path(cfg, "roads").exists()  # both runs handed the tileset back
+    assert publish.verify_latest(cfg.published("roads")) is None
+    assert not cfg.work("roads").lease.exists()  # both runs handed the tileset back
     with warehouse.reader(cfg.warehouse_path) as con:
         assert con.execute("SELECT count(*) FROM reports WHERE source = 'roads'").fetchone()[0] > 3900
 
@@ -403,8 +404,52 @@ def test_the_sensor_honours_a_tilesets_yaml_as_of(write_config):
             run_config=request.run_config, instance=instance, partition_key=request.partition_key
         )
         assert published.success
-        scored_at = build.read_scoring(cfg, request.partition_key)["as_of"]
+        scored_at = build.read_scoring(cfg.work(request.partition_key))["as_of"]
         assert scored_at == (own.isoformat() if request.partition_key == "pinned" else extracted_at)
+
+
+def test_a_yaml_edit_between_steps_changes_nothing_in_a_planned_build(small_config):
+    """Scoring freezes the plan; the later steps read it, not the YAML (which once gave selection
+    another cell_detail than the cells were built with)."""
+    defs = build_definitions(small_config)
+    instance = dg.DagsterInstance.ephemeral()
+    resources = {"hotspots": HotspotsResource(config_path=str(small_config))}
+    everything = [*defs.assets, *defs.asset_checks]
+
+    def steps(*names: str, **run_config):
+        return dg.materialize(
+            everything,
+            selection=dg.AssetSelection.assets(*names),
+            partition_key="roads",
+            resources=resources,
+            run_config=run_config,
+            instance=instance,
+        )
+
+    assert dg.materialize(
+        [raw_reports, validated_reports], resources=resources, run_config=_params(*ALL_OPS[:2]), instance=instance
+    ).success
+    assert steps("scored_reports", "cells", **_params("scored_reports")).success
+    edited = yaml.safe_load(small_config.read_text())
+    edited["tilesets"]["roads"].update(cell_detail=4, strata_detail=1, maxzoom=9, max_features_per_tile=40)
+    small_config.write_text(yaml.safe_dump(edited))
+    rest = steps("selection", "tiles", "snapshot")
+    assert rest.success
+    assert {e.check_name: e.passed for e in rest.get_asset_check_evaluations()} == {
+        "selection_holds": True,
+        "latest_is_complete": True,
+    }
+    cfg = load_config(small_config)
+    latest = publish.read_latest(cfg.published("roads"))
+    manifest = json.loads((cfg.published("roads").root / latest["path"] / "manifest.json").read_text())
+    config = manifest["plan"]["config"]
+    assert (config["cell_detail"], config["strata_detail"], config["max_features_per_tile"]) == (6, 3, 500)
+    assert max(z["z"] for z in manifest["zooms"]) == 14 and manifest["plan"]["as_of"] == AS_OF.isoformat()
+    # the next run plans again, from the edited YAML
+    assert steps("scored_reports", "cells", "selection", "tiles", "snapshot", **_params("scored_reports")).success
+    latest = publish.read_latest(cfg.published("roads"))
+    manifest = json.loads((cfg.published("roads").root / latest["path"] / "manifest.json").read_text())
+    assert manifest["plan"]["config"]["cell_detail"] == 4 and max(z["z"] for z in manifest["zooms"]) == 9
 
 
 def test_every_asset_check_and_sensor_says_what_it_is(small_config):

@@ -16,9 +16,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import extract, scoring, warehouse
+from pipeline import build, extract, scoring, warehouse
 from pipeline.config import Tileset, load_config, validate_config
 from pipeline.errors import ConfigError, SourceError
+from pipeline.plan import resolve
 from pipeline.sources import files as file_sources
 
 from .conftest import AS_OF, run_extraction
@@ -351,8 +352,8 @@ def test_identifiers_and_values_never_become_sql(tmp_path, write_config):
         )
     )
     run_extraction(cfg)
-    profile, filters = scoring.resolve(cfg.tilesets["e"])
-    result = scoring.score_reports(scoring.read_reports(cfg.warehouse_path, "e"), profile, filters, AS_OF)
+    profile, filters = resolve(cfg.tilesets["e"])
+    result = scoring.score_reports(build.read_reports(cfg.warehouse_path, "e"), profile, filters, AS_OF)
     assert result.scored.height == 1 and result.excluded == {}
     with warehouse.reader(cfg.warehouse_path) as con:
         assert {t for (t,) in con.execute("SHOW TABLES").fetchall()} >= {"reports", "raw_reports", "rejected_reports"}
@@ -426,7 +427,7 @@ def test_fuzzed_scoring_never_fails_and_conserves(rows, profile_name):
     )
     if not rows:
         return
-    profile, filters = scoring.resolve(Tileset(source="s", profile=profile_name))
+    profile, filters = resolve(Tileset(source="s", profile=profile_name))
     result = scoring.score_reports(frame.lazy(), profile, filters, AS_OF)
     assert result.holds
     assert all(math.isfinite(w) and w >= 0 for w in result.scored.get_column("weight"))
@@ -500,7 +501,7 @@ def test_two_runs_of_the_same_config_at_once_both_succeed(tmp_path, write_config
     assert all(c.holds for c in extract.conservation(cfg.warehouse_path, ["a", "b"]))
     from pipeline import publish
 
-    assert all(publish.verify_latest(cfg, t) is None for t in ("a", "b"))
+    assert all(publish.verify_latest(cfg.published(t)) is None for t in ("a", "b"))
 
 
 def test_ndjson_keys_match_the_mapping_in_any_case_as_a_header_would(tmp_path, write_config):

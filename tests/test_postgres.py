@@ -162,7 +162,7 @@ def test_road_conditions_adapter_matches_postgis(roads, tmp_path):
             (NOW, NOW - timedelta(days=90)),
         ).fetchall()
     expected = {mercantile.quadkey(x, y, level): n for x, y, n in rows}
-    latest = publish.read_latest(cfg, "roads")
+    latest = publish.read_latest(cfg.published("roads"))
     cells = pl.read_parquet(cfg.output / "roads" / latest["path"] / "cells" / f"zoom={z}" / "cells.parquet")
     flood = mercantile.quadkey(mercantile.tile(*FLOOD_AT, level))
     got = {q: n for q, n in cells.select("quadkey", "report_count").iter_rows() if q != flood}
@@ -363,7 +363,9 @@ def test_community_needs_adapter(server, tmp_path):
     points = pl.read_parquet(cfg.home / "work" / "needs" / "scored.parquet")
     assert sorted(points.get_column("weight")) == [1.0, 5.0, 10.0]  # b: its public info; legacy: notice; a: urgent
     over = json.loads(
-        (cfg.output / "needs" / publish.read_latest(cfg, "needs")["path"] / "overview" / "8.geojson").read_text()
+        (
+            cfg.output / "needs" / publish.read_latest(cfg.published("needs"))["path"] / "overview" / "8.geojson"
+        ).read_text()
     )
     assert sorted(f["properties"]["weight"] for f in over["features"]) == [6.0, 10.0]  # b and legacy share a place
 
@@ -453,6 +455,8 @@ def test_rail_disruptions_adapter_sums_the_time_range(server, tmp_path):
     healthy = sum(1 for i in range(50) if i % 2 == 0 and i % 3 == 0)
     assert sums == (50 * 24 * 10, 25 * 24, sum(24 for i in range(50) if i % 3), 50)
     over = json.loads(
-        (cfg.output / "rail" / publish.read_latest(cfg, "rail")["path"] / "overview" / "8.geojson").read_text()
+        (
+            cfg.output / "rail" / publish.read_latest(cfg.published("rail"))["path"] / "overview" / "8.geojson"
+        ).read_text()
     )
     assert sum(f["properties"]["healthy"] for f in over["features"]) >= 1 and healthy >= 1

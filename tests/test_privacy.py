@@ -14,8 +14,8 @@ import polars as pl
 import pytest
 import yaml
 
-from pipeline import scoring
 from pipeline.config import load_config
+from pipeline.plan import resolve
 from pipeline.vector import EXTENT
 
 from .conftest import publish_tileset, run_extraction
@@ -117,7 +117,7 @@ def test_community_needs_defaults_to_min_count_3(write_config):
             }
         )
     )
-    assert [scoring.resolve(cfg.tilesets[t])[0].min_count for t in ("s", "g", "m")] == [3, 1, 5]
+    assert [resolve(cfg.tilesets[t])[0].min_count for t in ("s", "g", "m")] == [3, 1, 5]
 
 
 @pytest.fixture(scope="module")

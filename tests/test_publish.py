@@ -17,11 +17,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipeline import build, extract, publish, retention, warehouse
+from pipeline import extract, publish, retention, warehouse
 from pipeline.config import load_config
 from pipeline.select import overview_budget
 
-from .conftest import AS_OF, publish_tileset, run_extraction
+from .conftest import AS_OF, plan_of, publish_tileset, run_extraction
 
 _publish = publish_tileset
 
@@ -59,7 +59,7 @@ def _features(path: Path) -> list[dict]:
 
 def test_selection_invariants_hold_in_every_published_tile(roads):
     snap = _publish(roads, "roads")
-    assert all(check.holds for check in publish.check_selection(roads, "roads"))
+    assert all(check.holds for check in publish.check_selection(plan_of(roads, "roads")))
     manifest = json.loads((snap.path / "manifest.json").read_text())
     for zoom in manifest["zooms"]:
         z = zoom["z"]
@@ -91,7 +91,7 @@ def test_selection_invariants_hold_in_every_published_tile(roads):
 
 def test_tight_budgets_coarsen_strata_and_the_manifest_says_so(roads):
     snap = _publish(roads, "tight")
-    assert all(check.holds for check in publish.check_selection(roads, "tight"))
+    assert all(check.holds for check in publish.check_selection(plan_of(roads, "tight")))
     zooms = json.loads((snap.path / "manifest.json").read_text())["zooms"]
     coarsened = [z for z in zooms if z["stratum_zoom_coarsest"] < z["stratum_zoom"]]
     assert coarsened, "with 5 features per tile some tile must have had to coarsen its strata"
@@ -162,7 +162,7 @@ def test_same_input_and_as_of_give_identical_files(roads, tmp_path):
     before = _digests(roads.output / "roads")
     latest_before = json.loads((roads.output / "roads" / "latest.json").read_text())
     # a fresh build from scratch: other work folder, same warehouse and as_of
-    shutil.rmtree(build.work_dir(roads, "roads"))
+    shutil.rmtree(roads.work("roads").root)
     shutil.rmtree(roads.output / "roads")
     second = _publish(roads, "roads")
     assert second.snapshot_id == first.snapshot_id and not second.reused
@@ -184,7 +184,7 @@ def test_latest_json_contract(roads):
     assert latest["path"] == f"snapshots/{snap.snapshot_id}/"
     assert latest["as_of"] == AS_OF.isoformat()
     assert snap.snapshot_id.startswith("20261101T120000Z-")
-    assert publish.verify_latest(roads, "roads") is None
+    assert publish.verify_latest(roads.published("roads")) is None
 
 
 def test_retention_keeps_the_last_snapshots_and_never_the_latest_one(roads):
@@ -256,16 +256,10 @@ KILL_LOOP = """
 import sys
 from datetime import timedelta
 from pipeline.config import load_config
-from pipeline import build, publish
-from tests.conftest import AS_OF
+from tests.conftest import AS_OF, publish_tileset
 cfg = load_config(sys.argv[1])
 for hour in range(10_000):
-    as_of = AS_OF + timedelta(hours=hour)
-    build.score_tileset(cfg, "tight", as_of)
-    build.build_cells(cfg, "tight")
-    publish.select_tileset(cfg, "tight")
-    publish.stage_snapshot(cfg, "tight")
-    publish.finalize_snapshot(cfg, "tight")
+    publish_tileset(cfg, "tight", AS_OF + timedelta(hours=hour))
     print(hour, flush=True)
 """
 
@@ -290,9 +284,9 @@ def test_sigkill_at_random_points_always_leaves_a_complete_latest_snapshot(roads
             out, err = proc.communicate()
         assert b"Traceback" not in err, err.decode()[-2000:]
         published_before += len(out.splitlines())
-        latest = publish.read_latest(roads, "tight")
+        latest = publish.read_latest(roads.published("tight"))
         if latest is not None:
-            assert publish.verify_latest(roads, "tight") is None, (i, latest)
+            assert publish.verify_latest(roads.published("tight")) is None, (i, latest)
             manifest = json.loads((roads.output / "tight" / latest["path"] / "manifest.json").read_text())
             for path in (roads.output / "tight" / latest["path"]).rglob("*.geojson"):
                 json.loads(path.read_text())  # every file of it parses
@@ -315,9 +309,9 @@ def test_the_default_run_publishes_every_tileset_within_its_contract(tmp_path):
     cfg = load_config(tmp_path / "hotspots.yaml")
     assert set(cfg.tilesets) == {"community_needs", "road_conditions", "campus_issues", "rail_disruptions"}
     for name in cfg.tilesets:
-        assert all(check.holds for check in publish.check_selection(cfg, name)), name
-        assert publish.verify_latest(cfg, name) is None
-        latest = publish.read_latest(cfg, name)
+        assert all(check.holds for check in publish.check_selection(plan_of(cfg, name))), name
+        assert publish.verify_latest(cfg.published(name)) is None
+        latest = publish.read_latest(cfg.published(name))
         assert f"published: {cfg.output / name / 'snapshots' / latest['snapshot_id']} " in run.stdout
         for path in (cfg.output / name / latest["path"]).rglob("*.geojson"):
             assert _is_rfc7946(json.loads(path.read_text())) == [], path
@@ -341,7 +335,7 @@ def test_a_snapshot_links_the_files_it_shares_with_the_live_one(roads):
     assert before.keys() == after.keys()
     shared = {p for p in after if after[p] == before[p]}
     assert shared == set(after) - {"manifest.json"}
-    staged = json.loads((build.work_dir(roads, "tight") / "staged.json").read_text())
+    staged = json.loads((roads.work("tight").root / "staged.json").read_text())
     assert staged["shared"]["files"] == len(shared)
     # a later as_of decays every weight: changed files are written anew, never linked
     third = _publish(roads, "tight", AS_OF + timedelta(days=3))

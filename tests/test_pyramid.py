@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 
 from pipeline import build, pyramid, scoring, warehouse
 from pipeline.config import Tileset, load_config
+from pipeline.plan import resolve
 from pipeline.profiles import WEATHER
 
-from .conftest import AS_OF, run_extraction
+from .conftest import AS_OF, plan_for, plan_of, run_extraction
 
 MAX_LAT = 85.0511287798066
 
@@ -56,7 +57,7 @@ point = st.tuples(
 )
 def test_every_zoom_conserves_reports_and_weight_and_centroids_stay_inside(points, minzoom, span, detail):
     scored = _scored(points)
-    profile, _ = scoring.resolve(Tileset(source="s"))
+    profile, _ = resolve(Tileset(source="s"))
     levels = list(pyramid.build(scored, profile, minzoom, minzoom + span, detail))
     assert [f.get_column("z")[0] for f in levels] == list(range(minzoom + span, minzoom - 1, -1))
     total = sum(p[2] for p in points)
@@ -185,8 +186,8 @@ def test_pyramid_matches_a_brute_force_computation(extract_config, domain, profi
     )
     with warehouse.reader(cfg.warehouse_path) as con:
         rows = con.execute("SELECT * FROM reports").pl().to_dicts()
-    profile, filters = scoring.resolve(cfg.tilesets["t"])
-    result = scoring.score_reports(scoring.read_reports(cfg.warehouse_path, "s"), profile, filters, AS_OF)
+    profile, filters = resolve(cfg.tilesets["t"])
+    result = scoring.score_reports(build.read_reports(cfg.warehouse_path, "s"), profile, filters, AS_OF)
     brute = _brute_weights(profile_name, rows)
     assert result.scored.height == len(brute) > 100
     levels = {f.get_column("z")[0]: f for f in pyramid.build(result.scored, profile, 8, 13, 6)}
@@ -216,11 +217,11 @@ def test_cells_are_geoparquet_readable_by_duckdb_spatial_and_pyarrow(write_confi
         )
     )
     run_extraction(cfg)
-    build.score_tileset(cfg, "campus", AS_OF)
-    zooms = build.build_cells(cfg, "campus")
+    build.score_tileset(plan_for(cfg, "campus", AS_OF))
+    zooms = build.build_cells(plan_of(cfg, "campus"))
     assert [z.z for z in zooms] == list(range(0, 17))
-    assert all(r.holds for r in build.check_pyramid(cfg, "campus"))
-    path = build.cells_path(cfg, "campus", 16)
+    assert all(r.holds for r in build.check_pyramid(plan_of(cfg, "campus")))
+    path = cfg.work("campus").cells(16)
     assert path.parent.name == "zoom=16"
 
     table = pq.read_table(path)
@@ -276,10 +277,10 @@ def test_empty_tileset_builds_no_cells_and_checks_hold(write_config):
         )
     )
     run_extraction(cfg)
-    result = build.score_tileset(cfg, "r", AS_OF)
+    result = build.score_tileset(plan_for(cfg, "r", AS_OF))
     assert result.scored.height == 0 and result.excluded["filtered_out"] > 0
-    assert build.build_cells(cfg, "r") == []
-    assert all(r.holds for r in build.check_pyramid(cfg, "r"))
+    assert build.build_cells(plan_of(cfg, "r")) == []
+    assert all(r.holds for r in build.check_pyramid(plan_of(cfg, "r")))
 
 
 def test_determinism_same_input_same_bytes(write_config, tmp_path):
@@ -292,9 +293,9 @@ def test_determinism_same_input_same_bytes(write_config, tmp_path):
     run_extraction(cfg)
     digests = []
     for _ in range(2):
-        build.score_tileset(cfg, "r", AS_OF)
-        build.build_cells(cfg, "r")
+        build.score_tileset(plan_for(cfg, "r", AS_OF))
+        build.build_cells(plan_of(cfg, "r"))
         digests.append(
-            {p.name + p.parent.name: p.read_bytes() for p in (build.work_dir(cfg, "r") / "cells").rglob("*.parquet")}
+            {p.name + p.parent.name: p.read_bytes() for p in (cfg.work("r").root / "cells").rglob("*.parquet")}
         )
     assert digests[0] == digests[1] and len(digests[0]) == 11

@@ -11,6 +11,7 @@ import pytest
 from pipeline import pyramid, scoring
 from pipeline.config import Tileset
 from pipeline.errors import ConfigError
+from pipeline.plan import resolve
 
 AS_OF = datetime(2026, 11, 1, tzinfo=UTC)
 SCHEMA = {
@@ -44,7 +45,7 @@ def reports(*rows: dict) -> pl.LazyFrame:
 
 
 def score(ts: dict, *rows: dict) -> scoring.ScoreResult:
-    profile, filters = scoring.resolve(Tileset(source="s", **ts))
+    profile, filters = resolve(Tileset(source="s", **ts))
     return scoring.score_reports(reports(*rows), profile, filters, AS_OF)
 
 
@@ -60,7 +61,7 @@ def test_seed002_two_point_scenario_weights_16_and_37():
     point_b = [{"lat": 37.42, "lng": -122.16, "severity": 8.0, "priority": "CRITICAL"}] * 5
     ts = {"profile": "campus_issues", "maxzoom": 14}
     result = score(ts, *point_a, *point_b)
-    profile, _ = scoring.resolve(Tileset(source="s", **ts))
+    profile, _ = resolve(Tileset(source="s", **ts))
     cells = next(pyramid.build(result.scored, profile, 14, 14, 6))  # age 0: decay 1
     assert sorted(cells.get_column("score").round(9).to_list()) == [16.0, 37.0]
     # min-max normalisation (seed 002): the lower point is 0, the higher 1
@@ -96,10 +97,10 @@ def test_seed002_presets_set_decay_multiplier_age_and_filters():
     result = score({"profile": "campus_issues", "preset": "emergency"}, *rows)
     assert result.scored.height == 1
     assert result.excluded == {"too_old": 1, "filtered_out": 2}
-    profile, _ = scoring.resolve(Tileset(source="s", profile="campus_issues", preset="emergency"))
+    profile, _ = resolve(Tileset(source="s", profile="campus_issues", preset="emergency"))
     assert (profile.decay.factor, profile.severity_weight_multiplier, profile.max_age_days) == (1.0, 3.0, 7)
     for preset, values in {"maintenance": (0.3, 1.5, 90), "overview": (0.5, 2.0, 30)}.items():
-        p, _ = scoring.resolve(Tileset(source="s", profile="campus_issues", preset=preset))
+        p, _ = resolve(Tileset(source="s", profile="campus_issues", preset=preset))
         assert (p.decay.factor, p.severity_weight_multiplier, p.max_age_days) == values
 
 
@@ -170,7 +171,7 @@ def test_seed001_cell_score_is_the_mean_decayed_severity_with_count_and_top_cond
         {"category": "ice", "severity": 2.0, "observed_at": ago(1.5)},
     ]
     result = score({"profile": "road_conditions"}, *rows)
-    profile, _ = scoring.resolve(Tileset(source="s", profile="road_conditions"))
+    profile, _ = resolve(Tileset(source="s", profile="road_conditions"))
     [cell] = next(pyramid.build(result.scored, profile, 10, 10, 6)).to_dicts()
     assert cell["report_count"] == 3 and cell["top_category"] == "pothole"
     assert cell["score"] == pytest.approx((1.5 + 1.0 + 1.0) / 3)
