@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline import extract, warehouse
+from pipeline import duck, extract
 from pipeline.config import SyntheticSource, load_config
 from pipeline.sources.synthetic import generate
 
@@ -84,7 +84,7 @@ def main() -> bool:
         [result] = extract.validate(cfg, ["roads"], AS_OF).values()
         seconds = time.perf_counter() - started
 
-        con = warehouse.connect(tmp / "baseline.duckdb")
+        con = duck.connect(tmp / "baseline.duckdb")
         started = time.perf_counter()
         con.execute("CREATE TABLE copy AS SELECT * FROM read_parquet($p)", {"p": str(tmp / "reports.parquet")})
         baseline = time.perf_counter() - started

@@ -119,9 +119,9 @@ def naive_sql(z: int) -> str:
 
 
 def naive_side(path: str) -> dict:
-    from pipeline import warehouse
+    from pipeline import duck
 
-    con = warehouse.connect()
+    con = duck.connect()
     con.execute("CREATE TABLE reports AS SELECT * FROM read_parquet($p)", {"p": path})
     started = time.perf_counter()
     cells = 0

@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from . import atomic, extract, geoparquet, pyramid, scoring, warehouse
+from . import atomic, extract, geoparquet, pyramid, scoring, tilemath, warehouse
 from .paths import Work
 from .plan import Plan
 
@@ -148,7 +148,7 @@ def check_pyramid(plan: Plan) -> list[PyramidCheck]:
 
 def centroids_inside(cells: pl.DataFrame, level: int) -> bool:
     """Whether every centroid lies within its cell's bounds (edges included)."""
-    west, south, east, north = pyramid.cell_bounds(*pyramid.cell_xy(cells.get_column("cell_key").to_numpy()), level)
+    west, south, east, north = tilemath.cell_bounds(*tilemath.cell_xy(cells.get_column("cell_key").to_numpy()), level)
     lng, lat = cells.get_column("lng").to_numpy(), cells.get_column("lat").to_numpy()
     return bool(np.all((west <= lng) & (lng <= east) & (south <= lat) & (lat <= north)))
 

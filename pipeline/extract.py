@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
-from . import warehouse
+from . import duck, warehouse
 from .config import Config, FileSource
 from .errors import SourceError
 from .sources import FileResult, check_source_columns, prefetch, stage_source
@@ -45,7 +45,7 @@ def preflight(cfg: Config, sources: list[str]) -> None:
     ConfigError
         Naming ``sources.<name>.columns.<column>``.
     """
-    con = warehouse.connect()
+    con = duck.connect()
     try:
         check_source_columns(con, cfg, sources)
     finally:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from .pyramid import cell_bounds, cell_xy
+from .tilemath import cell_bounds, cell_xy
 
 
 def stratum_centres(cell_key: np.ndarray, level: int, stratum_level: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import polars as pl
 
-from . import atomic, geojson, geoparquet, privacy, site, strictjson, vector
+from . import atomic, geojson, geoparquet, privacy, site, strictjson, tilemath, vector
 from .build import read_cells, read_scoring
 from .config import Tileset
 from .errors import PublishError
@@ -41,7 +41,6 @@ from .select import choose, features, overview_budget
 from .snapfolder import SnapshotFolder, link_or_copy
 
 STALE_TMP_S = 3600  # a .tmp- folder untouched this long was left by a dead run
-WORLD = (-180.0, -85.051129, 180.0, 85.051129)  # the bounds of a snapshot with no reports
 POINT_PAD = 1e-5  # degrees (about a metre) around data that is a single point
 
 
@@ -341,7 +340,7 @@ def _stage_into(plan: Plan, folder: SnapshotFolder) -> dict:
     if extent[0] >= extent[2] or extent[1] >= extent[3]:  # one point: bounds need an area (PMTiles, TileJSON)
         extent = [extent[0] - POINT_PAD, extent[1] - POINT_PAD, extent[2] + POINT_PAD, extent[3] + POINT_PAD]
     if not zooms:  # no reports: still a complete snapshot, with empty overviews and archive
-        extent = list(WORLD)
+        extent = list(tilemath.WORLD)  # no reports
         for z in range(ts.minzoom, min(ts.maxzoom, ts.overview_maxzoom) + 1):
             folder.put(f"overview/{z}.geojson", (geojson.COLLECTION_HEAD + geojson.COLLECTION_TAIL).encode())
     minz, maxz = (zooms[0]["z"], zooms[-1]["z"]) if zooms else (ts.minzoom, ts.maxzoom)

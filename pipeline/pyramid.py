@@ -11,17 +11,15 @@ only (counts, sums, min, max, per-category counts).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 
 from .profiles import Profile
+from .tilemath import _digits_to_strings, _quadkey_digits, cell_bounds, cell_xy, morton, tile_x, tile_y
 
-EPSILON = 1e-14  # mercantile's: a point this close to a tile's right/bottom edge is in the next tile
 INSIDE = 1e-9  # degrees (0.1 mm) a centroid keeps from its cell's edges
 METRIC_COLUMNS = ("departures", "cancellations", "delays")
 CELL_COLUMNS = (
@@ -40,48 +38,6 @@ CELL_COLUMNS = (
     "first_seen",
     "last_seen",
 )
-
-
-def tile_x(lng: pl.Expr, level: int) -> pl.Expr:
-    """Tile column at ``level`` of a longitude, exactly as ``mercantile.tile``."""
-    x = lng / 360.0 + 0.5
-    return _tile_index(x, level)
-
-
-def tile_y(lat: pl.Expr, level: int) -> pl.Expr:
-    """Tile row at ``level`` of a latitude, exactly as ``mercantile.tile``."""
-    sinlat = (lat * (math.pi / 180.0)).sin()
-    y = 0.5 - 0.25 * ((1.0 + sinlat) / (1.0 - sinlat)).log() / math.pi
-    return _tile_index(y, level)
-
-
-def _tile_index(v: pl.Expr, level: int) -> pl.Expr:
-    z2 = float(2**level)
-    inside = ((v + EPSILON) * z2).floor()
-    return pl.when(v <= 0).then(0.0).when(v >= 1).then(z2 - 1).otherwise(inside).cast(pl.UInt64)
-
-
-def _spread16(v: np.ndarray) -> np.ndarray:
-    # bit i of v to bit 2i (v < 2**16)
-    v = v.astype(np.uint64)
-    for shift, mask in ((8, 0x00FF00FF), (4, 0x0F0F0F0F), (2, 0x33333333), (1, 0x55555555)):
-        v = (v | (v << np.uint64(shift))) & np.uint64(mask)
-    return v
-
-
-_SPREAD = pl.Series("spread", _spread16(np.arange(1 << 16)))  # a 16-bit lookup table
-
-
-def _spread_bits(v: pl.Expr) -> pl.Expr:
-    # bit i of v to bit 2i (v < 2**32), by table: each input referenced once,
-    # so the expression does not grow with every step
-    table = pl.lit(_SPREAD)
-    return table.gather(v & 0xFFFF) | (table.gather(v // (1 << 16)) * (1 << 32))
-
-
-def morton(x: pl.Expr, y: pl.Expr) -> pl.Expr:
-    """Cell key: x and y bits interleaved, y above x (the quadkey as a number)."""
-    return _spread_bits(x) | (_spread_bits(y) * 2)
 
 
 def score(profile: Profile) -> pl.Expr:
@@ -308,64 +264,3 @@ def _top_category(counts: np.ndarray) -> np.ndarray:
         np.copyto(top, code, where=row > best)
         np.maximum(best, row, out=best)
     return top
-
-
-def _compact(v: np.ndarray) -> np.ndarray:
-    # bits 0, 2, 4, ... of v packed together (the inverse of _spread_bits)
-    v = v & np.uint64(0x5555555555555555)
-    for shift, mask in (
-        (1, 0x3333333333333333),
-        (2, 0x0F0F0F0F0F0F0F0F),
-        (4, 0x00FF00FF00FF00FF),
-        (8, 0x0000FFFF0000FFFF),
-        (16, 0x00000000FFFFFFFF),
-    ):
-        v = (v | (v >> np.uint64(shift))) & np.uint64(mask)
-    return v.astype(np.int64)
-
-
-def cell_xy(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Tile column and row of cell keys (at the keys' level)."""
-    key = np.asarray(key, dtype=np.uint64)
-    return _compact(key), _compact(key >> np.uint64(1))
-
-
-def cell_bounds(x: np.ndarray, y: np.ndarray, level: int) -> tuple[np.ndarray, ...]:
-    """West, south, east, north of tiles, computed as ``mercantile.bounds`` does."""
-    z2 = 2.0**level
-
-    def lat(row: np.ndarray) -> np.ndarray:
-        return np.degrees(np.arctan(np.sinh(math.pi * (1 - 2 * row / z2))))
-
-    return x / z2 * 360.0 - 180.0, lat(y + 1), (x + 1) / z2 * 360.0 - 180.0, lat(y)
-
-
-# Four quadkey digits at a time: byte b -> the 4 ASCII digits of b in base 4.
-_QUAD_DIGITS = np.array(
-    [int.from_bytes("".join(str((b >> (6 - 2 * j)) & 3) for j in range(4)).encode(), "little") for b in range(256)],
-    dtype=np.uint32,
-)
-
-
-def _quadkey_digits(key: np.ndarray, level: int) -> np.ndarray:
-    """Quadkeys of cell keys as a cells x level matrix of ASCII digits."""
-    pad = -level % 4  # leading zero digits, cut off below
-    width = level + pad
-    words = np.empty((len(key), width // 4), dtype=np.uint32)
-    for i in range(width // 4):
-        byte = (key >> np.uint64(2 * (width - 4 * (i + 1)))) & np.uint64(0xFF)
-        words[:, i] = _QUAD_DIGITS[byte.astype(np.intp)]
-    return words.view(np.uint8).reshape(len(key), width)[:, pad:]
-
-
-def _digits_to_strings(digits: np.ndarray) -> pl.Series:
-    """A string per row of a digit matrix (no Python object per cell)."""
-    n, width = digits.shape
-    data = np.ascontiguousarray(digits)
-    offsets = np.arange(n + 1, dtype=np.int64) * width
-    return pl.from_arrow(pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data)))
-
-
-def quadkeys(key: np.ndarray, level: int) -> pl.Series:
-    """Quadkey strings of cell keys at ``level``."""
-    return _digits_to_strings(_quadkey_digits(np.asarray(key, dtype=np.uint64), level))

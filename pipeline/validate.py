@@ -51,8 +51,8 @@ import pyarrow as pa
 from .config import FileSource, PostgresSource, Rules
 from .schema import METRICS, REPORT_COLUMNS
 from .sources.staging import literal, quote
+from .tilemath import MERCATOR_MAX_LAT
 
-MERCATOR_MAX_LAT = 85.0511287798066  # atan(sinh(pi)) in degrees
 EPOCH_RANGE = (1e8, 1e14)  # |number| read as epoch seconds (< 1e11) or ms (>= 1e11)
 
 REASONS = (

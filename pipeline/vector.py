@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import math
 import os
 import shutil
 import threading
@@ -31,7 +30,7 @@ import pyarrow as pa
 from pmtiles.tile import Compression, TileType, serialize_header, tileid_to_zxy
 from zlib_ng import gzip_ng
 
-from . import warehouse
+from . import duck, tilemath
 from .geojson import METRICS
 from .geoparquet import plain_strings
 
@@ -68,9 +67,7 @@ def with_buffer(features: pl.DataFrame, z: int, buffer: int = BUFFER, extent: in
     """
     n = 2**z
     margin = buffer / extent
-    px = (pl.col("lng") + 180.0) / 360.0 * n
-    sin = (pl.col("lat") * (math.pi / 180)).sin()
-    py = (0.5 - ((1 + sin) / (1 - sin)).log() / (4 * math.pi)) * n
+    px, py = tilemath.mercator_x(pl.col("lng")) * n, tilemath.mercator_y(pl.col("lat")) * n
     # _order: the features' own order (by private cell key), kept as the order
     # inside each tile (coarsened cells may share a quadkey: it would not be total)
     base = features.lazy().with_columns(px.alias("_px"), py.alias("_py"), pl.int_range(pl.len()).alias("_order"))
@@ -95,25 +92,6 @@ def with_buffer(features: pl.DataFrame, z: int, buffer: int = BUFFER, extent: in
         )
         .collect()
     )
-
-
-def tile_ids(z: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """PMTiles tile ids (zoom, then Hilbert order) of tiles at zoom ``z``, vectorised.
-
-    The same numbers as ``pmtiles.tile.zxy_to_tileid``, one NumPy pass per bit.
-    """
-    x, y = np.asarray(x, np.int64), np.asarray(y, np.int64)
-    acc = np.full(len(x), ((1 << (2 * z)) - 1) // 3, np.int64)  # the tiles of all coarser zooms
-    for a in range(z - 1, -1, -1):
-        s = 1 << a
-        rx, ry = x & s, y & s
-        acc += ((3 * rx) ^ ry) << a
-        # rotate the quadrant (pmtiles' rotate with n = s; only the low bits matter below)
-        flip = (ry == 0) & (rx != 0)
-        x, y = np.where(flip, s - 1 - x, x), np.where(flip, s - 1 - y, y)
-        swap = ry == 0
-        x, y = np.where(swap, y, x), np.where(swap, x, y)
-    return acc
 
 
 class Encoded(NamedTuple):
@@ -212,7 +190,9 @@ class Encoder:
         held = self._budget.acquire(features.height)  # released by Pending.result
         wanted = {"lng", "lat", "tile_x", "tile_y", "last_seen", *(c for _, c in PROPERTIES.values())}
         rows = with_buffer(features.select(c for c in features.columns if c in wanted), z)
-        rows = rows.with_columns(pl.Series("tile_id", tile_ids(z, rows["tx"].to_numpy(), rows["ty"].to_numpy())))
+        rows = rows.with_columns(
+            pl.Series("tile_id", tilemath.tile_ids(z, rows["tx"].to_numpy(), rows["ty"].to_numpy()))
+        )
         rows = rows.sort("tile_id", "_order")
         columns = [c for _, c in PROPERTIES.values() if c in rows.columns]
         table = plain_strings(rows.select("tile_id", "tx", "ty", "gx", "gy", *columns).to_arrow())
@@ -278,7 +258,7 @@ class Pending(NamedTuple):
 
 
 def _single_threaded() -> duckdb.DuckDBPyConnection:
-    con = warehouse.connect()
+    con = duck.connect()
     con.execute("SET threads = 1")
     return con
 

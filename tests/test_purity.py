@@ -31,3 +31,14 @@ def test_importing_every_pipeline_module_loads_no_dagster():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
     assert len(modules) >= 8
+
+
+STAGES = ("scoring", "pyramid", "privacy", "select", "vector", "geojson", "geoparquet", "tilemath")
+
+
+def test_the_stages_take_frames_and_the_plan_not_the_config_or_the_warehouse():
+    # build.py and publish.py read files and hand frames to these; none loads YAML or opens the warehouse
+    code = "import importlib, sys\n" + "".join(f"importlib.import_module('pipeline.{m}')\n" for m in STAGES)
+    code += "print(sorted(m for m in ('pipeline.config', 'pipeline.warehouse', 'yaml') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import build, pyramid, scoring, warehouse
+from pipeline import build, duck, pyramid, scoring, warehouse
 from pipeline.config import Tileset, load_config
 from pipeline.plan import resolve
 from pipeline.profiles import WEATHER
@@ -252,7 +252,7 @@ def test_cells_are_geoparquet_readable_by_duckdb_spatial_and_pyarrow(write_confi
     ):
         assert column in table.column_names, column
 
-    with warehouse.connect() as con:
+    with duck.connect() as con:
         rows = con.execute(
             "SELECT count(*), bool_and(ST_X(geometry) = lng AND ST_Y(geometry) = lat), "
             "any_value(ST_GeometryType(geometry)) FROM read_parquet(?)",

@@ -8,9 +8,9 @@ import polars as pl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import pyramid
+from pipeline import tilemath
 
-MAX_LAT = 85.0511287798066
+MAX_LAT = tilemath.MERCATOR_MAX_LAT
 lngs = st.floats(-180.0, 180.0, allow_nan=False)
 lats = st.floats(-MAX_LAT, MAX_LAT, allow_nan=False)
 levels = st.integers(0, 30)
@@ -20,9 +20,9 @@ points = st.lists(st.tuples(lngs, lats), min_size=1, max_size=40)
 def _tiles(pts, level):
     frame = pl.DataFrame(pts, schema=["lng", "lat"], orient="row")
     out = frame.select(
-        pyramid.tile_x(pl.col("lng"), level).alias("x"),
-        pyramid.tile_y(pl.col("lat"), level).alias("y"),
-    ).with_columns(pyramid.morton(pl.col("x"), pl.col("y")).alias("key"))
+        tilemath.tile_x(pl.col("lng"), level).alias("x"),
+        tilemath.tile_y(pl.col("lat"), level).alias("y"),
+    ).with_columns(tilemath.morton(pl.col("x"), pl.col("y")).alias("key"))
     return out
 
 
@@ -40,12 +40,12 @@ def test_tile_of_a_point_is_mercantiles(pts, level):
 def test_morton_key_is_the_quadkey_and_inverts(pts, level):
     got = _tiles(pts, level)
     keys = got.get_column("key").to_numpy()
-    qk = pyramid.quadkeys(keys, level).to_list()
+    qk = tilemath.quadkeys(keys, level).to_list()
     assert qk == [mercantile.quadkey(mercantile.tile(lng, lat, level)) for lng, lat in pts]
-    x, y = pyramid.cell_xy(keys)
+    x, y = tilemath.cell_xy(keys)
     assert x.tolist() == got.get_column("x").to_list() and y.tolist() == got.get_column("y").to_list()
     # the parent is key // 4: the quadkey less its last digit
-    parent = pyramid.quadkeys(keys >> np.uint64(2), max(level - 1, 0)).to_list()
+    parent = tilemath.quadkeys(keys >> np.uint64(2), max(level - 1, 0)).to_list()
     assert parent == [q[:-1] for q in qk] if level else True
 
 
@@ -53,7 +53,7 @@ def test_morton_key_is_the_quadkey_and_inverts(pts, level):
 @given(st.integers(0, 26).flatmap(lambda z: st.tuples(st.just(z), st.integers(0, 2**z - 1), st.integers(0, 2**z - 1))))
 def test_cell_bounds_are_mercantiles(tile):
     z, x, y = tile
-    west, south, east, north = pyramid.cell_bounds(np.array([x]), np.array([y]), z)
+    west, south, east, north = tilemath.cell_bounds(np.array([x]), np.array([y]), z)
     b = mercantile.bounds(x, y, z)
     # NumPy's and libm's sinh may differ in the last bit; centroids keep 1e-9 degrees inside
     assert np.allclose([west[0], south[0], east[0], north[0]], [b.west, b.south, b.east, b.north], rtol=0, atol=1e-12)
@@ -67,3 +67,14 @@ def test_edges_follow_mercantile_epsilon():
     got = _tiles(pts, level).get_column("x").to_list()
     assert got == [mercantile.tile(lng, lat, level).x for lng, lat in pts]
     assert got[-2:] == [2**level - 1, 0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(points)
+def test_the_projection_is_mercantiles(pts):
+    # every module projects through tilemath (pyramid, with_buffer's pixel positions)
+    frame = pl.DataFrame(pts, schema=["lng", "lat"], orient="row")
+    got = frame.select(tilemath.mercator_x(pl.col("lng")).alias("x"), tilemath.mercator_y(pl.col("lat")).alias("y"))
+    expected = [mercantile._xy(lng, lat) for lng, lat in pts]
+    assert np.allclose(got.get_column("x").to_numpy(), [x for x, _ in expected], rtol=0, atol=1e-15)
+    assert np.allclose(got.get_column("y").to_numpy(), [y for _, y in expected], rtol=0, atol=1e-15)

@@ -22,6 +22,7 @@ from pmtiles.tile import serialize_directory as reference_directory
 from pmtiles.writer import optimize_directories
 
 from pipeline.config import load_config
+from pipeline.tilemath import tile_ids
 from pipeline.vector import (
     BUFFER,
     EMPTY_TILE,
@@ -34,7 +35,6 @@ from pipeline.vector import (
     digest,
     directories,
     serialize_directory,
-    tile_ids,
 )
 
 from .conftest import publish_tileset, run_extraction

@@ -1,0 +1,149 @@
+"""Tile, cell and projection maths (Web Mercator), in one place; cross-checked against mercantile.
+
+A tile is ``(z, x, y)`` as in mercantile and the XYZ scheme. A cell key is
+the Morton code of a tile (x and y bits interleaved, y's above x's), which
+is its quadkey read as a base-4 number: a parent's key is ``key // 4``. A
+PMTiles tile id numbers tiles by zoom, then along a Hilbert curve.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+EPSILON = 1e-14  # mercantile's: a point this close to a tile's right/bottom edge is in the next tile
+MERCATOR_MAX_LAT = 85.0511287798066  # atan(sinh(pi)) in degrees: the edge of the square world
+WORLD = (-180.0, -85.051129, 180.0, 85.051129)  # west, south, east, north (six decimals, as TileJSON shows)
+
+
+def mercator_x(lng: pl.Expr) -> pl.Expr:
+    """Web Mercator x of a longitude, 0 (west) to 1 (east), as ``mercantile.tile``."""
+    return lng / 360.0 + 0.5
+
+
+def mercator_y(lat: pl.Expr) -> pl.Expr:
+    """Web Mercator y of a latitude, 0 (north) to 1 (south), as ``mercantile.tile``."""
+    sinlat = (lat * (math.pi / 180.0)).sin()
+    return 0.5 - 0.25 * ((1.0 + sinlat) / (1.0 - sinlat)).log() / math.pi
+
+
+def tile_x(lng: pl.Expr, level: int) -> pl.Expr:
+    """Tile column at ``level`` of a longitude, exactly as ``mercantile.tile``."""
+    return _tile_index(mercator_x(lng), level)
+
+
+def tile_y(lat: pl.Expr, level: int) -> pl.Expr:
+    """Tile row at ``level`` of a latitude, exactly as ``mercantile.tile``."""
+    return _tile_index(mercator_y(lat), level)
+
+
+def _tile_index(v: pl.Expr, level: int) -> pl.Expr:
+    z2 = float(2**level)
+    inside = ((v + EPSILON) * z2).floor()
+    return pl.when(v <= 0).then(0.0).when(v >= 1).then(z2 - 1).otherwise(inside).cast(pl.UInt64)
+
+
+def _spread16(v: np.ndarray) -> np.ndarray:
+    # bit i of v to bit 2i (v < 2**16)
+    v = v.astype(np.uint64)
+    for shift, mask in ((8, 0x00FF00FF), (4, 0x0F0F0F0F), (2, 0x33333333), (1, 0x55555555)):
+        v = (v | (v << np.uint64(shift))) & np.uint64(mask)
+    return v
+
+
+_SPREAD = pl.Series("spread", _spread16(np.arange(1 << 16)))  # a 16-bit lookup table
+
+
+def _spread_bits(v: pl.Expr) -> pl.Expr:
+    # bit i of v to bit 2i (v < 2**32), by table: each input referenced once,
+    # so the expression does not grow with every step
+    table = pl.lit(_SPREAD)
+    return table.gather(v & 0xFFFF) | (table.gather(v // (1 << 16)) * (1 << 32))
+
+
+def morton(x: pl.Expr, y: pl.Expr) -> pl.Expr:
+    """Cell key: x and y bits interleaved, y above x (the quadkey as a number)."""
+    return _spread_bits(x) | (_spread_bits(y) * 2)
+
+
+def _compact(v: np.ndarray) -> np.ndarray:
+    # bits 0, 2, 4, ... of v packed together (the inverse of _spread_bits)
+    v = v & np.uint64(0x5555555555555555)
+    for shift, mask in (
+        (1, 0x3333333333333333),
+        (2, 0x0F0F0F0F0F0F0F0F),
+        (4, 0x00FF00FF00FF00FF),
+        (8, 0x0000FFFF0000FFFF),
+        (16, 0x00000000FFFFFFFF),
+    ):
+        v = (v | (v >> np.uint64(shift))) & np.uint64(mask)
+    return v.astype(np.int64)
+
+
+def cell_xy(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tile column and row of cell keys (at the keys' level)."""
+    key = np.asarray(key, dtype=np.uint64)
+    return _compact(key), _compact(key >> np.uint64(1))
+
+
+def cell_bounds(x: np.ndarray, y: np.ndarray, level: int) -> tuple[np.ndarray, ...]:
+    """West, south, east, north of tiles, computed as ``mercantile.bounds`` does."""
+    z2 = 2.0**level
+
+    def lat(row: np.ndarray) -> np.ndarray:
+        return np.degrees(np.arctan(np.sinh(math.pi * (1 - 2 * row / z2))))
+
+    return x / z2 * 360.0 - 180.0, lat(y + 1), (x + 1) / z2 * 360.0 - 180.0, lat(y)
+
+
+# Four quadkey digits at a time: byte b -> the 4 ASCII digits of b in base 4.
+_QUAD_DIGITS = np.array(
+    [int.from_bytes("".join(str((b >> (6 - 2 * j)) & 3) for j in range(4)).encode(), "little") for b in range(256)],
+    dtype=np.uint32,
+)
+
+
+def _quadkey_digits(key: np.ndarray, level: int) -> np.ndarray:
+    """Quadkeys of cell keys as a cells x level matrix of ASCII digits."""
+    pad = -level % 4  # leading zero digits, cut off below
+    width = level + pad
+    words = np.empty((len(key), width // 4), dtype=np.uint32)
+    for i in range(width // 4):
+        byte = (key >> np.uint64(2 * (width - 4 * (i + 1)))) & np.uint64(0xFF)
+        words[:, i] = _QUAD_DIGITS[byte.astype(np.intp)]
+    return words.view(np.uint8).reshape(len(key), width)[:, pad:]
+
+
+def _digits_to_strings(digits: np.ndarray) -> pl.Series:
+    """A string per row of a digit matrix (no Python object per cell)."""
+    n, width = digits.shape
+    data = np.ascontiguousarray(digits)
+    offsets = np.arange(n + 1, dtype=np.int64) * width
+    return pl.from_arrow(pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data)))
+
+
+def quadkeys(key: np.ndarray, level: int) -> pl.Series:
+    """Quadkey strings of cell keys at ``level``."""
+    return _digits_to_strings(_quadkey_digits(np.asarray(key, dtype=np.uint64), level))
+
+
+def tile_ids(z: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """PMTiles tile ids (zoom, then Hilbert order) of tiles at zoom ``z``, vectorised.
+
+    The same numbers as ``pmtiles.tile.zxy_to_tileid``, one NumPy pass per bit.
+    """
+    x, y = np.asarray(x, np.int64), np.asarray(y, np.int64)
+    acc = np.full(len(x), ((1 << (2 * z)) - 1) // 3, np.int64)  # the tiles of all coarser zooms
+    for a in range(z - 1, -1, -1):
+        s = 1 << a
+        rx, ry = x & s, y & s
+        acc += ((3 * rx) ^ ry) << a
+        # rotate the quadrant (pmtiles' rotate with n = s; only the low bits matter below)
+        flip = (ry == 0) & (rx != 0)
+        x, y = np.where(flip, s - 1 - x, x), np.where(flip, s - 1 - y, y)
+        swap = ry == 0
+        x, y = np.where(swap, y, x), np.where(swap, x, y)
+    return acc
