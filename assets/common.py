@@ -97,6 +97,14 @@ def selected_sources(cfg: Config, params: RunParams) -> list[str]:
     return cfg.sources_for(params.tilesets)
 
 
+def zooms_check(rows: list, header: list[str]) -> dg.AssetCheckResult:
+    """Passes when every zoom's row ``holds``; the rows (NamedTuples, one column a field) as a table."""
+    return dg.AssetCheckResult(
+        passed=all(r.holds for r in rows),
+        metadata={"zooms": markdown_table([*header, "holds"], [[*r, r.holds] for r in rows])},
+    )
+
+
 def markdown_table(header: list[str], rows: list[list[object]]) -> dg.MetadataValue:
     """A markdown table for asset metadata."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -46,20 +46,11 @@ def raw_reports(
 
 @dg.multi_asset(
     specs=[
-        dg.AssetSpec(
-            "reports",
-            deps=[raw_reports],
-            group_name="extract",
-            kinds={"duckdb"},
-            description="Canonical, validated reports (one row per located signal).",
-        ),
-        dg.AssetSpec(
-            "rejected_reports",
-            deps=[raw_reports],
-            group_name="extract",
-            kinds={"duckdb"},
-            description="Rows that failed validation: the source row, its fields and the reason.",
-        ),
+        dg.AssetSpec(name, deps=[raw_reports], group_name="extract", kinds={"duckdb"}, description=what)
+        for name, what in (
+            ("reports", "Canonical, validated reports (one row per located signal)."),
+            ("rejected_reports", "Rows that failed validation: the source row, its fields and the reason."),
+        )
     ],
 )
 def validated_reports(context: dg.AssetExecutionContext, config: RunParams, hotspots: HotspotsResource):

@@ -57,4 +57,7 @@ def build_definitions(config_path: str | Path | None = None) -> dg.Definitions:
         schedules=[s for s in schedules_sensors if isinstance(s, dg.ScheduleDefinition)],
         sensors=[s for s in schedules_sensors if isinstance(s, dg.SensorDefinition)],
         resources={"hotspots": HotspotsResource(config_path=str(path))},
+        # a run's steps in its own process, as `hotspots run` does: a step in a
+        # process of its own paid seconds of imports, ten times per tileset
+        executor=dg.in_process_executor,
     )

@@ -10,19 +10,14 @@ import dagster as dg
 from pipeline import publish, retention
 from resources import HotspotsResource
 
-from .common import markdown_table, planned_step, run_start
+from .common import markdown_table, planned_step, run_start, zooms_check
 from .extraction import REJECTED_SHARE_STEP
 
 
 def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDefinition) -> tuple[list, list]:
     """Selection, tiles and snapshot assets (partitioned by tileset) and their checks."""
 
-    @dg.asset(
-        partitions_def=partitions,
-        deps=[upstream],
-        group_name="publish",
-        kinds={"polars"},
-    )
+    @dg.asset(partitions_def=partitions, deps=[upstream], group_name="publish", kinds={"polars"})
     def selection(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         """Per zoom, each tile's and the overview's features: coverage of every stratum, then impact, every other
         cell folded into its nearest chosen one.
@@ -60,55 +55,18 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
             }
         )
 
-    @dg.asset_check(
-        asset=selection,
-        partitions_def=partitions,
-        blocking=True,
-    )
+    @dg.asset_check(asset=selection, partitions_def=partitions, blocking=True)
     def selection_holds(context: dg.AssetCheckExecutionContext):
         """Per zoom and tile: features <= budget, every non-empty stratum covered, no unchosen cell outscores an
         impact cell, features carry all reports (and the overview's too).
         """
         with planned_step(context) as plan:
             rows = publish.check_selection(plan)
-        return dg.AssetCheckResult(
-            passed=all(r.holds for r in rows),
-            metadata={
-                "zooms": markdown_table(
-                    [
-                        "z",
-                        "fullest tile",
-                        "budget",
-                        "overview",
-                        "overview budget",
-                        "empty strata",
-                        "impact beaten",
-                        "tiles unbalanced",
-                        "overview balanced",
-                    ],
-                    [
-                        [
-                            r.z,
-                            r.max_tile_features,
-                            r.budget,
-                            r.overview_features,
-                            r.overview_budget,
-                            r.empty_strata,
-                            r.impact_beaten,
-                            r.tiles_unbalanced,
-                            r.overview_balanced,
-                        ]
-                        for r in rows
-                    ],
-                )
-            },
-        )
+        header = ["z", "fullest tile", "budget", "overview", "overview budget", "empty strata", "impact beaten"]
+        return zooms_check(rows, [*header, "tiles unbalanced", "overview balanced"])
 
     @dg.asset(
-        partitions_def=partitions,
-        deps=[selection],
-        group_name="publish",
-        kinds={"geojson", "parquet", "pmtiles"},
+        partitions_def=partitions, deps=[selection], group_name="publish", kinds={"geojson", "parquet", "pmtiles"}
     )
     def tiles(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         """The snapshot's public files, written into `output/<tileset>/snapshots/.tmp-<token>/`: cells
@@ -156,12 +114,7 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
             }
         )
 
-    @dg.asset(
-        partitions_def=partitions,
-        deps=[tiles],
-        group_name="publish",
-        kinds={"json"},
-    )
+    @dg.asset(partitions_def=partitions, deps=[tiles], group_name="publish", kinds={"json"})
     def snapshot(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         """The published snapshot: manifest, atomic rename to `snapshots/<id>/`, `latest.json` replaced
         atomically, old snapshots pruned.
@@ -180,11 +133,7 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
             }
         )
 
-    @dg.asset_check(
-        asset=snapshot,
-        partitions_def=partitions,
-        blocking=True,
-    )
+    @dg.asset_check(asset=snapshot, partitions_def=partitions, blocking=True)
     def latest_is_complete(context: dg.AssetCheckExecutionContext):
         """latest.json names a complete snapshot: its manifest and every file it counts are there."""
         with planned_step(context, lease=False) as plan:
@@ -205,25 +154,28 @@ def retention_job():
     retain()
 
 
+def _schedule(name: str, cron: str, job, description: str | None = None) -> dg.ScheduleDefinition:
+    # On by default, in UTC: Hotspots is a scheduled batch; `dagster dev` runs them (turn off in the UI)
+    return dg.ScheduleDefinition(
+        name=name,
+        cron_schedule=cron,
+        execution_timezone="UTC",
+        job=job,
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description=description,
+    )
+
+
 def schedules_and_sensors(extract_job, publish_job, partitions: dg.StaticPartitionsDefinition) -> list:
     """``hourly_publish`` (seed 000's hourly snapshot), ``nightly_retention``, and the
     sensor that publishes every tileset after a successful extraction."""
-    # On by default: Hotspots is a scheduled batch; `dagster dev` runs them (turn off in the UI)
-    hourly = dg.ScheduleDefinition(
-        name="hourly_publish",
-        cron_schedule="0 * * * *",
-        execution_timezone="UTC",
-        job=extract_job,
-        default_status=dg.DefaultScheduleStatus.RUNNING,
-        description="Extract every source; `publish_after_extract` then publishes each tileset.",
+    hourly = _schedule(
+        "hourly_publish",
+        "0 * * * *",
+        extract_job,
+        "Extract every source; `publish_after_extract` then publishes each tileset.",
     )
-    nightly = dg.ScheduleDefinition(
-        name="nightly_retention",
-        cron_schedule="0 2 * * *",
-        execution_timezone="UTC",
-        job=retention_job,
-        default_status=dg.DefaultScheduleStatus.RUNNING,
-    )
+    nightly = _schedule("nightly_retention", "0 2 * * *", retention_job)
 
     def publish_requests(context: dg.RunStatusSensorContext):
         run = context.dagster_run

@@ -11,18 +11,13 @@ from pipeline import build, guard
 from pipeline import plan as plans
 from resources import HotspotsResource
 
-from .common import RunParams, freeze_plan, markdown_table, planned_step, work_step
+from .common import RunParams, freeze_plan, markdown_table, planned_step, work_step, zooms_check
 
 
 def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
     """The per-tileset scoring and pyramid assets and their checks."""
 
-    @dg.asset(
-        partitions_def=partitions,
-        deps=["reports"],
-        group_name="tilesets",
-        kinds={"polars"},
-    )
+    @dg.asset(partitions_def=partitions, deps=["reports"], group_name="tilesets", kinds={"polars"})
     def scored_reports(
         context: dg.AssetExecutionContext, config: RunParams, hotspots: HotspotsResource
     ) -> dg.MaterializeResult:
@@ -52,11 +47,7 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
             }
         )
 
-    @dg.asset_check(
-        asset=scored_reports,
-        partitions_def=partitions,
-        blocking=True,
-    )
+    @dg.asset_check(asset=scored_reports, partitions_def=partitions, blocking=True)
     def scoring_conservation(context: dg.AssetCheckExecutionContext):
         """valid = scored + excluded, and scored.parquet holds every scored report."""
         with planned_step(context) as plan:
@@ -68,11 +59,7 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
             metadata={"valid": summary["valid"], "scored": rows, "excluded": excluded},
         )
 
-    @dg.asset_check(
-        asset=scored_reports,
-        partitions_def=partitions,
-        blocking=True,
-    )
+    @dg.asset_check(asset=scored_reports, partitions_def=partitions, blocking=True)
     def publish_guard(context: dg.AssetCheckExecutionContext, config: RunParams) -> dg.AssetCheckResult:
         """The run did not lose its data: the source rejected at most `max_rejected_fraction` of its rows, and at
         least `min_publish_fraction` of the live snapshot's reports were scored. A failure keeps the live
@@ -101,12 +88,7 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
             },
         )
 
-    @dg.asset(
-        partitions_def=partitions,
-        deps=[scored_reports],
-        group_name="tilesets",
-        kinds={"polars", "parquet"},
-    )
+    @dg.asset(partitions_def=partitions, deps=[scored_reports], group_name="tilesets", kinds={"polars", "parquet"})
     def cells(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         """Tile-aligned cells for every zoom, rolled up from the finest
         (`<home>/work/<tileset>/cells/zoom=<z>/cells.parquet`, GeoParquet 1.1).
@@ -133,28 +115,13 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
             }
         )
 
-    @dg.asset_check(
-        asset=cells,
-        partitions_def=partitions,
-        blocking=True,
-    )
+    @dg.asset_check(asset=cells, partitions_def=partitions, blocking=True)
     def pyramid_conservation(context: dg.AssetCheckExecutionContext):
         """At every zoom: Σ report_count = scored reports, Σ weight = their weight (1e-9 relative), and every
         centroid inside its cell.
         """
         with planned_step(context) as plan:
             rows = build.check_pyramid(plan)
-        return dg.AssetCheckResult(
-            passed=all(r.holds for r in rows),
-            metadata={
-                "zooms": markdown_table(
-                    ["z", "reports", "expected", "weight", "expected", "centroids inside", "holds"],
-                    [
-                        [r.z, r.reports, r.expected_reports, r.weight, r.expected_weight, r.centroids_inside, r.holds]
-                        for r in rows
-                    ],
-                )
-            },
-        )
+        return zooms_check(rows, ["z", "reports", "expected", "weight", "expected", "centroids inside"])
 
     return [scored_reports, cells], [scoring_conservation, publish_guard, pyramid_conservation]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from . import load, postgres, pyramid, retention, snapshot
+from . import load, postgres, pyramid, retention, snapshot, ui
 
 BENCHES = {
     "load": load.main,
@@ -12,6 +12,7 @@ BENCHES = {
     "pyramid": pyramid.main,
     "snapshot": snapshot.main,
     "retention": retention.main,
+    "ui": ui.main,
 }
 
 

@@ -28,11 +28,25 @@ def warehouse(home: Path) -> Path:
     return home / WAREHOUSE
 
 
+def _in_root(name: str) -> property:
+    """A file or folder of the work folder, by name."""
+    return property(lambda self: self.root / name, doc=f"``{name}``")
+
+
 @dataclass(frozen=True)
 class Work:
     """A build's private work folder, ``<home>/work/<key>/``."""
 
     root: Path
+
+    plan = _in_root("plan.json")  # the frozen plan (pipeline.plan)
+    scored = _in_root("scored.parquet")  # individual positions: never published
+    scoring = _in_root("scoring.json")
+    cells_root = _in_root("cells")
+    cells_summary = _in_root("cells.json")
+    selected_root = _in_root("selected")
+    selected_summary = _in_root("selected.json")
+    staged = _in_root("staged.json")
 
     @classmethod
     def of(cls, home: Path, key: str) -> Work:
@@ -43,43 +57,11 @@ class Work:
         """Keeps two runs' steps on this folder from interleaving (see ``warehouse.run_step``)."""
         return self.root.with_name(f"{self.root.name}.lease")
 
-    @property
-    def plan(self) -> Path:
-        return self.root / "plan.json"
-
-    @property
-    def scored(self) -> Path:
-        return self.root / "scored.parquet"
-
-    @property
-    def scoring(self) -> Path:
-        return self.root / "scoring.json"
-
-    @property
-    def cells_root(self) -> Path:
-        return self.root / "cells"
-
     def cells(self, z: int) -> Path:
         return self.cells_root / f"zoom={z}" / "cells.parquet"
 
-    @property
-    def cells_summary(self) -> Path:
-        return self.root / "cells.json"
-
-    @property
-    def selected_root(self) -> Path:
-        return self.root / "selected"
-
     def selected(self, z: int) -> Path:
         return self.selected_root / f"zoom={z}"
-
-    @property
-    def selected_summary(self) -> Path:
-        return self.root / "selected.json"
-
-    @property
-    def staged(self) -> Path:
-        return self.root / "staged.json"
 
 
 @dataclass(frozen=True)
@@ -88,14 +70,9 @@ class Published:
 
     root: Path
 
+    snapshots = _in_root(SNAPSHOTS)
+    latest = _in_root(LATEST)  # names the live snapshot
+
     @classmethod
     def of(cls, output: Path, tileset: str) -> Published:
         return cls(output / tileset)
-
-    @property
-    def snapshots(self) -> Path:
-        return self.root / SNAPSHOTS
-
-    @property
-    def latest(self) -> Path:
-        return self.root / LATEST

@@ -137,45 +137,12 @@ def column_mapping(src: PostgresSource) -> dict[str, str]:
 
 
 _REPORT = ("report_id", "lat", "lng", "observed_at", "category", "severity")
+_ENTITY = ("report_id", "entity_type", "entity_id", "lat", "lng")
 ADAPTER_COLUMNS = {
-    "community_needs": (
-        "report_id",
-        "entity_type",
-        "entity_id",
-        "lat",
-        "lng",
-        "observed_at",
-        "expires_at",
-        "category",
-        "severity",
-        "is_public",
-    ),
-    "road_conditions": (
-        *_REPORT,
-        "description",
-        "session_token",
-        "activity",
-        "upvotes",
-    ),
-    "campus_issues": (
-        *_REPORT,
-        "priority",
-        "status",
-        "organization",
-        "building",
-    ),
-    "rail_disruptions": (
-        "report_id",
-        "entity_type",
-        "entity_id",
-        "lat",
-        "lng",
-        "category",
-        "observed_at",
-        "departures",
-        "cancellations",
-        "delays",
-    ),
+    "community_needs": (*_ENTITY, "observed_at", "expires_at", "category", "severity", "is_public"),
+    "road_conditions": (*_REPORT, "description", "session_token", "activity", "upvotes"),
+    "campus_issues": (*_REPORT, "priority", "status", "organization", "building"),
+    "rail_disruptions": (*_ENTITY, "category", "observed_at", "departures", "cancellations", "delays"),
 }
 
 
