@@ -110,7 +110,7 @@ class Plan:
         return paths.warehouse(self.home)
 
     def public(self) -> dict:
-        """What a snapshot's manifest says of its plan: no path, nothing private."""
+        """What a snapshot's manifest says of its plan (its top-level keys): no path, nothing private."""
         return {
             "key": self.key,
             "as_of": self.as_of.isoformat(),

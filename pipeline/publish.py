@@ -436,9 +436,9 @@ def build_manifest(plan: Plan, staged: dict) -> dict:
     """What a snapshot holds and how it was made (its plan's public part); no private path or field."""
     scored = read_scoring(plan.work)
     return {
+        **plan.public(),  # key, as_of, config, profile, filters, source
         "tileset": plan.tileset,
-        "as_of": scored["as_of"],
-        "plan": plan.public(),
+        "as_of": scored["as_of"],  # the plan's, as scoring used it
         "counts": {
             "read": scored["source"]["read"],
             "valid": scored["source"]["valid"],

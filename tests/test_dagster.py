@@ -442,14 +442,14 @@ def test_a_yaml_edit_between_steps_changes_nothing_in_a_planned_build(small_conf
     cfg = load_config(small_config)
     latest = publish.read_latest(cfg.published("roads"))
     manifest = json.loads((cfg.published("roads").root / latest["path"] / "manifest.json").read_text())
-    config = manifest["plan"]["config"]
+    config = manifest["config"]
     assert (config["cell_detail"], config["strata_detail"], config["max_features_per_tile"]) == (6, 3, 500)
-    assert max(z["z"] for z in manifest["zooms"]) == 14 and manifest["plan"]["as_of"] == AS_OF.isoformat()
+    assert max(z["z"] for z in manifest["zooms"]) == 14 and manifest["key"] == "roads"
     # the next run plans again, from the edited YAML
     assert steps("scored_reports", "cells", "selection", "tiles", "snapshot", **_params("scored_reports")).success
     latest = publish.read_latest(cfg.published("roads"))
     manifest = json.loads((cfg.published("roads").root / latest["path"] / "manifest.json").read_text())
-    assert manifest["plan"]["config"]["cell_detail"] == 4 and max(z["z"] for z in manifest["zooms"]) == 9
+    assert manifest["config"]["cell_detail"] == 4 and max(z["z"] for z in manifest["zooms"]) == 9
 
 
 def test_every_asset_check_and_sensor_says_what_it_is(small_config):
