@@ -19,7 +19,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from pipeline import build, extract, guard, plan, publish, warehouse
+from pipeline import build, extract, guard, paths, plan, publish, warehouse
 from pipeline.config import ConfigError, check_inputs, load_config, parse_as_of
 from pipeline.errors import HotspotsError, InputPathError, PlanError
 
@@ -84,7 +84,7 @@ def _instance(cfg) -> dg.DagsterInstance:
     Every CLI run is recorded there, with its metadata and check results.
     """
     home = os.environ.get("DAGSTER_HOME")
-    folder = Path(home) if home else cfg.home / "dagster"
+    folder = Path(home) if home else paths.dagster_instance(cfg.home)
     folder.mkdir(parents=True, exist_ok=True)
     # Dagster creates its SQLite schema on first open without a lock: two commands
     # opening a new instance at once can both stamp it and leave it unusable

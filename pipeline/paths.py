@@ -3,6 +3,8 @@
 ::
 
     <home>/warehouse.duckdb                   every source's reports (private)
+    <home>/dagster/                           the Dagster instance (runs, materializations)
+    <home>/duckdb_extensions/                 the postgres extension, from its wheel
     <home>/work/<key>.lease                   which run is building <key>
     <home>/work/<key>/plan.json               the build's frozen plan
                       scored.parquet, scoring.json
@@ -26,6 +28,16 @@ LATEST = "latest.json"
 def warehouse(home: Path) -> Path:
     """The DuckDB warehouse under ``home``."""
     return home / WAREHOUSE
+
+
+def dagster_instance(home: Path) -> Path:
+    """The Dagster instance `hotspots run` records its runs in (and `make dev` shows)."""
+    return home / "dagster"
+
+
+def duckdb_extensions(home: Path) -> Path:
+    """Where DuckDB installs the postgres extension from its wheel (no download)."""
+    return home / "duckdb_extensions"
 
 
 def _in_root(name: str) -> property:

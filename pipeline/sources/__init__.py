@@ -6,7 +6,7 @@ from datetime import datetime
 
 import duckdb
 
-from .. import duck
+from .. import duck, paths
 from ..config import Config, FileSource, PostgresSource, SyntheticSource
 from .files import FetchedFile, check_columns, fetch_files, stage_files
 from .postgres import Fetched, fetch, stage_fetched
@@ -27,7 +27,7 @@ def prefetch(
         return fetch_files(con, name, src)
     if not isinstance(src, PostgresSource):
         return None
-    duck.load_postgres(con, cfg.home / "duckdb_extensions")
+    duck.load_postgres(con, paths.duckdb_extensions(cfg.home))
     row = con.execute("SELECT watermark FROM source_state WHERE source = ?", [name]).fetchone()
     return fetch(con, name, src, as_of, full_refresh, row[0] if row else None)
 
