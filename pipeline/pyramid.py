@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 
 from .profiles import Profile
-from .tilemath import _digits_to_strings, _quadkey_digits, cell_bounds, cell_xy, morton, tile_x, tile_y
+from .tilemath import cell_bounds, cell_xy, digits_to_strings, morton, quadkey_digits, tile_x, tile_y
 
 INSIDE = 1e-9  # degrees (0.1 mm) a centroid keeps from its cell's edges
 METRIC_COLUMNS = ("departures", "cancellations", "delays")
@@ -110,7 +110,7 @@ class _Level(NamedTuple):
             cell_key,
             x,
             y,
-            _quadkey_digits(cell_key, level),
+            quadkey_digits(cell_key, level),
             sums,
             np.maximum.reduceat(weight, starts),
             np.minimum.reduceat(times, starts),
@@ -234,7 +234,7 @@ def _frame(
     frame = pl.DataFrame(
         {
             "z": pl.Series(np.full(len(n), z, np.int32)),
-            "quadkey": _digits_to_strings(cells.digits),
+            "quadkey": digits_to_strings(cells.digits),
             "tile_x": x >> detail,
             "tile_y": y >> detail,
             "report_count": n,

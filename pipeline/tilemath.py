@@ -106,7 +106,7 @@ _QUAD_DIGITS = np.array(
 )
 
 
-def _quadkey_digits(key: np.ndarray, level: int) -> np.ndarray:
+def quadkey_digits(key: np.ndarray, level: int) -> np.ndarray:
     """Quadkeys of cell keys as a cells x level matrix of ASCII digits."""
     pad = -level % 4  # leading zero digits, cut off below
     width = level + pad
@@ -117,7 +117,7 @@ def _quadkey_digits(key: np.ndarray, level: int) -> np.ndarray:
     return words.view(np.uint8).reshape(len(key), width)[:, pad:]
 
 
-def _digits_to_strings(digits: np.ndarray) -> pl.Series:
+def digits_to_strings(digits: np.ndarray) -> pl.Series:
     """A string per row of a digit matrix (no Python object per cell)."""
     n, width = digits.shape
     data = np.ascontiguousarray(digits)
@@ -127,7 +127,7 @@ def _digits_to_strings(digits: np.ndarray) -> pl.Series:
 
 def quadkeys(key: np.ndarray, level: int) -> pl.Series:
     """Quadkey strings of cell keys at ``level``."""
-    return _digits_to_strings(_quadkey_digits(np.asarray(key, dtype=np.uint64), level))
+    return digits_to_strings(quadkey_digits(np.asarray(key, dtype=np.uint64), level))
 
 
 def tile_ids(z: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
