@@ -170,6 +170,10 @@ def one(name: str, rows: int, tmp: Path) -> bool:
 
 
 def main(rows: int = ROWS, names: list[str] | None = None) -> bool:
+    unknown = sorted(set(names or []) - set(INPUTS))
+    if unknown:
+        print(f"unknown input(s): {', '.join(unknown)} (known: {', '.join(INPUTS)})", file=sys.stderr)
+        return False
     ok = True
     for name in names or list(INPUTS):
         with tempfile.TemporaryDirectory(prefix=f"hotspots-bench-{name}-") as tmp:
