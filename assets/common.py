@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -76,10 +76,7 @@ def planned_step(context: Context, last: bool = False, lease: bool = True) -> It
     if entry is None:
         raise PlanError(f"tileset {context.partition_key} has no plan yet: materialize {PLANNER.to_user_string()}")
     work = Work(Path(entry.value).parent)
-    if not lease:
-        yield plan.read(work.plan)
-        return
-    with work_step(context, work, last=last):
+    with work_step(context, work, last=last) if lease else nullcontext():
         yield plan.read(work.plan)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic, paths, strictjson
+from . import atomic, paths, site, strictjson
 from .config import Config, Tileset, Viewer
 from .errors import PlanError
 from .profiles import PRESETS, PROFILES, Decay, Filters, Profile, _frozen
@@ -161,8 +161,6 @@ class Plan:
 
 def make(cfg: Config, tileset: str, as_of: datetime) -> Plan:
     """Resolve the plan of a build of ``tileset`` at ``as_of`` (already decided)."""
-    from .site import tileset_entry
-
     if tileset not in cfg.tilesets:
         raise PlanError(f"unknown tileset {tileset!r} (known: {', '.join(cfg.tilesets) or 'none'})")
     ts = cfg.tilesets[tileset]
@@ -178,7 +176,7 @@ def make(cfg: Config, tileset: str, as_of: datetime) -> Plan:
         home=cfg.home,
         output=cfg.output,
         viewer=cfg.viewer,
-        site=tuple(tileset_entry(name, other) for name, other in cfg.tilesets.items()),
+        site=tuple(site.tileset_entry(name, resolve(other)[0]) for name, other in cfg.tilesets.items()),
     )
 
 

@@ -15,8 +15,8 @@ import html
 from pathlib import Path
 
 from . import atomic, scoring, strictjson
-from .config import Tileset, Viewer
-from .plan import resolve
+from .config import Viewer
+from .profiles import Profile
 
 PAGE = Path(__file__).parent / "viewer"
 NODE_MODULES = Path(__file__).resolve().parents[1] / "web" / "node_modules"
@@ -75,7 +75,11 @@ def write_site(out: Path, viewer: Viewer, published: list[dict]) -> None:
                 atomic.write_bytes(dst, src.read_bytes())
 
 
-def tileset_entry(name: str, ts: Tileset) -> dict:
-    """What the page needs to know of a tileset: its name, profile, metrics and legend."""
-    profile, _ = resolve(ts)
-    return {"name": name, "profile": ts.profile, "metrics": list(profile.metrics), "legend": scoring.describe(profile)}
+def tileset_entry(name: str, profile: Profile) -> dict:
+    """What the page needs to know of a tileset: its name, profile (resolved), metrics and legend."""
+    return {
+        "name": name,
+        "profile": profile.name,
+        "metrics": list(profile.metrics),
+        "legend": scoring.describe(profile),
+    }

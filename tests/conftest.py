@@ -18,6 +18,17 @@ AS_OF = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 IN_CI = bool(os.environ.get("CI"))
 
 
+# the columns of shared/data/nyc311_animals_2025.csv (NYC 311 service requests)
+NYC_COLUMNS = {
+    "report_id": "Unique Key",
+    "lat": "Latitude",
+    "lng": "Longitude",
+    "observed_at": "Created Date",
+    "category": "Complaint Type",
+    "status": "Status",
+}
+
+
 def shared_file(name: str) -> Path:
     """A real sample file from ../shared/data (never copied into the repo)."""
     path = SHARED_DATA / name

@@ -14,18 +14,10 @@ from assets.location import EXTRACT_JOB, PUBLISH_JOB, build_definitions
 from pipeline import strictjson
 from resources import HotspotsResource
 
-from .conftest import AS_OF, shared_file
+from .conftest import AS_OF, NYC_COLUMNS, shared_file
 
 HOTSPOTS = str(Path(sys.executable).parent / "hotspots")
 LATER = "2026-11-02T12:00:00+00:00"
-NYC_COLUMNS = {
-    "report_id": "Unique Key",
-    "lat": "Latitude",
-    "lng": "Longitude",
-    "observed_at": "Created Date",
-    "category": "Complaint Type",
-    "status": "Status",
-}
 
 
 def _hotspots(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pipeline import warehouse
 
-from .conftest import REPO, shared_file
+from .conftest import NYC_COLUMNS, REPO, shared_file
 
 
 def _quakes(path):
@@ -51,14 +51,7 @@ def test_nyc311_rows_without_coordinates_are_rejected(extract_config):
         "kind": "file",
         "path": str(path),
         "timestamp_format": "%m/%d/%Y %H:%M",
-        "columns": {
-            "report_id": "Unique Key",
-            "lat": "Latitude",
-            "lng": "Longitude",
-            "observed_at": "Created Date",
-            "category": "Complaint Type",
-            "status": "Status",
-        },
+        "columns": NYC_COLUMNS,
     }
     cfg, _, v = extract_config({"sources": {"nyc": src}})
     assert v["nyc"].read == 4_969

@@ -67,18 +67,22 @@ def _serve(root: Path):
     return proc, url
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    """The default hotspots.yaml, run and served on loopback."""
-    root = tmp_path_factory.mktemp("site")
-    shutil.copy(REPO / "hotspots.yaml", root / "hotspots.yaml")
-    run = subprocess.run(
+def _hotspots_run(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [str(BIN / "hotspots"), "run", "--as-of", AS_OF.isoformat()],
         cwd=root,
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """The default hotspots.yaml, run and served on loopback."""
+    root = tmp_path_factory.mktemp("site")
+    shutil.copy(REPO / "hotspots.yaml", root / "hotspots.yaml")
+    run = _hotspots_run(root)
     assert run.returncode == 0, run.stderr
     assert "map: `hotspots serve` (make serve), then open http://127.0.0.1:8000/index.html" in run.stdout
     proc, url = _serve(root)
@@ -418,13 +422,7 @@ def hostile_site(tmp_path_factory):
             }
         )
     )
-    run = subprocess.run(
-        [str(BIN / "hotspots"), "run", "--as-of", AS_OF.isoformat()],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = _hotspots_run(root)
     assert run.returncode == 0, run.stderr
     # every other string the viewer shows, made hostile by hand: names, legends, ids, times
     out = root / "output"
