@@ -22,19 +22,21 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
         context: dg.AssetExecutionContext, config: RunParams, hotspots: HotspotsResource
     ) -> dg.MaterializeResult:
         """Each valid report of the tileset's source weighted by its profile, or excluded with a reason (private:
-        `<home>/work/<tileset>/scored.parquet`). The build's first step: it freezes the plan every later
-        step reads (`<home>/work/<tileset>/plan.json`).
+        `<home>/work/<tileset>/shards/<i>/scored.parquet`, one per spatial shard). The build's first step: it
+        splits the tileset into shards and freezes the plan every later step reads
+        (`<home>/work/<tileset>/plan.json`).
         """
         plan = freeze_plan(context, config, hotspots.load())
         started = time.perf_counter()
         with work_step(context, plan.work):
+            plan = build.split(plan)
             plans.write(plan)
             result = build.score_tileset(plan)
         seconds = round(time.perf_counter() - started, 3)
         ts = plan.settings
         return dg.MaterializeResult(
             metadata={
-                "dagster/row_count": result.scored.height,
+                "dagster/row_count": result.scored,
                 "valid": result.valid,
                 "excluded": markdown_table(
                     ["reason", "reports"], [[r, n] for r, n in result.excluded.items()] or [["none", 0]]
@@ -42,17 +44,18 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
                 "profile": f"{ts.profile}" + (f" / {ts.preset}" if ts.preset else ""),
                 "as_of": plan.as_of.isoformat(),
                 "seconds": seconds,
-                "path": dg.MetadataValue.path(str(plan.work.scored)),
+                "shards": len(plan.shards),
+                "path": dg.MetadataValue.path(str(plan.work.root / "shards")),
                 "plan": dg.MetadataValue.path(str(plan.work.plan)),
             }
         )
 
     @dg.asset_check(asset=scored_reports, partitions_def=partitions, blocking=True)
     def scoring_conservation(context: dg.AssetCheckExecutionContext):
-        """valid = scored + excluded, and scored.parquet holds every scored report."""
+        """valid = scored + excluded, and the shards' scored.parquet hold every scored report."""
         with planned_step(context) as plan:
             summary = build.read_scoring(plan.work)
-            rows = build.parquet_rows(plan.work.scored)
+            rows = build.scored_rows(plan)
         excluded = sum(summary["excluded"].values())
         return dg.AssetCheckResult(
             passed=summary["valid"] == summary["scored"] + excluded and rows == summary["scored"],
@@ -90,8 +93,8 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
 
     @dg.asset(partitions_def=partitions, deps=[scored_reports], group_name="tilesets", kinds={"polars", "parquet"})
     def cells(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        """Tile-aligned cells for every zoom, rolled up from the finest
-        (`<home>/work/<tileset>/cells/zoom=<z>/cells.parquet`, GeoParquet 1.1).
+        """Tile-aligned cells for every zoom, rolled up from the finest, shard by shard down to the shard zoom,
+        then merged (`<home>/work/<tileset>/cells/zoom=<z>/cells.parquet`, GeoParquet 1.1).
         """
         started = time.perf_counter()
         with planned_step(context) as plan:

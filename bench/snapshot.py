@@ -84,7 +84,7 @@ def steps(config: str) -> None:
     from pipeline import build, plan, publish
     from pipeline.config import load_config
 
-    frozen = plan.make(load_config(config), "bench", AS_OF)
+    frozen = build.split(plan.make(load_config(config), "bench", AS_OF))
     plan.write(frozen)
     times = {}
     for name, step in (

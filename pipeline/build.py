@@ -1,10 +1,11 @@
 """Build one tileset: score its reports, then its cell pyramid, in its private work folder.
 
 Every function takes the build's frozen :class:`~pipeline.plan.Plan`; its
-``work`` folder (see :mod:`pipeline.paths`) holds ``scored.parquet``
-(individual positions: never published), ``scoring.json``, and
-``cells/zoom=<z>/cells.parquet`` with ``cells.json``; publishing copies what
-is public into ``output/``. This module reads the warehouse and hands frames
+``work`` folder (see :mod:`pipeline.paths`) holds, per spatial shard,
+``shards/<i>/scored.parquet`` (individual positions: never published) and
+the shard's cells; then ``scoring.json``, and ``cells/zoom=<z>/cells.parquet``
+with ``cells.json``, merged from the shards; publishing copies what is
+public into ``output/``. This module reads the warehouse and hands frames
 to the pure stages (:mod:`~pipeline.scoring`, :mod:`~pipeline.pyramid`).
 """
 
@@ -14,7 +15,9 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,6 +26,8 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from . import atomic, extract, geoparquet, pyramid, scoring, tilemath, warehouse
+from .config import MAX_SHARDS
+from .errors import PlanError
 from .paths import Work
 from .plan import Plan
 
@@ -38,47 +43,177 @@ class ZoomSummary(NamedTuple):
     bytes: int
 
 
-def read_reports(db: Path, source: str) -> pl.LazyFrame:
-    """The valid reports of one source, from the warehouse (read-only), as Arrow."""
+def read_reports(db: Path, source: str, keys: tuple[int, int] | None = None) -> pl.LazyFrame:
+    """The valid reports of one source (of one shard's ``[lo, hi)`` tile keys), from the warehouse (read-only)."""
     cols = ", ".join(f'"{c}"' for c in scoring.READ_COLUMNS)
+    where, params = "source = ?", [source]
+    if keys is not None:  # a range of the key column: DuckDB skips what is out of it
+        where, params = where + " AND tile_key >= ? AND tile_key < ?", [*params, *keys]
     with warehouse.reader(db) as con:
-        table = con.execute(f"SELECT {cols} FROM reports WHERE source = ?", [source]).fetch_arrow_table()
+        table = con.execute(f"SELECT {cols} FROM reports WHERE {where}", params).fetch_arrow_table()
     return pl.from_arrow(table).lazy()
 
 
-def score_tileset(plan: Plan) -> scoring.ScoreResult:
-    """Score the tileset's reports into ``scored.parquet`` (+ ``scoring.json``)."""
+def split(plan: Plan) -> Plan:
+    """The plan with its shards: runs of whole tiles at the shard zoom, balanced by report count.
+
+    ``shards: auto`` takes one shard per ``shard_reports`` reports.
+    ``shard_zoom: auto`` is the coarsest zoom below the overviews' at which
+    no tile holds more than half a shard's share of the reports (a city
+    splits deeper than the world), else ``maxzoom``. A shard may be empty
+    (fewer busy tiles than shards); the ranges cover every key, so no report
+    falls between two. The published bytes depend on neither choice.
+    """
+    ts = plan.settings
+    shift = 2 * (tilemath.KEY_LEVEL - ts.maxzoom)
+    with warehouse.reader(plan.warehouse) as con:
+        tiles = con.execute(
+            f"SELECT tile_key >> {shift} AS tile, count(*) AS n FROM reports "
+            "WHERE source = ? GROUP BY tile ORDER BY tile",
+            [plan.source],
+        ).fetchnumpy()
+    if np.ma.getmaskarray(tiles["tile"]).any():
+        raise PlanError(
+            f"the warehouse's reports of {plan.source} have no tile keys (written by an older version): "
+            "run the extraction again (hotspots run)"
+        )
+    keys, counts = np.asarray(tiles["tile"], dtype=np.uint64), np.asarray(tiles["n"], dtype=np.int64)
+    total = int(counts.sum())
+    n = ts.shards if ts.shards != "auto" else max(1, min(MAX_SHARDS, -(-total // ts.shard_reports)))
+    if ts.shard_zoom != "auto":
+        zoom = ts.shard_zoom
+    else:
+        zoom = ts.maxzoom
+        for z in range(min(max(ts.overview_maxzoom + 1, ts.minzoom), ts.maxzoom), ts.maxzoom):
+            if _busiest(keys, counts, ts.maxzoom - z) * 2 * n <= total:
+                zoom = z
+                break
+    keys, counts = _coarser(keys, counts, ts.maxzoom - zoom)
+    # shard j begins after the tile at which j/n of the reports are reached
+    reached = np.searchsorted(np.cumsum(counts) * n, np.arange(1, n) * total, side="left") + 1
+    shift, end = 2 * (tilemath.KEY_LEVEL - zoom), 1 << 2 * tilemath.KEY_LEVEL
+    starts = [0, *(int(keys[i]) << shift if i < len(keys) else end for i in reached)]
+    return replace(plan, shards=tuple(zip(starts, [*starts[1:], end])), shard_zoom=zoom)
+
+
+def _coarser(keys: np.ndarray, counts: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted tile keys and their report counts, ``levels`` zooms up."""
+    if not len(keys):
+        return keys, counts
+    up = keys >> np.uint64(2 * levels)
+    starts = np.flatnonzero(np.r_[True, up[1:] != up[:-1]])
+    return up[starts], np.add.reduceat(counts, starts)
+
+
+def _busiest(keys: np.ndarray, counts: np.ndarray, levels: int) -> int:
+    return int(_coarser(keys, counts, levels)[1].max(initial=0))
+
+
+class Scored(NamedTuple):
+    """What scoring a tileset (all its shards) gave: see ``scoring.json``."""
+
+    valid: int
+    scored: int
+    excluded: dict[str, int]
+    weight: float
+
+
+def score_shard(plan: Plan, i: int) -> Scored:
+    """Score one shard's reports into its ``scored.parquet`` (+ ``scoring.json``)."""
+    shard = plan.work.shard(i)
+    reports = read_reports(plan.warehouse, plan.source, plan.shards[i])
+    result = scoring.score_reports(reports, plan.profile, plan.filters, plan.as_of)
+    shard.root.mkdir(parents=True, exist_ok=True)
+    _atomic(shard.scored, lambda p: result.scored.write_parquet(p, compression="zstd"))
+    scored = Scored(
+        result.valid, result.scored.height, result.excluded, float(result.scored.get_column("weight").sum())
+    )
+    _atomic(shard.scoring, lambda p: p.write_text(json.dumps(scored._asdict())))
+    return scored
+
+
+def score_tileset(plan: Plan) -> Scored:
+    """Score every shard (one at a time: one shard's reports in memory), then sum into ``scoring.json``."""
     started = time.perf_counter()
-    result = scoring.score_reports(read_reports(plan.warehouse, plan.source), plan.profile, plan.filters, plan.as_of)
-    work = plan.work
-    work.root.mkdir(parents=True, exist_ok=True)
-    _atomic(work.scored, lambda p: result.scored.write_parquet(p, compression="zstd"))
+    if not plan.shards:
+        raise PlanError(f"the plan of {plan.key} has no shards: make it with build.split")
+    shutil.rmtree(plan.work.root / "shards", ignore_errors=True)
+    parts = [score_shard(plan, i) for i in range(len(plan.shards))]
+    return merge_scoring(plan, parts, started)
+
+
+def merge_scoring(plan: Plan, parts: list[Scored], started: float) -> Scored:
+    """The tileset's ``scoring.json`` from its shards' counts."""
+    excluded: dict[str, int] = {}
+    for part in parts:
+        for reason, n in part.excluded.items():
+            excluded[reason] = excluded.get(reason, 0) + n
+    order = {r: i for i, r in enumerate(scoring.EXCLUSIONS)}
+    total = Scored(
+        sum(p.valid for p in parts),
+        sum(p.scored for p in parts),
+        dict(sorted(excluded.items(), key=lambda kv: order[kv[0]])),
+        math.fsum(p.weight for p in parts),
+    )
     summary = {
         "tileset": plan.tileset,
         "source": {"name": plan.source, **extract.source_counts(plan.warehouse, plan.source)},
         "as_of": plan.as_of.isoformat(),
-        "valid": result.valid,
-        "scored": result.scored.height,
-        "excluded": result.excluded,
-        "weight": float(result.scored.get_column("weight").sum()),
+        **total._asdict(),
+        "shards": len(parts),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    _atomic(work.scoring, lambda p: p.write_text(json.dumps(summary, indent=2)))
-    return result
+    _atomic(plan.work.scoring, lambda p: p.write_text(json.dumps(summary, indent=2)))
+    return total
 
 
 def read_scoring(work: Work) -> dict:
     return json.loads(work.scoring.read_text())
 
 
+def scored_rows(plan: Plan) -> int:
+    """Rows in the shards' ``scored.parquet`` files."""
+    return sum(parquet_rows(plan.work.shard(i).scored) for i in range(len(plan.shards)))
+
+
+def shard_cells(plan: Plan, i: int) -> None:
+    """One shard's cells, from ``maxzoom`` down to the shard zoom (no intensity yet: it is per zoom)."""
+    ts, shard = plan.settings, plan.work.shard(i)
+    scored = pl.read_parquet(shard.scored)
+    shutil.rmtree(shard.root / "cells", ignore_errors=True)
+    shard.pivot.unlink(missing_ok=True)
+    if scored.height == 0:
+        return
+    (shard.root / "cells").mkdir(parents=True)
+    finest = pyramid.finest(scored, plan.profile, ts.maxzoom + ts.cell_detail)
+    del scored
+    level = finest
+    for frame, level in pyramid.roll_up(finest, ts.maxzoom, plan.shard_zoom, ts.cell_detail, plan.profile):  # noqa: B007
+        z = int(frame.get_column("z")[0])
+        _atomic(shard.cells(z), lambda p, f=frame: f.write_ipc(p, compression="uncompressed"))
+    _atomic(shard.pivot, level.save)  # the last level rolled up: the shard zoom's
+
+
 def build_cells(plan: Plan) -> list[ZoomSummary]:
-    """Build the pyramid from ``scored.parquet`` and write one GeoParquet per zoom."""
-    ts, work = plan.settings, plan.work
-    scored = pl.read_parquet(work.scored)
+    """Every shard's cells, then the merge: one GeoParquet per zoom (see :func:`merge_cells`)."""
+    for i in range(len(plan.shards)):
+        shard_cells(plan, i)
+    return merge_cells(plan)
+
+
+def merge_cells(plan: Plan) -> list[ZoomSummary]:
+    """The shards' zooms side by side (in key order), the coarser zooms rolled up from their pivot cells.
+
+    Each zoom gets its intensity here, over all of its cells, and is written
+    as ``cells/zoom=<z>/cells.parquet``; the same bytes whatever the sharding.
+    """
+    ts, work, pivot = plan.settings, plan.work, plan.shard_zoom
+    shards = [s for s in (work.shard(i) for i in range(len(plan.shards))) if s.pivot.exists()]
     shutil.rmtree(work.cells_root, ignore_errors=True)
     summaries = []
 
     def write(frame: pl.DataFrame, z: int) -> ZoomSummary:
+        frame = pyramid.with_intensity(frame, plan.profile)
         size = geoparquet.write(frame, work.cells(z))
         return ZoomSummary(
             z,
@@ -89,15 +224,22 @@ def build_cells(plan: Plan) -> list[ZoomSummary]:
             size,
         )
 
-    # a zoom's file is written while the next coarser zoom is rolled up (at most two zooms held)
+    def zooms() -> Iterator[tuple[pl.DataFrame, int]]:
+        for z in range(ts.maxzoom, pivot - 1, -1):
+            yield pl.concat([pl.read_ipc(s.cells(z)) for s in shards]), z
+        top = pyramid.Level.concat([pyramid.Level.load(s.pivot) for s in shards])
+        for frame, _ in pyramid.roll_up(top, pivot, ts.minzoom, ts.cell_detail, plan.profile):
+            z = int(frame.get_column("z")[0])
+            if z < pivot:
+                yield frame, z
+
+    # a zoom's file is written while the next is read or rolled up (at most two zooms held)
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending = None
-        for frame in pyramid.build(scored, plan.profile, ts.minzoom, ts.maxzoom, ts.cell_detail):
-            if frame.height == 0:
-                continue
+        for frame, z in zooms() if shards else ():
             if pending is not None:
                 summaries.append(pending.result())
-            pending = writer.submit(write, frame, int(frame.get_column("z")[0]))
+            pending = writer.submit(write, frame, z)
             del frame
         if pending is not None:
             summaries.append(pending.result())

@@ -247,6 +247,9 @@ class FilterConfig(_Strict):
         return None if v is None else as_utc(v)
 
 
+MAX_SHARDS = 256
+
+
 class Tileset(_Strict):
     """A named profile + preset + filters + zoom range + budgets over one source."""
 
@@ -266,6 +269,9 @@ class Tileset(_Strict):
     formats: list[Literal["geojson", "mvt"]] = Field(default_factory=lambda: list(DEFAULTS.formats))
     tiles_maxzoom: int | str = DEFAULTS.tiles_maxzoom  # "auto" or a zoom
     max_directory_features: int = Field(DEFAULTS.max_directory_features, ge=0)
+    shards: int | str = DEFAULTS.shards  # "auto" or a count
+    shard_reports: int = Field(DEFAULTS.shard_reports, ge=1)
+    shard_zoom: int | str = DEFAULTS.shard_zoom  # "auto" or a zoom
     min_count: int | None = Field(None, ge=1)
     # Fewer scored reports than this share of the live snapshot's: the run lost
     # its data and the live snapshot stays (``hotspots run --force`` publishes).
@@ -290,6 +296,10 @@ class Tileset(_Strict):
                     raise _KeyError(f"filters.{key}", f"preset {self.preset} needs a list of {key}")
         if len(set(self.formats)) != len(self.formats):
             raise _KeyError("formats", f"lists a format twice: {self.formats}")
+        if isinstance(self.shard_zoom, int) and not self.minzoom <= self.shard_zoom <= self.maxzoom:
+            raise _KeyError(
+                "shard_zoom", f"must be auto or between minzoom and maxzoom ({self.minzoom}..{self.maxzoom})"
+            )
         if self.maxzoom + self.cell_detail > 30:
             raise _KeyError(
                 "cell_detail", f"maxzoom + cell_detail must be <= 30, got {self.maxzoom + self.cell_detail}"
@@ -301,12 +311,21 @@ class Tileset(_Strict):
     def _utc(cls, v: datetime | None) -> datetime | None:
         return None if v is None else as_utc(v)
 
-    @field_validator("tiles_maxzoom", mode="before")
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _count_or_auto(cls, v: object) -> int | str:
+        return _auto_or_between(v, 1, MAX_SHARDS, "a count")
+
+    @field_validator("tiles_maxzoom", "shard_zoom", mode="before")
     @classmethod
     def _zoom_or_auto(cls, v: object) -> int | str:
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 20):
-            return v
-        raise ValueError(f"must be auto or a zoom from 0 to 20, got {v!r}")
+        return _auto_or_between(v, 0, 20, "a zoom")
+
+
+def _auto_or_between(v: object, lo: int, hi: int, what: str) -> int | str:
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
+        return v
+    raise ValueError(f"must be auto or {what} from {lo} to {hi}, got {v!r}")
 
 
 ORIGIN_PATTERN = r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$"

@@ -37,6 +37,16 @@ class Defaults:
     # z0-z4, 180 files), so a snapshot stays a few files a CDN syncs quickly.
     tiles_maxzoom: int | str = "auto"
     max_directory_features: int = 50_000
+    # Spatial shards of a tileset's build: each reads, scores and builds the
+    # cells of its own range of tiles (balanced by report count), so a
+    # process holds one shard's reports, never the whole source's; a merge
+    # builds the coarse zooms. A number, or "auto": one shard per
+    # shard_reports reports. The published bytes never depend on it.
+    shards: int | str = 1
+    shard_reports: int = 2_000_000
+    # Shards split at this zoom (tiles at or below it belong to one shard);
+    # "auto": one zoom below overview_maxzoom (the overview needs every cell).
+    shard_zoom: int | str = "auto"
     # Snapshots kept per tileset; the one latest.json names is never pruned.
     retain_snapshots: int = 24
     # Fewest reports a published position may reveal (privacy by coarsening).

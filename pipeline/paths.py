@@ -52,7 +52,6 @@ class Work:
     root: Path
 
     plan = _in_root("plan.json")  # the frozen plan (pipeline.plan)
-    scored = _in_root("scored.parquet")  # individual positions: never published
     scoring = _in_root("scoring.json")
     cells_root = _in_root("cells")
     cells_summary = _in_root("cells.json")
@@ -72,8 +71,26 @@ class Work:
     def cells(self, z: int) -> Path:
         return self.cells_root / f"zoom={z}" / "cells.parquet"
 
+    def shard(self, i: int) -> Shard:
+        return Shard(self.root / "shards" / str(i))
+
     def selected(self, z: int) -> Path:
         return self.selected_root / f"zoom={z}"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard's part of a build, ``<work>/shards/<i>/`` (see :func:`pipeline.build.split`)."""
+
+    root: Path
+
+    scored = _in_root("scored.parquet")  # individual positions: never published
+    scoring = _in_root("scoring.json")
+    pivot = _in_root("pivot.npz")  # its cells at the shard zoom, with what the roll-up above needs
+
+    def cells(self, z: int) -> Path:
+        """Its cells of zoom ``z`` (at or below the shard zoom), before intensity (Arrow IPC)."""
+        return self.root / "cells" / f"{z}.arrow"
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,13 @@ class Plan:
     site : tuple of dict
         What the page lists of every tileset of the config
         (:func:`pipeline.site.tileset_entry`), shown when it has a live snapshot.
+    shards : tuple of (int, int)
+        The build's spatial shards: half-open ranges of report tile keys
+        (:func:`pipeline.tilemath.tile_key`), each a run of whole tiles at
+        ``shard_zoom``, in key order; set by :func:`pipeline.build.split`.
+    shard_zoom : int
+        Where the shards split: each builds the zooms from ``maxzoom`` to
+        this one; the merge builds the coarser ones.
     """
 
     key: str
@@ -79,6 +86,8 @@ class Plan:
     output: Path
     viewer: Viewer
     site: tuple[dict, ...]
+    shards: tuple[tuple[int, int], ...] = ()
+    shard_zoom: int = 0
 
     @cached_property
     def resolved(self) -> tuple[Profile, Filters]:
@@ -134,6 +143,8 @@ class Plan:
             "output": str(self.output),
             "viewer": self.viewer.model_dump(mode="json"),
             "site": list(self.site),
+            "shards": [list(r) for r in self.shards],
+            "shard_zoom": self.shard_zoom,
             # for a reader of the file; the steps resolve them from `settings`
             "profile": jsonable(self.profile),
             "filters": jsonable(self.filters),
@@ -156,6 +167,8 @@ class Plan:
             output=Path(doc["output"]),
             viewer=Viewer.model_validate(doc["viewer"]),
             site=tuple(doc["site"]),
+            shards=tuple(tuple(r) for r in doc.get("shards", ())),
+            shard_zoom=doc.get("shard_zoom", 0),
         )
 
 

@@ -12,13 +12,14 @@ only (counts, sums, min, max, per-category counts).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import polars as pl
 
 from .profiles import Profile
-from .tilemath import cell_bounds, cell_xy, digits_to_strings, morton, quadkey_digits, tile_x, tile_y
+from .tilemath import KEY_LEVEL, cell_bounds, cell_xy, digits_to_strings, quadkey_digits, tile_key
 
 INSIDE = 1e-9  # degrees (0.1 mm) a centroid keeps from its cell's edges
 METRIC_COLUMNS = ("departures", "cancellations", "delays")
@@ -64,7 +65,7 @@ def intensity(profile: Profile) -> pl.Expr:
     return scaled.fill_nan(0.0).clip(0.0, 1.0)
 
 
-class _Level(NamedTuple):
+class Level(NamedTuple):
     """One zoom's cells as NumPy arrays, sorted by key: the roll-up's working form."""
 
     key: np.ndarray  # uint64 Morton keys
@@ -76,6 +77,7 @@ class _Level(NamedTuple):
     first_seen: np.ndarray  # int64 microseconds since the epoch
     last_seen: np.ndarray
     category_counts: np.ndarray  # categories x cells (a row per category: fast to roll up)
+    categories: tuple[str, ...]  # the names of category_counts' rows, sorted
 
     @classmethod
     def finest(
@@ -83,15 +85,16 @@ class _Level(NamedTuple):
         reports: pl.DataFrame,
         key: np.ndarray,
         code: np.ndarray,
-        n_categories: int,
+        categories: tuple[str, ...],
         level: int,
         columns: list[tuple[str, str]],
-    ) -> _Level:
+    ) -> Level:
         """Finest cells from reports sorted (stably) by cell key, then category code.
 
         Sums run left to right over each cell's reports in that fixed order,
         so the same input gives the same bits, whatever the thread count.
         """
+        n_categories = len(categories)
         new_cell, new_pair = _changes(key), _changes(code)
         new_pair |= new_cell
         starts, pair_starts = np.flatnonzero(new_cell), np.flatnonzero(new_pair)
@@ -116,16 +119,17 @@ class _Level(NamedTuple):
             np.minimum.reduceat(times, starts),
             np.maximum.reduceat(times, starts),
             counts.reshape(n_categories + 1, -1)[:n_categories],
+            categories,
         )
 
-    def parent(self) -> _Level:
+    def parent(self) -> Level:
         """The level above: siblings share ``key // 4`` and are adjacent (sorted keys)."""
         key = self.key >> np.uint64(2)
         starts = _run_starts(key)
         counts = np.empty((len(self.category_counts), len(starts)), dtype=self.category_counts.dtype)
         for row, out in zip(self.category_counts, counts):
             np.add.reduceat(row, starts, out=out)
-        return _Level(
+        return Level(
             key[starts],
             self.x[starts] >> 1,
             self.y[starts] >> 1,
@@ -135,6 +139,73 @@ class _Level(NamedTuple):
             np.minimum.reduceat(self.first_seen, starts),
             np.maximum.reduceat(self.last_seen, starts),
             counts,
+            self.categories,
+        )
+
+    def save(self, path: Path) -> None:
+        """Write this level (private work state: the shard's cells at the pivot zoom)."""
+        with path.open("wb") as file:  # a file, so that NumPy does not add ".npz" to the name
+            self._save(file)
+
+    def _save(self, file) -> None:
+        np.savez(
+            file,
+            key=self.key,
+            x=self.x,
+            y=self.y,
+            digits=self.digits,
+            max_weight=self.max_weight,
+            first_seen=self.first_seen,
+            last_seen=self.last_seen,
+            category_counts=self.category_counts,
+            categories=np.array(self.categories, dtype=np.str_),
+            sum_names=np.array(list(self.sums), dtype=np.str_),
+            **{f"sum_{name}": v for name, v in self.sums.items()},
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> Level:
+        with np.load(path) as f:
+            names = [str(n) for n in f["sum_names"]]
+            return cls(
+                f["key"],
+                f["x"],
+                f["y"],
+                f["digits"],
+                {n: f[f"sum_{n}"] for n in names},
+                f["max_weight"],
+                f["first_seen"],
+                f["last_seen"],
+                f["category_counts"],
+                tuple(str(c) for c in f["categories"]),
+            )
+
+    @classmethod
+    def concat(cls, parts: list[Level]) -> Level:
+        """Levels of disjoint, ascending key ranges as one (categories united)."""
+        categories = tuple(sorted({c for p in parts for c in p.categories}))
+        row = {c: i for i, c in enumerate(categories)}
+        counts = np.zeros((len(categories), sum(len(p.key) for p in parts)), dtype=np.int64)
+        at = 0
+        for p in parts:
+            for name, own in zip(p.categories, p.category_counts):
+                counts[row[name], at : at + len(p.key)] = own
+            at += len(p.key)
+        key = np.concatenate([p.key for p in parts])
+        if len(key) > 1 and not np.all(key[1:] > key[:-1]):
+            raise ValueError("shards overlap or are out of order")
+        join = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+        return cls(
+            key,
+            join("x"),
+            join("y"),
+            join("digits"),
+            {n: np.concatenate([p.sums[n] for p in parts]) for n in parts[0].sums},
+            join("max_weight"),
+            join("first_seen"),
+            join("last_seen"),
+            counts,
+            categories,
         )
 
 
@@ -163,8 +234,9 @@ def build(
     Parameters
     ----------
     scored : DataFrame
-        Scored reports: lat, lng, observed_at, category, weight,
-        severity_boost, decay and the profile's metric columns.
+        Scored reports: lat, lng, tile_key (computed when absent),
+        observed_at, category, weight, severity_boost, decay and the
+        profile's metric columns.
     profile : Profile
         For the cell score and the intensity normalisation.
     minzoom, maxzoom, cell_detail : int
@@ -179,31 +251,31 @@ def build(
     """
     if scored.height == 0:
         return
-    metrics = tuple(m for m in METRIC_COLUMNS if m in scored.columns)
-    categories = scored.get_column("category").drop_nulls().unique().sort().to_list()
-    level = maxzoom + cell_detail
-    # The one pass over the reports: key them, sort them once by (cell,
-    # category), and every coarser cell is a contiguous run of finer ones.
+    for frame, _ in roll_up(finest(scored, profile, maxzoom + cell_detail), maxzoom, minzoom, cell_detail, profile):
+        yield with_intensity(frame, profile)
+
+
+def finest(scored: pl.DataFrame, profile: Profile, level: int) -> Level:
+    """The finest cells (tiles at ``level``) of scored reports: the one pass over the reports."""
+    metrics = [m for m in METRIC_COLUMNS if m in scored.columns]
+    categories = tuple(scored.get_column("category").drop_nulls().unique().sort().to_list())
     summed = [("weight", "weight"), ("lng_sum", "lng"), ("lat_sum", "lat"), *[(m, m) for m in metrics]]
     if profile.score == "boosted_count":  # what seed 002's score needs beyond the count
         summed += [("severity_boost_sum", "severity_boost"), ("decay_sum", "decay")]
     code_bits = len(categories).bit_length()
-    keyed = (
-        scored.lazy()
-        .select(
-            *{c for _, c in summed},
-            "observed_at",
-            tile_x(pl.col("lng"), level).alias("_x"),
-            tile_y(pl.col("lat"), level).alias("_y"),
-            pl.col("category")
-            .cast(pl.Enum(categories))
-            .to_physical()
-            .cast(pl.UInt64)
-            .fill_null(len(categories))
-            .alias("code"),  # the last code: no category
-        )
-        .with_columns(morton(pl.col("_x"), pl.col("_y")).alias("key"))
-        .drop("_x", "_y")
+    report_key = pl.col("tile_key") if "tile_key" in scored.columns else tile_key(pl.col("lng"), pl.col("lat"))
+    # Key the reports, sort them once by (cell, category), and every coarser
+    # cell is a contiguous run of finer ones.
+    keyed = scored.lazy().select(
+        *{c for _, c in summed},
+        "observed_at",
+        (report_key.cast(pl.UInt64) // (1 << 2 * (KEY_LEVEL - level))).alias("key"),
+        pl.col("category")
+        .cast(pl.Enum(categories))
+        .to_physical()
+        .cast(pl.UInt64)
+        .fill_null(len(categories))
+        .alias("code"),  # the last code: no category
     )
     if 2 * level + code_bits <= 64:  # one packed sort column is faster than two
         packed = (pl.col("key") * (1 << code_bits) + pl.col("code")).alias("packed")
@@ -213,18 +285,31 @@ def build(
     else:
         reports = keyed.sort(["key", "code"], maintain_order=True).collect()
         key, code = reports.get_column("key").to_numpy(), reports.get_column("code").to_numpy()
-    current = _Level.finest(reports, key, code, len(categories), level, summed)
-    del reports, key, code
-    for z in range(maxzoom, minzoom - 1, -1):
-        if z < maxzoom:
-            current = current.parent()
-        yield _frame(current, z, cell_detail, profile, metrics, categories)
+    return Level.finest(reports, key, code, categories, level, summed)
 
 
-def _frame(
-    cells: _Level, z: int, detail: int, profile: Profile, metrics: tuple[str, ...], categories: list[str]
-) -> pl.DataFrame:
+def roll_up(cells: Level, top: int, bottom: int, detail: int, profile: Profile) -> Iterator[tuple[pl.DataFrame, Level]]:
+    """Zooms ``top`` (``cells``' own) down to ``bottom``: each zoom's frame (no intensity yet) and level.
+
+    Intensity is normalised over a whole zoom, which a shard does not hold:
+    :func:`with_intensity` adds it once a zoom's frames are together.
+    """
+    for z in range(top, bottom - 1, -1):
+        if z < top:
+            cells = cells.parent()
+        yield _frame(cells, z, detail, profile), cells
+
+
+def with_intensity(frame: pl.DataFrame, profile: Profile) -> pl.DataFrame:
+    """A whole zoom's cells with ``intensity``, in the published column order."""
+    rest = [c for c in frame.columns if c not in CELL_COLUMNS]
+    return frame.with_columns(intensity(profile).alias("intensity")).select(*CELL_COLUMNS, *rest)
+
+
+def _frame(cells: Level, z: int, detail: int, profile: Profile) -> pl.DataFrame:
     level = z + detail
+    metrics = [m for m in METRIC_COLUMNS if m in cells.sums]
+    categories = list(cells.categories)
     n = cells.sums["report_count"]
     x, y = cells.x, cells.y
     west, south, east, north = cell_bounds(x, y, level)
@@ -252,8 +337,8 @@ def _frame(
             "cell_key": cells.key,
         }
     )
-    frame = frame.with_columns(score(profile).alias("score")).with_columns(intensity(profile).alias("intensity"))
-    return frame.select(*CELL_COLUMNS, *metrics, *boosted, "cell_key")
+    frame = frame.with_columns(score(profile).alias("score"))
+    return frame.select(*(c for c in CELL_COLUMNS if c != "intensity"), *metrics, *boosted, "cell_key")
 
 
 def _top_category(counts: np.ndarray) -> np.ndarray:

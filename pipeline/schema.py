@@ -31,6 +31,10 @@ REPORT_COLUMNS: dict[str, str] = {
 # Where each report came from, kept beside the canonical columns (not mappable).
 PROVENANCE: dict[str, str] = {"file": "VARCHAR", "row_number": "BIGINT"}
 
+# The report's tile key (Morton, level 30; see tilemath.tile_key): shards read
+# their ranges of it, and every cell key is a shift of it.
+KEYS: dict[str, str] = {"tile_key": "UBIGINT"}
+
 # Columns a source may map (`columns:` in the config). `geometry` is not
 # canonical: a point geometry column gives lat/lng.
 MAPPABLE = tuple(c for c in REPORT_COLUMNS if c != "source") + ("geometry",)
@@ -73,7 +77,7 @@ SOURCE_STATE_COLUMNS: dict[str, str] = {
 
 TABLES = {
     "raw_reports": RAW_COLUMNS,
-    "reports": {**REPORT_COLUMNS, **PROVENANCE},
+    "reports": {**REPORT_COLUMNS, **PROVENANCE, **KEYS},
     "rejected_reports": REJECTED_COLUMNS,
     "source_files": SOURCE_FILES_COLUMNS,
     "source_state": SOURCE_STATE_COLUMNS,

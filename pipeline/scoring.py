@@ -15,6 +15,7 @@ import polars as pl
 
 from .profiles import Filters, Profile
 from .schema import METRICS as METRIC_COLUMNS
+from .tilemath import tile_key
 
 # Reasons, in the order they are tested; a report takes the first that applies.
 EXCLUSIONS = (
@@ -27,7 +28,7 @@ EXCLUSIONS = (
     "filtered_out",  # fails one of the tileset's filters
     "folded_into_entity",  # seed 000: another active note of the same entity and location
 )
-SCORED_COLUMNS = ("lat", "lng", "observed_at", "category", "weight", "severity_boost", "decay")
+SCORED_COLUMNS = ("lat", "lng", "tile_key", "observed_at", "category", "weight", "severity_boost", "decay")
 READ_COLUMNS = (
     "report_id",
     "entity_type",
@@ -48,6 +49,7 @@ READ_COLUMNS = (
     "cancellations",
     "delays",
     "is_public",
+    "tile_key",  # see tilemath.tile_key; computed here when a caller's frame lacks it
 )  # never session_token or description
 DAY_US = 86_400 * 10**6
 READ_TYPES = {
@@ -62,6 +64,7 @@ READ_TYPES = {
     "is_public": pl.Boolean,
     "observed_at": pl.Datetime("us", "UTC"),
     "expires_at": pl.Datetime("us", "UTC"),
+    "tile_key": pl.UInt64,
 }
 
 
@@ -103,7 +106,10 @@ def describe(profile: Profile) -> str:
 
 def age_days(as_of: datetime) -> pl.Expr:
     """Age in days at ``as_of`` (never negative)."""
-    return ((pl.lit(as_of) - pl.col("observed_at")).dt.total_microseconds() / DAY_US).clip(lower_bound=0.0)
+    # Polars divides a column by a number as a product with its reciprocal,
+    # but a one-row frame by true division: a product, spelled out, gives
+    # the same bits whatever the frame (a shard may hold a single report).
+    return ((pl.lit(as_of) - pl.col("observed_at")).dt.total_microseconds() * (1.0 / DAY_US)).clip(lower_bound=0.0)
 
 
 def decay_days(profile: Profile) -> pl.Expr:
@@ -123,7 +129,7 @@ def decay(profile: Profile, as_of: datetime) -> pl.Expr:
     if d.mode == "time_constant":  # seed 001's literal exp(-age/τ)
         return (-age_days(as_of) / decay_days(profile)).exp()
     if d.mode == "normalized_exponential":  # seed 002
-        return (-d.factor * (age_days(as_of) / d.max_age_days).clip(upper_bound=1.0)).exp()
+        return (-d.factor * (age_days(as_of) * (1.0 / d.max_age_days)).clip(upper_bound=1.0)).exp()
     return pl.lit(1.0)
 
 
@@ -137,7 +143,7 @@ def severity_score(profile: Profile) -> pl.Expr:
             default=profile.default_category_severity,
             return_dtype=pl.Float64,
         )
-    return pl.col("severity") / profile.severity_scale
+    return pl.col("severity") * (1.0 / profile.severity_scale)  # see age_days: a product
 
 
 def priority_boost(profile: Profile) -> pl.Expr:
@@ -235,6 +241,8 @@ def score_reports(reports: pl.LazyFrame, profile: Profile, filters: Filters, as_
     present = reports.collect_schema().names()
     # the canonical types, whatever the caller built (an all-null column has no type of its own)
     reports = reports.with_columns(pl.col(c).cast(t) for c, t in READ_TYPES.items() if c in present)
+    if "tile_key" not in present:
+        reports = reports.with_columns(tile_key(pl.col("lng"), pl.col("lat")).alias("tile_key"))
     judged = reports.with_columns(exclusion(profile, filters, as_of))
     kept = (
         judged.filter(pl.col("excluded").is_null())
@@ -272,6 +280,7 @@ def _one_point_per_entity(kept: pl.LazyFrame, columns: list[str]) -> pl.LazyFram
             pl.col("severity_boost").max(),
             pl.col("decay").max(),
             pl.col("observed_at").max(),
+            pl.col("tile_key").first(),  # the same position: the same key
             pl.col("category").sort_by(by_weight, descending=[True, False]).first(),
         )
         .sort(["entity_type", "_entity", "lat", "lng"])  # deterministic order

@@ -21,13 +21,15 @@ WORLD = (-180.0, -85.051129, 180.0, 85.051129)  # west, south, east, north (six 
 
 def mercator_x(lng: pl.Expr) -> pl.Expr:
     """Web Mercator x of a longitude, 0 (west) to 1 (east), as ``mercantile.tile``."""
-    return lng / 360.0 + 0.5
+    # products with reciprocals, not divisions: what Polars computes for a
+    # column, also for a one-row frame (where it would divide) and in SQL
+    return lng * (1.0 / 360.0) + 0.5
 
 
 def mercator_y(lat: pl.Expr) -> pl.Expr:
     """Web Mercator y of a latitude, 0 (north) to 1 (south), as ``mercantile.tile``."""
     sinlat = (lat * (math.pi / 180.0)).sin()
-    return 0.5 - 0.25 * ((1.0 + sinlat) / (1.0 - sinlat)).log() / math.pi
+    return 0.5 - 0.25 * ((1.0 + sinlat) / (1.0 - sinlat)).log() * (1.0 / math.pi)
 
 
 def tile_x(lng: pl.Expr, level: int) -> pl.Expr:
@@ -67,6 +69,61 @@ def _spread_bits(v: pl.Expr) -> pl.Expr:
 def morton(x: pl.Expr, y: pl.Expr) -> pl.Expr:
     """Cell key: x and y bits interleaved, y above x (the quadkey as a number)."""
     return _spread_bits(x) | (_spread_bits(y) * 2)
+
+
+KEY_LEVEL = 30  # a report's tile key: its Morton key at this level; any coarser level's is a shift
+
+
+def tile_key(lng: pl.Expr, lat: pl.Expr) -> pl.Expr:
+    """A position's Morton key at :data:`KEY_LEVEL` (UInt64); ``key >> 2 * (KEY_LEVEL - z)`` is its key at ``z``.
+
+    Scaling by a power of two is exact, so the shifted key is the key
+    :func:`tile_x` and :func:`tile_y` give at the coarser level.
+    """
+    return morton(tile_x(lng, KEY_LEVEL), tile_y(lat, KEY_LEVEL))
+
+
+def _sql_double(value: float) -> str:
+    return f"'{value!r}'::DOUBLE"  # a numeric literal would be a DECIMAL first: not the same bits
+
+
+def _sql_index(v: str, level: int) -> str:
+    z2 = _sql_double(float(2**level))
+    return (
+        f"(CASE WHEN {v} <= 0 THEN 0 WHEN {v} >= 1 THEN {2**level - 1} "
+        f"ELSE CAST(floor(({v} + {_sql_double(EPSILON)}) * {z2}) AS UBIGINT) END)::UBIGINT"
+    )
+
+
+_SPREAD_STEPS = (
+    (16, 0x0000FFFF0000FFFF),
+    (8, 0x00FF00FF00FF00FF),
+    (4, 0x0F0F0F0F0F0F0F0F),
+    (2, 0x3333333333333333),
+    (1, 0x5555555555555555),
+)
+
+
+def _sql_spread(column: str) -> str:
+    # bit i of a column (< 2**32) to bit 2i; each step names the one before twice,
+    # so this takes a column, not an expression
+    v = column
+    for shift, mask in _SPREAD_STEPS:
+        v = f"(({v} | ({v} << {shift})) & {mask}::UBIGINT)"
+    return v
+
+
+def tile_key_sql(lng: str, lat: str) -> tuple[str, str, str]:
+    """DuckDB SQL for :func:`tile_key`: the same operations in the same order, so the same bits.
+
+    Returns the tile column and row at :data:`KEY_LEVEL` (select them as
+    ``_x`` and ``_y``) and the key over those two columns.
+    """
+    x = f"({lng} * {_sql_double(1.0 / 360.0)} + {_sql_double(0.5)})"
+    sinlat = f"sin({lat} * {_sql_double(math.pi / 180.0)})"
+    ratio = f"(({_sql_double(1.0)} + {sinlat}) / ({_sql_double(1.0)} - {sinlat}))"
+    y = f"({_sql_double(0.5)} - {_sql_double(0.25)} * ln({ratio}) * {_sql_double(1.0 / math.pi)})"
+    return _sql_index(x, KEY_LEVEL), _sql_index(y, KEY_LEVEL), f"({_sql_spread('_x')} | ({_sql_spread('_y')} << 1))"
 
 
 def _compact(v: np.ndarray) -> np.ndarray:

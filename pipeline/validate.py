@@ -48,6 +48,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from . import tilemath
 from .config import FileSource, PostgresSource, Rules
 from .schema import METRICS, REPORT_COLUMNS
 from .sources.staging import literal, quote
@@ -282,7 +283,14 @@ def validate_source(
     try:
         con.execute("DELETE FROM reports WHERE source = $source", {"source": name})
         con.execute("DELETE FROM rejected_reports WHERE source = $source", {"source": name})
-        con.execute(f"INSERT INTO reports SELECT {_canonical_select()} FROM _checked WHERE reason IS NULL")
+        # In a fixed order (a parallel insert's is not): a cell's sums add its
+        # reports in this order, so the same input gives the same bits.
+        x, y, key = tilemath.tile_key_sql("_lng", "_lat")
+        con.execute(
+            f"""INSERT INTO reports SELECT {_canonical_select()}, {key} AS tile_key
+                FROM (SELECT *, {x} AS _x, {y} AS _y FROM _checked WHERE reason IS NULL)
+                ORDER BY file, row_number"""
+        )
         fields = ", ".join(f"'{c}', {quote(c)}" for c in REPORT_COLUMNS if c != "source")
         con.execute(
             f"""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import duckdb
 
-from . import atomic
+from . import atomic, tilemath
 from .defaults import DEFAULTS
 from .duck import connect
 from .errors import WarehouseBusyError
@@ -130,9 +130,21 @@ def writer(db: str | Path, timeout: float = DEFAULTS.lock_timeout_s) -> Iterator
                 con.execute(ddl(table))
                 for name, typ in columns.items():  # a warehouse from an older version
                     con.execute(f'ALTER TABLE {table} ADD COLUMN IF NOT EXISTS "{name}" {typ}')
+            _fill_tile_keys(con)
             yield con
         finally:
             con.close()
+
+
+def _fill_tile_keys(con: duckdb.DuckDBPyConnection) -> None:
+    """Key the reports an older version wrote without one (a no-op once done)."""
+    if con.execute("SELECT count(*) FROM reports WHERE tile_key IS NULL").fetchone()[0]:
+        x, y, key = tilemath.tile_key_sql("lng", "lat")
+        con.execute(
+            f"""UPDATE reports SET tile_key = k.key FROM
+                (SELECT rowid AS r, {key} AS key FROM (SELECT rowid, {x} AS _x, {y} AS _y FROM reports
+                 WHERE tile_key IS NULL)) AS k WHERE reports.rowid = k.r"""
+        )
 
 
 @contextmanager

@@ -62,8 +62,8 @@ def run_extraction(cfg: Config, as_of: datetime = AS_OF):
 
 
 def plan_for(cfg: Config, tileset: str, as_of: datetime = AS_OF) -> plan.Plan:
-    """What a build's first step does: resolve the plan and freeze it in the work folder."""
-    frozen = plan.make(cfg, tileset, as_of)
+    """What a build's first step does: resolve the plan, split it into shards, freeze it in the work folder."""
+    frozen = build.split(plan.make(cfg, tileset, as_of))
     plan.write(frozen)
     return frozen
 

@@ -360,7 +360,7 @@ def test_community_needs_adapter(server, tmp_path):
     assert counts["read"] == 7 and counts["rejected"] == {"missing_coordinates": 1}
     summary = json.loads((cfg.home / "work" / "needs" / "scoring.json").read_text())
     assert summary["excluded"] == {"not_public": 1, "expired": 1, "folded_into_entity": 1}
-    points = pl.read_parquet(cfg.home / "work" / "needs" / "scored.parquet")
+    points = pl.read_parquet(cfg.home / "work" / "needs" / "shards" / "0" / "scored.parquet")
     assert sorted(points.get_column("weight")) == [1.0, 5.0, 10.0]  # b: its public info; legacy: notice; a: urgent
     over = json.loads(
         (

@@ -1,0 +1,211 @@
+"""Spatial shards: each reads its own reports, and the published bytes never depend on how many there are."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline import build, paths, plan, publish, tilemath, warehouse
+from pipeline.config import load_config
+from pipeline.errors import ConfigError, PlanError
+
+from .conftest import AS_OF, REPO, run_extraction
+
+
+def published_as(cfg, tileset: str, out: Path, **changes) -> Path:
+    """Build and publish ``tileset`` into ``out`` with its settings changed; the snapshot folder."""
+    made = plan.make(cfg, tileset, AS_OF)
+    frozen = build.split(replace(made, settings=made.settings.model_copy(update=changes), output=out))
+    plan.write(frozen)
+    build.score_tileset(frozen)
+    build.build_cells(frozen)
+    publish.select_tileset(frozen)
+    publish.stage_snapshot(frozen)
+    return publish.finalize_snapshot(frozen).path
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """Every file of a snapshot by its content, the manifest without its shard count."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            data = path.read_bytes()
+            if path.name == "manifest.json":
+                manifest = json.loads(data)
+                assert manifest["config"].pop("shards") is not None  # the manifest records the count
+                data = json.dumps(manifest, sort_keys=True).encode()
+            out[str(path.relative_to(folder))] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def test_the_sql_tile_key_is_the_polars_one_and_mercantiles():
+    rng = np.random.default_rng(7)
+    lng = np.r_[rng.uniform(-180, 180, 50_000), -180.0, 180.0, 0.0, 179.9999999999]
+    lat = np.r_[rng.uniform(-86, 86, 50_000), 0.0, 0.0, -85.0511287798066, 85.0511287798066]
+    frame = pl.DataFrame({"lng": lng, "lat": lat})
+    x, y, key = tilemath.tile_key_sql("lng", "lat")
+    by_sql = duckdb.sql(f"SELECT {key} AS k FROM (SELECT *, {x} AS _x, {y} AS _y FROM frame)").pl()["k"]
+    by_polars = frame.select(tilemath.tile_key(pl.col("lng"), pl.col("lat")).alias("k"))["k"]
+    assert by_sql.to_list() == by_polars.to_list()
+    # the key at a coarser zoom is a shift of it, and is mercantile's tile
+    import mercantile
+
+    for i in rng.integers(0, len(lng), 200):
+        for z in (0, 7, 18):
+            t = mercantile.tile(lng[i], lat[i], z)
+            cx, cy = tilemath.cell_xy(np.array([by_sql[int(i)] >> (2 * (tilemath.KEY_LEVEL - z))], np.uint64))
+            assert (int(cx[0]), int(cy[0])) == (t.x, t.y)
+
+
+def write_points(path: Path, seed: int, n: int, clusters: int) -> None:
+    rng = np.random.default_rng(seed)
+    centres = np.c_[rng.uniform(-120, 140, clusters), rng.uniform(-50, 60, clusters)]
+    which = rng.integers(0, clusters, n)
+    spread = rng.choice([0.001, 0.05, 2.0], n)
+    pl.DataFrame(
+        {
+            "id": np.arange(n),
+            "lng": np.clip(centres[which, 0] + rng.normal(0, 1, n) * spread, -179.9, 179.9),
+            "lat": np.clip(centres[which, 1] + rng.normal(0, 1, n) * spread, -80, 80),
+            "category": rng.choice(["pothole", "crack", "flooding", "debris"], n),
+            "severity": rng.integers(1, 6, n),
+            "observed_at": [f"2026-10-{1 + int(d):02d}T12:00:00Z" for d in rng.integers(0, 30, n)],
+        }
+    ).write_csv(path)
+
+
+def config_for(write_config, tmp_path: Path, **tileset) -> object:
+    columns = {c: c for c in ("lat", "lng", "category", "severity", "observed_at")}
+    return load_config(
+        write_config(
+            {
+                "sources": {
+                    "pts": {
+                        "kind": "file",
+                        "path": str(tmp_path / "pts.csv"),
+                        "columns": {"report_id": "id", **columns},
+                    }
+                },
+                "tilesets": {"pts": {"source": "pts", "minzoom": 0, "maxzoom": 12, **tileset}},
+            }
+        )
+    )
+
+
+def test_split_covers_every_key_in_order_and_balances_reports(write_config, tmp_path):
+    write_points(tmp_path / "pts.csv", seed=1, n=5000, clusters=40)
+    cfg = config_for(write_config, tmp_path, shards=8)
+    run_extraction(cfg)
+    frozen = build.split(plan.make(cfg, "pts", AS_OF))
+    starts, ends = zip(*frozen.shards)
+    assert starts[0] == 0 and ends[-1] == 1 << 60 and list(starts[1:]) == list(ends[:-1])
+    assert all(lo <= hi for lo, hi in frozen.shards)
+    shift = 2 * (tilemath.KEY_LEVEL - frozen.shard_zoom)
+    assert all(lo % (1 << shift) == 0 for lo in starts)  # whole tiles at the shard zoom
+    with warehouse.reader(cfg.warehouse_path) as con:
+        counts = [
+            con.execute("SELECT count(*) FROM reports WHERE tile_key >= ? AND tile_key < ?", list(r)).fetchone()[0]
+            for r in frozen.shards
+        ]
+        biggest_tile = con.execute(
+            f"SELECT max(n) FROM (SELECT count(*) n FROM reports GROUP BY tile_key >> {shift})"
+        ).fetchone()[0]
+    assert sum(counts) == 5000
+    assert max(counts) <= 5000 / 8 + biggest_tile  # balanced up to one tile
+
+
+def test_auto_takes_one_shard_per_shard_reports(write_config, tmp_path):
+    write_points(tmp_path / "pts.csv", seed=2, n=1000, clusters=30)
+    cfg = config_for(write_config, tmp_path, shards="auto", shard_reports=300, shard_zoom=10)
+    run_extraction(cfg)
+    assert len(build.split(plan.make(cfg, "pts", AS_OF)).shards) == 4
+
+
+def test_a_warehouse_without_tile_keys_is_a_clear_error(write_config, tmp_path):
+    write_points(tmp_path / "pts.csv", seed=3, n=50, clusters=3)
+    cfg = config_for(write_config, tmp_path)
+    run_extraction(cfg)
+    con = duckdb.connect(str(cfg.warehouse_path))
+    con.execute("UPDATE reports SET tile_key = NULL")
+    con.close()
+    with pytest.raises(PlanError, match="no tile keys"):
+        build.split(plan.make(cfg, "pts", AS_OF))
+    with warehouse.writer(cfg.warehouse_path):  # the next extraction's connection keys them again
+        pass
+    assert len(build.split(plan.make(cfg, "pts", AS_OF)).shards) == 1
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1, 400),
+    clusters=st.integers(1, 12),
+    shards=st.sampled_from([2, 3, 7, 64]),
+    shard_zoom=st.integers(0, 10),
+    profile=st.sampled_from(["generic", "road_conditions"]),
+    min_count=st.sampled_from([1, 3]),
+)
+def test_any_sharding_publishes_the_same_bytes(
+    write_config, tmp_path_factory, seed, n, clusters, shards, shard_zoom, profile, min_count
+):
+    tmp = tmp_path_factory.mktemp("shards")
+    write_points(tmp / "pts.csv", seed, n, clusters)
+    columns = {c: c for c in ("lat", "lng", "category", "severity", "observed_at")}
+    path = tmp / "hotspots.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "home": str(tmp / ".hotspots"),
+                "output": str(tmp / "output"),
+                "sources": {
+                    "pts": {"kind": "file", "path": str(tmp / "pts.csv"), "columns": {"report_id": "id", **columns}}
+                },
+                "tilesets": {"pts": {"source": "pts", "profile": profile, "maxzoom": 10, "min_count": min_count}},
+            }
+        )
+    )
+    cfg = load_config(path)
+    run_extraction(cfg)
+    one = published_as(cfg, "pts", tmp / "one", shards=1, shard_zoom=shard_zoom)
+    many = published_as(cfg, "pts", tmp / "many", shards=shards, shard_zoom=shard_zoom)
+    assert digests(one) == digests(many)
+
+
+def test_the_default_run_publishes_the_same_bytes_with_1_7_and_64_shards(tmp_path):
+    cfg = load_config(REPO / "hotspots.yaml")
+    cfg = cfg.model_copy(update={"home": tmp_path / ".hotspots", "output": tmp_path / "output", "roots": [tmp_path]})
+    run_extraction(cfg)
+    for tileset in cfg.tilesets:
+        snapshots = [published_as(cfg, tileset, tmp_path / f"out-{n}", shards=n) for n in (1, 7, 64)]
+        first = digests(snapshots[0])
+        assert len(first) > 20
+        for other in snapshots[1:]:
+            assert digests(other) == first, tileset
+        # shards really split the work: 7 of them, each with its own reports
+        work = paths.Work.of(cfg.home, tileset)
+        scored = [pl.read_parquet(work.shard(i).scored).height for i in range(64)]
+        assert sum(scored) == build.read_scoring(work)["scored"]
+        assert sum(1 for s in scored if s) > 1, tileset
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"shards": 0}, r"tilesets\.pts\.shards: must be auto or a count from 1 to 256, got 0"),
+        ({"shards": "many"}, r"tilesets\.pts\.shards: must be auto or a count"),
+        ({"shard_zoom": 13}, r"tilesets\.pts\.shard_zoom: must be auto or between minzoom and maxzoom \(0\.\.12\)"),
+    ],
+)
+def test_bad_shard_settings_name_the_key(write_config, tmp_path, changes, message):
+    (tmp_path / "pts.csv").write_text("id,lat,lng\n")
+    with pytest.raises(ConfigError, match=message):
+        config_for(write_config, tmp_path, **changes)
