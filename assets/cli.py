@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import multiprocessing
 import os
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from pipeline.config import ConfigError, check_inputs, load_config, parse_as_of
 from pipeline.errors import HotspotsError, InputPathError, PlanError
 
 from .extraction import REJECTED_SHARE_STEP
-from .location import EXTRACT_JOB, PUBLISH_JOB, build_definitions
+from .location import EXTRACT_JOB, PLAN_JOB, PUBLISH_JOB, SHARD_JOB, build_definitions
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,25 +117,82 @@ def _run_jobs(args, cfg, defs, instance, tilesets: list[str], sources: list[str]
     for loss in lost.values():
         print(f"hotspots: {loss}", file=sys.stderr)
     failed = bool(lost)
-    for name in tilesets:
-        if cfg.tilesets[name].source in lost:
-            continue
-        # the job's steps take the tileset's lease (other runs of it wait); a job that
-        # stops early hands it back here instead of letting it expire
-        ok, run_id, failures = _execute(defs, PUBLISH_JOB, params, instance, args.verbose, partition=name)
-        warehouse.release(cfg.work(name).lease, run_id)
-        if not ok:
-            loss = None if args.force else _tileset_loss(cfg, name)
-            if loss is None:
-                _say_failures(failures)
-                return 1
-            print(f"hotspots: {loss}", file=sys.stderr)
-            failed = True
-            continue
-        _print_tileset(cfg, name)
+    with ExitStack() as stack:
+        shard_runner = _ShardRunner(cfg, args.verbose, stack)
+        for name in tilesets:
+            if cfg.tilesets[name].source in lost:
+                continue
+            ok, failures = _build(defs, cfg, name, params, instance, args.verbose, shard_runner)
+            if not ok:
+                loss = None if args.force else _tileset_loss(cfg, name)
+                if loss is None:
+                    _say_failures(failures)
+                    return 1
+                print(f"hotspots: {loss}", file=sys.stderr)
+                failed = True
+                continue
+            _print_tileset(cfg, name)
     if not failed:
         print(f"map: `hotspots serve{_config_flag(args)}` (make serve), then open http://127.0.0.1:8000/index.html")
     return 1 if failed else 0
+
+
+def _build(defs, cfg, name: str, params: dict, instance, verbose: bool, shard_runner) -> tuple[bool, list]:
+    """One tileset's build: its plan, its shards (side by side), then the merge and publication."""
+    ok, run_id, failures = _execute(defs, PLAN_JOB, params, instance, verbose, partition=name)
+    if not ok:
+        return False, failures
+    shards = [dg.MultiPartitionKey({"tileset": name, "shard": str(i)}) for i in range(_shard_count(cfg, name))]
+    results = shard_runner.run(defs, params, instance, shards)
+    failures = [f for ok, _, fs in results for f in fs]
+    if not all(ok for ok, _, _ in results):
+        return False, failures
+    # the job's steps take the tileset's lease (other runs of it wait); a job that
+    # stops early hands it back here instead of letting it expire
+    ok, run_id, failures = _execute(defs, PUBLISH_JOB, params, instance, verbose, partition=name)
+    warehouse.release(cfg.work(name).lease, run_id)
+    return ok, failures
+
+
+def _shard_count(cfg, name: str) -> int:
+    return len(plan.read(cfg.work(name).plan).shards)
+
+
+class _ShardRunner:
+    """Runs a build's shards: one in this process, more side by side in worker processes (one per core).
+
+    Each shard is a run of the ``shard`` job (a partition), recorded in the
+    same Dagster instance, as a deployment's run launcher would run them.
+    """
+
+    def __init__(self, cfg, verbose: bool, stack: ExitStack) -> None:
+        self.cfg, self.verbose, self.stack, self.pool = cfg, verbose, stack, None
+
+    def run(self, defs, params: dict, instance, keys: list) -> list[tuple[bool, str, list]]:
+        workers = min(len(keys), os.cpu_count() or 1)
+        if workers <= 1:
+            return [_execute(defs, SHARD_JOB, params, instance, self.verbose, partition=k) for k in keys]
+        if self.pool is None:  # started once per command: each worker loads the definitions once
+            context = multiprocessing.get_context("spawn")  # no fork of a process holding DuckDB and Dagster
+            self.pool = self.stack.enter_context(
+                ProcessPoolExecutor(
+                    workers, mp_context=context, initializer=_worker_start, initargs=(str(self.cfg.file),)
+                )
+            )
+        return list(self.pool.map(_worker_shard, [(params, k, self.verbose) for k in keys]))
+
+
+_WORKER: dict = {}
+
+
+def _worker_start(config: str) -> None:
+    cfg = load_config(config)
+    _WORKER.update(defs=build_definitions(cfg.file), instance=_instance(cfg))
+
+
+def _worker_shard(job: tuple) -> tuple[bool, str, list]:
+    params, key, verbose = job
+    return _execute(_WORKER["defs"], SHARD_JOB, params, _WORKER["instance"], verbose, partition=key)
 
 
 def _lost_sources(cfg, sources: list[str]) -> dict:

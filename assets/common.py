@@ -14,7 +14,7 @@ from pipeline.config import Config, parse_as_of
 from pipeline.errors import PlanError
 from pipeline.paths import Work
 
-PLANNER = dg.AssetKey("scored_reports")  # the first step of a build: it freezes the plan
+PLANNER = dg.AssetKey("build_plan")  # the first step of a build: it freezes the plan
 
 
 class RunParams(dg.Config):
@@ -52,7 +52,7 @@ def work_step(context: Context, work: Work, last: bool = False) -> Iterator[None
 def freeze_plan(context: Context, params: RunParams, cfg: Config) -> plan.Plan:
     """The plan of this run's build of the partition's tileset, resolved from the config once.
 
-    Only the first step (``scored_reports``) calls this; it writes the plan
+    Only the first step (``build_plan``) calls this; it writes the plan
     into the work folder (under the lease) and names the file in its
     materialization, where every later step finds it.
     """
@@ -64,20 +64,33 @@ def freeze_plan(context: Context, params: RunParams, cfg: Config) -> plan.Plan:
 
 @contextmanager
 def planned_step(context: Context, last: bool = False, lease: bool = True) -> Iterator[plan.Plan]:
-    """A later step of a build: the work folder's lease, and the plan its scoring step froze.
+    """A later step of a build: the work folder's lease, and the plan its first step froze.
 
     ``last``: the build's last step hands the lease back; ``lease=False``: a
     check after it, which reads only what is published.
     """
+    work = _planned_work(context, context.partition_key)
+    with work_step(context, work, last=last) if lease else nullcontext():
+        yield plan.read(work.plan)
+
+
+@contextmanager
+def shard_step(context: Context, tileset: str, i: int) -> Iterator[plan.Plan]:
+    """A shard's step: the shard's own lease (a build's shards run side by side), and its build's plan."""
+    work = _planned_work(context, tileset)
+    with warehouse.run_step(work.shard(i).lease, context.run.run_id, last=True):
+        yield plan.read(work.plan)
+
+
+def _planned_work(context: Context, tileset: str) -> Work:
+    """The work folder the tileset's latest plan was frozen in (named by its materialization)."""
     records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=PLANNER, asset_partitions=[context.partition_key]), limit=1
+        dg.AssetRecordsFilter(asset_key=PLANNER, asset_partitions=[tileset]), limit=1
     ).records
     entry = records[0].asset_materialization.metadata.get("plan") if records else None
     if entry is None:
-        raise PlanError(f"tileset {context.partition_key} has no plan yet: materialize {PLANNER.to_user_string()}")
-    work = Work(Path(entry.value).parent)
-    with work_step(context, work, last=last) if lease else nullcontext():
-        yield plan.read(work.plan)
+        raise PlanError(f"tileset {tileset} has no plan yet: materialize {PLANNER.to_user_string()}")
+    return Work(Path(entry.value).parent)
 
 
 def resolve_as_of(context: Context, params: RunParams, tileset_as_of: datetime | None = None) -> datetime:

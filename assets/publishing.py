@@ -166,14 +166,31 @@ def _schedule(name: str, cron: str, job, description: str | None = None) -> dg.S
     )
 
 
-def schedules_and_sensors(extract_job, publish_job, partitions: dg.StaticPartitionsDefinition) -> list:
+def _sensor(name: str, status: dg.DagsterRunStatus, watched, requested, description: str):
+    """A sensor (on by default) that runs ``requested`` when a run of ``watched`` reaches ``status``."""
+    return dg.run_status_sensor(
+        run_status=status,
+        monitored_jobs=[watched],
+        request_job=requested,
+        name=name,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=description,
+    )
+
+
+BUILD_TAG, SHARDS_TAG, TILESET_TAG = "hotspots/build", "hotspots/shards", "hotspots/tileset"
+
+
+def schedules_and_sensors(
+    extract_job, plan_job, shard_job, publish_job, partitions: dg.StaticPartitionsDefinition
+) -> list:
     """``hourly_publish`` (seed 000's hourly snapshot), ``nightly_retention``, and the
-    sensor that publishes every tileset after a successful extraction."""
+    sensors that carry a build on: extraction -> each tileset's plan -> its shards -> its publication."""
     hourly = _schedule(
         "hourly_publish",
         "0 * * * *",
         extract_job,
-        "Extract every source; `publish_after_extract` then publishes each tileset.",
+        "Extract every source; `publish_after_extract` then plans each tileset's build.",
     )
     nightly = _schedule("nightly_retention", "0 2 * * *", retention_job)
 
@@ -192,27 +209,25 @@ def schedules_and_sensors(extract_job, publish_job, partitions: dg.StaticPartiti
             yield dg.RunRequest(
                 run_key=f"{run.run_id}:{name}",
                 partition_key=name,
-                run_config={"ops": {"scored_reports": {"config": config}}},
+                run_config={"ops": {"build_plan": {"config": config}}},
             )
 
-    @dg.run_status_sensor(
-        run_status=dg.DagsterRunStatus.SUCCESS,
-        monitored_jobs=[extract_job],
-        request_job=publish_job,
-        name="publish_after_extract",
-        default_status=dg.DefaultSensorStatus.RUNNING,
-        description="After an extraction, publish each tileset it read; its time is their default as_of.",
+    @_sensor(
+        "publish_after_extract",
+        dg.DagsterRunStatus.SUCCESS,
+        extract_job,
+        plan_job,
+        "After an extraction, plan the build of each tileset it read; its time is their default as_of.",
     )
     def publish_after_extract(context: dg.RunStatusSensorContext):
         yield from publish_requests(context)
 
-    @dg.run_status_sensor(
-        run_status=dg.DagsterRunStatus.FAILURE,
-        monitored_jobs=[extract_job],
-        request_job=publish_job,
-        name="publish_after_partial_extract",
-        default_status=dg.DefaultSensorStatus.RUNNING,
-        description="An extraction whose reports were validated but whose `rejected_share` check failed "
+    @_sensor(
+        "publish_after_partial_extract",
+        dg.DagsterRunStatus.FAILURE,
+        extract_job,
+        plan_job,
+        "An extraction whose reports were validated but whose `rejected_share` check failed "
         "(a source lost its data): publish its tilesets anyway; each tileset's blocking `publish_guard` "
         "keeps the live snapshot of a tileset whose source lost its data, and the others are published.",
     )
@@ -222,4 +237,57 @@ def schedules_and_sensors(extract_job, publish_job, partitions: dg.StaticPartiti
             return  # extraction itself failed (the warehouse kept what it had), or conservation did
         yield from publish_requests(context)
 
-    return [hourly, nightly, publish_after_extract, publish_after_partial_extract]
+    @_sensor(
+        "shards_after_plan",
+        dg.DagsterRunStatus.SUCCESS,
+        plan_job,
+        shard_job,
+        "After a tileset's plan, run each of its shards (a run each: the executor and run "
+        "coordinator decide how many at once).",
+    )
+    def shards_after_plan(context: dg.RunStatusSensorContext):
+        run = context.dagster_run
+        if run.tags.get("hotspots/launched_by") == "cli":
+            return
+        tileset = run.tags["dagster/partition"]
+        events = context.instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
+        n = next(int(e.asset_materialization.metadata["shards"].value) for e in events)
+        tags = {BUILD_TAG: run.run_id, SHARDS_TAG: str(n), TILESET_TAG: tileset}
+        for i in range(n):
+            yield dg.RunRequest(
+                run_key=f"{run.run_id}:{i}",
+                partition_key=dg.MultiPartitionKey({"tileset": tileset, "shard": str(i)}),
+                tags=tags,
+            )
+
+    @_sensor(
+        "publish_after_shards",
+        dg.DagsterRunStatus.SUCCESS,
+        shard_job,
+        publish_job,
+        "Once every shard of a build has run, merge and publish its tileset.",
+    )
+    def publish_after_shards(context: dg.RunStatusSensorContext):
+        tags = context.dagster_run.tags
+        if BUILD_TAG not in tags:
+            return  # a shard run by hand: its tileset is published by hand too
+        done = context.instance.get_runs_count(
+            dg.RunsFilter(
+                job_name=shard_job.name, tags={BUILD_TAG: tags[BUILD_TAG]}, statuses=[dg.DagsterRunStatus.SUCCESS]
+            )
+        )
+        if done >= int(tags[SHARDS_TAG]):
+            yield dg.RunRequest(
+                run_key=f"{tags[BUILD_TAG]}:publish",
+                partition_key=tags[TILESET_TAG],
+                tags={BUILD_TAG: tags[BUILD_TAG]},
+            )
+
+    return [
+        hourly,
+        nightly,
+        publish_after_extract,
+        publish_after_partial_extract,
+        shards_after_plan,
+        publish_after_shards,
+    ]

@@ -1,8 +1,10 @@
-"""Per-tileset assets (partitioned by tileset): scored reports, then the cell pyramid.
+"""Per-tileset assets (partitioned by tileset): the plan, its shards (tileset x shard), scored reports, the pyramid.
 
 No ``from __future__ import annotations``: Dagster reads the ``config:`` annotation.
 """
 
+import os
+import socket
 import time
 
 import dagster as dg
@@ -11,28 +13,76 @@ from pipeline import build, guard
 from pipeline import plan as plans
 from resources import HotspotsResource
 
-from .common import RunParams, freeze_plan, markdown_table, planned_step, work_step, zooms_check
+from .common import RunParams, freeze_plan, markdown_table, planned_step, shard_step, work_step, zooms_check
+
+SHARD = "shard"  # the shard dimension of the `shards` asset (dynamic: keys "0", "1", ...)
+
+
+def shard_partitions(partitions: dg.PartitionsDefinition) -> dg.MultiPartitionsDefinition:
+    """Tileset x shard: each shard of a tileset's build is a partition of the ``shards`` asset."""
+    return dg.MultiPartitionsDefinition({"tileset": partitions, SHARD: dg.DynamicPartitionsDefinition(name=SHARD)})
 
 
 def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
-    """The per-tileset scoring and pyramid assets and their checks."""
+    """The per-tileset planning, shard, scoring and pyramid assets and their checks."""
 
-    @dg.asset(partitions_def=partitions, deps=["reports"], group_name="tilesets", kinds={"polars"})
-    def scored_reports(
-        context: dg.AssetExecutionContext, config: RunParams, hotspots: HotspotsResource
-    ) -> dg.MaterializeResult:
-        """Each valid report of the tileset's source weighted by its profile, or excluded with a reason (private:
-        `<home>/work/<tileset>/shards/<i>/scored.parquet`, one per spatial shard). The build's first step: it
-        splits the tileset into shards and freezes the plan every later step reads
-        (`<home>/work/<tileset>/plan.json`).
+    @dg.asset(partitions_def=partitions, deps=["reports"], group_name="tilesets", kinds={"duckdb"})
+    def build_plan(context: dg.AssetExecutionContext, config: RunParams, hotspots: HotspotsResource):
+        """The build's first step: the plan every later step reads (`<home>/work/<tileset>/plan.json`): the
+        tileset's settings and `as_of`, frozen, and its spatial shards (runs of whole tiles balanced by report
+        count; each is a partition of `shards`).
         """
         plan = freeze_plan(context, config, hotspots.load())
-        started = time.perf_counter()
-        with work_step(context, plan.work):
+        with work_step(context, plan.work, last=True):
             plan = build.split(plan)
             plans.write(plan)
-            result = build.score_tileset(plan)
-        seconds = round(time.perf_counter() - started, 3)
+            build.start(plan)
+        keys = [str(i) for i in range(len(plan.shards))]
+        known = set(context.instance.get_dynamic_partitions(SHARD))
+        context.instance.add_dynamic_partitions(SHARD, [k for k in keys if k not in known])
+        return dg.MaterializeResult(
+            metadata={
+                "shards": len(plan.shards),
+                "shard_zoom": plan.shard_zoom,
+                "as_of": plan.as_of.isoformat(),
+                "plan": dg.MetadataValue.path(str(plan.work.plan)),
+            }
+        )
+
+    @dg.asset(partitions_def=shard_partitions(partitions), deps=[build_plan], group_name="tilesets", kinds={"polars"})
+    def shards(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        """One spatial shard of a tileset: its own reports only (a range of the warehouse's tile keys), weighted,
+        and its cells from `maxzoom` down to the shard zoom (`<home>/work/<tileset>/shards/<i>/`, private).
+        Shards run in any order, on any executor; a shard the plan does not have does nothing.
+        """
+        key = context.partition_key.keys_by_dimension
+        tileset, i = key["tileset"], int(key[SHARD])
+        started = time.perf_counter()
+        with shard_step(context, tileset, i) as plan:
+            if i >= len(plan.shards):
+                return dg.MaterializeResult(metadata={"dagster/row_count": 0, "in_plan": False})
+            scored = build.run_shard(plan, i)
+            lo, hi = plan.shards[i]
+        return dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": scored.scored,
+                "in_plan": True,
+                "valid": scored.valid,
+                "tile_keys": f"[{lo}, {hi})",
+                "process": f"{socket.gethostname()}:{os.getpid()}",  # which worker ran it
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+        )
+
+    @dg.asset(partitions_def=partitions, deps=[shards], group_name="tilesets", kinds={"polars"})
+    def scored_reports(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        """Each valid report of the tileset's source weighted by its profile, or excluded with a reason, summed
+        from its shards (`<home>/work/<tileset>/scoring.json`; the weighted reports stay in each shard's
+        private `scored.parquet`).
+        """
+        started = time.perf_counter()
+        with planned_step(context) as plan:
+            result = build.merge_scoring(plan)
         ts = plan.settings
         return dg.MaterializeResult(
             metadata={
@@ -43,10 +93,9 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
                 ),
                 "profile": f"{ts.profile}" + (f" / {ts.preset}" if ts.preset else ""),
                 "as_of": plan.as_of.isoformat(),
-                "seconds": seconds,
                 "shards": len(plan.shards),
-                "path": dg.MetadataValue.path(str(plan.work.root / "shards")),
-                "plan": dg.MetadataValue.path(str(plan.work.plan)),
+                "seconds": round(time.perf_counter() - started, 3),
+                "path": dg.MetadataValue.path(str(plan.work.scoring)),
             }
         )
 
@@ -93,12 +142,12 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
 
     @dg.asset(partitions_def=partitions, deps=[scored_reports], group_name="tilesets", kinds={"polars", "parquet"})
     def cells(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        """Tile-aligned cells for every zoom, rolled up from the finest, shard by shard down to the shard zoom,
-        then merged (`<home>/work/<tileset>/cells/zoom=<z>/cells.parquet`, GeoParquet 1.1).
+        """Tile-aligned cells for every zoom: the shards' zooms side by side, the coarser zooms rolled up from their
+        cells at the shard zoom (`<home>/work/<tileset>/cells/zoom=<z>/cells.parquet`, GeoParquet 1.1).
         """
         started = time.perf_counter()
         with planned_step(context) as plan:
-            zooms = build.build_cells(plan)
+            zooms = build.merge_cells(plan)
             seconds = round(time.perf_counter() - started, 3)
             top = build.top_cells(plan, 5)
         return dg.MaterializeResult(
@@ -127,4 +176,4 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
             rows = build.check_pyramid(plan)
         return zooms_check(rows, ["z", "reports", "expected", "weight", "expected", "centroids inside"])
 
-    return [scored_reports, cells], [scoring_conservation, publish_guard, pyramid_conservation]
+    return [build_plan, shards, scored_reports, cells], [scoring_conservation, publish_guard, pyramid_conservation]

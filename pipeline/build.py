@@ -110,7 +110,7 @@ def _busiest(keys: np.ndarray, counts: np.ndarray, levels: int) -> int:
 
 
 class Scored(NamedTuple):
-    """What scoring a tileset (all its shards) gave: see ``scoring.json``."""
+    """What scoring a tileset (or one of its shards) gave: see ``scoring.json``."""
 
     valid: int
     scored: int
@@ -118,8 +118,22 @@ class Scored(NamedTuple):
     weight: float
 
 
+def start(plan: Plan) -> None:
+    """A new build: its shards' work from any earlier build is gone (a merge never mixes two plans)."""
+    shutil.rmtree(plan.work.root / "shards", ignore_errors=True)
+
+
+def run_shard(plan: Plan, i: int) -> Scored:
+    """Everything one shard does alone: score its reports, build its cells down to the shard zoom."""
+    scored = score_shard(plan, i)
+    shard_cells(plan, i)
+    return scored
+
+
 def score_shard(plan: Plan, i: int) -> Scored:
     """Score one shard's reports into its ``scored.parquet`` (+ ``scoring.json``)."""
+    if not 0 <= i < len(plan.shards):
+        raise PlanError(f"the plan of {plan.key} has {len(plan.shards)} shard(s), not a shard {i}")
     shard = plan.work.shard(i)
     reports = read_reports(plan.warehouse, plan.source, plan.shards[i])
     result = scoring.score_reports(reports, plan.profile, plan.filters, plan.as_of)
@@ -128,22 +142,33 @@ def score_shard(plan: Plan, i: int) -> Scored:
     scored = Scored(
         result.valid, result.scored.height, result.excluded, float(result.scored.get_column("weight").sum())
     )
-    _atomic(shard.scoring, lambda p: p.write_text(json.dumps(scored._asdict())))
+    _atomic(shard.scoring, lambda p: p.write_text(json.dumps({**scored._asdict(), "plan": plan.digest()})))
     return scored
 
 
 def score_tileset(plan: Plan) -> Scored:
     """Score every shard (one at a time: one shard's reports in memory), then sum into ``scoring.json``."""
+    start(plan)
+    for i in range(len(plan.shards)):
+        score_shard(plan, i)
+    return merge_scoring(plan)
+
+
+def merge_scoring(plan: Plan) -> Scored:
+    """The tileset's ``scoring.json``, summed from its shards' (each must be this plan's)."""
     started = time.perf_counter()
     if not plan.shards:
         raise PlanError(f"the plan of {plan.key} has no shards: make it with build.split")
-    shutil.rmtree(plan.work.root / "shards", ignore_errors=True)
-    parts = [score_shard(plan, i) for i in range(len(plan.shards))]
-    return merge_scoring(plan, parts, started)
-
-
-def merge_scoring(plan: Plan, parts: list[Scored], started: float) -> Scored:
-    """The tileset's ``scoring.json`` from its shards' counts."""
+    parts = []
+    for i in range(len(plan.shards)):
+        path = plan.work.shard(i).scoring
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PlanError(f"shard {i} of {plan.key} has not run (no {path})") from None
+        if doc.pop("plan") != plan.digest():
+            raise PlanError(f"shard {i} of {plan.key} was built for another plan: run it again")
+        parts.append(Scored(**doc))
     excluded: dict[str, int] = {}
     for part in parts:
         for reason, n in part.excluded.items():

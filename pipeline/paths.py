@@ -88,6 +88,11 @@ class Shard:
     scoring = _in_root("scoring.json")
     pivot = _in_root("pivot.npz")  # its cells at the shard zoom, with what the roll-up above needs
 
+    @property
+    def lease(self) -> Path:
+        """Keeps two runs of this shard apart (shards of one build run side by side)."""
+        return self.root.with_name(f"{self.root.name}.lease")
+
     def cells(self, z: int) -> Path:
         """Its cells of zoom ``z`` (at or below the shard zoom), before intensity (Arrow IPC)."""
         return self.root / "cells" / f"{z}.arrow"

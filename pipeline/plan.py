@@ -12,6 +12,7 @@ shard or a time slice of a tileset will be a key of its own.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
@@ -128,6 +129,10 @@ class Plan:
             "profile": jsonable(self.profile),
             "filters": jsonable(self.filters),
         }
+
+    def digest(self) -> str:
+        """Names this plan (what a shard's work records, so that a merge never mixes two plans)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
         doc = {

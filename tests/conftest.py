@@ -93,3 +93,34 @@ def extract_config(write_config):
         return cfg, staged, validated
 
     return run
+
+
+def execute_build(defs, instance, tileset: str, params: dict | None = None, raise_on_error: bool = True):
+    """A tileset's build as Dagster runs it: the plan job, a shard job per shard, the publish job.
+
+    ``params`` (RunParams) go to every op that takes config. Returns the last
+    run's result (the first that failed, if one did).
+    """
+    import dagster as dg
+
+    from assets.location import PLAN_JOB, PUBLISH_JOB, SHARD_JOB
+
+    def run(job_name: str, key):
+        job = defs.resolve_job_def(job_name)
+        ops = [n.name for n in job.graph.node_defs if n.config_schema is not None] if params is not None else []
+        return job.execute_in_process(
+            run_config={"ops": {op: {"config": params} for op in ops}},
+            partition_key=key,
+            instance=instance,
+            raise_on_error=raise_on_error,
+        )
+
+    planned = run(PLAN_JOB, tileset)
+    if not planned.success:
+        return planned
+    [meta] = [e.materialization.metadata for e in planned.get_asset_materialization_events()]
+    for i in range(meta["shards"].value):
+        shard = run(SHARD_JOB, dg.MultiPartitionKey({"tileset": tileset, "shard": str(i)}))
+        if not shard.success:
+            return shard
+    return run(PUBLISH_JOB, tileset)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 
 from pipeline import extract, warehouse
 from pipeline.config import load_config
@@ -67,16 +68,45 @@ def test_runs_are_recorded_in_the_instance_make_dev_shows(write_config, tmp_path
         _run("--config", str(path), "--tileset", "points", "--as-of", AS_OF.isoformat(), cwd=tmp_path).returncode == 0
     )
     with dg.DagsterInstance.local_temp(str(tmp_path / ".hotspots" / "dagster")) as instance:
-        runs = sorted((r.job_name, r.tags.get("dagster/partition", "")) for r in instance.get_runs())
-        assert runs == sorted(
-            [("extract", ""), ("publish", "campus"), ("publish", "points"), ("extract", ""), ("publish", "points")]
-        )
+        runs = sorted((r.job_name, _tileset(r)) for r in instance.get_runs())
+        builds = [(job, t) for t in ("campus", "points", "points") for job in ("plan", "shard", "publish")]
+        assert runs == sorted([("extract", ""), ("extract", ""), *builds])
         assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in instance.get_runs())
         published = instance.get_runs(dg.RunsFilter(job_name="publish", tags={"dagster/partition": "points"}))[0]
         events = [e.dagster_event for e in instance.all_logs(published.run_id) if e.dagster_event]
         assert any(e.is_step_materialization for e in events) and any(
             e.event_type_value == "ASSET_CHECK_EVALUATION" for e in events
         )
+
+
+def _tileset(run) -> str:
+    return run.tags.get("dagster/partition/tileset", run.tags.get("dagster/partition", ""))
+
+
+def test_a_sharded_build_runs_its_shards_side_by_side_and_publishes_the_same_bytes(write_config, tmp_path):
+    from .test_shards import digests
+
+    outputs = {}
+    for shards in (1, 3):
+        folder = tmp_path / f"s{shards}"
+        folder.mkdir()
+        rail = {"kind": "synthetic", "domain": "rail_disruptions", "count": 3000}
+        tileset = {"source": "rail", "profile": "rail_disruptions", "shards": shards, "shard_zoom": 13}
+        path = write_config({"sources": {"rail": rail}, "tilesets": {"rail": tileset}}, name=f"s{shards}/hotspots.yaml")
+        done = _run("--config", str(path), "--as-of", AS_OF.isoformat(), cwd=folder)
+        assert done.returncode == 0, done.stderr
+        latest = (folder / "output" / "rail" / "latest.json").read_text()
+        outputs[shards] = digests(folder / "output" / "rail" / __import__("json").loads(latest)["path"])
+        with dg.DagsterInstance.local_temp(str(folder / ".hotspots" / "dagster")) as instance:
+            runs = instance.get_runs(dg.RunsFilter(job_name="shard"))
+            assert sorted(r.tags["dagster/partition/shard"] for r in runs) == [str(i) for i in range(shards)]
+            assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+        scored = [
+            len(pl.read_parquet(p))
+            for p in sorted((folder / ".hotspots" / "work" / "rail" / "shards").glob("*/scored.parquet"))
+        ]
+        assert len(scored) == shards and all(scored)  # each shard scored its own reports
+    assert outputs[1] == outputs[3]
 
 
 def test_commands_opening_a_new_instance_at_once_leave_it_usable(tmp_path):

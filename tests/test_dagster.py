@@ -19,12 +19,12 @@ import pytest
 import yaml
 
 from assets.extraction import conservation, raw_reports, rejected_share, validated_reports
-from assets.location import EXTRACT_JOB, PUBLISH_JOB, build_definitions
+from assets.location import EXTRACT_JOB, PLAN_JOB, PUBLISH_JOB, SHARD_JOB, build_definitions
 from pipeline import build, publish, warehouse
 from pipeline.config import load_config
 from resources import HotspotsResource
 
-from .conftest import AS_OF, REPO
+from .conftest import AS_OF, REPO, execute_build
 
 BIN = Path(sys.executable).parent
 
@@ -67,6 +67,8 @@ def test_definitions_load(small_config):
         "raw_reports",
         "reports",
         "rejected_reports",
+        "build_plan",
+        "shards",
         "scored_reports",
         "cells",
         "selection",
@@ -84,13 +86,22 @@ def test_definitions_load(small_config):
     }
     publish = defs.resolve_job_def(PUBLISH_JOB)
     assert publish.partitions_def.get_partition_keys() == ["rail", "roads"]
+    assert defs.resolve_job_def(PLAN_JOB).partitions_def.get_partition_keys() == ["rail", "roads"]
+    shards = defs.resolve_job_def(SHARD_JOB).partitions_def  # tileset x shard
+    assert isinstance(shards, dg.MultiPartitionsDefinition)
+    assert {d.name for d in shards.partitions_defs} == {"tileset", "shard"}
     assert defs.resolve_job_def(EXTRACT_JOB).partitions_def is None
     schedules = {s.name: (s.cron_schedule, s.execution_timezone, s.job_name) for s in defs.schedules}
     assert schedules == {
         "hourly_publish": ("0 * * * *", "UTC", "extract"),
         "nightly_retention": ("0 2 * * *", "UTC", "retention"),
     }
-    assert [s.name for s in defs.sensors] == ["publish_after_extract", "publish_after_partial_extract"]
+    assert [s.name for s in defs.sensors] == [
+        "publish_after_extract",
+        "publish_after_partial_extract",
+        "shards_after_plan",
+        "publish_after_shards",
+    ]
 
 
 def test_materialize_everything(small_config, tmp_path):
@@ -105,13 +116,30 @@ def test_materialize_everything(small_config, tmp_path):
         instance=instance,
     )
     assert result.success
+    resources = {"hotspots": HotspotsResource(config_path=str(small_config))}
     for tileset in ("roads", "rail"):
+        planned = dg.materialize(
+            [*assets, *checks],
+            selection=dg.AssetSelection.assets("build_plan"),
+            partition_key=tileset,
+            resources=resources,
+            run_config=_params("build_plan"),
+            instance=instance,
+        )
+        assert planned.success
+        shard = dg.materialize(
+            [*assets, *checks],
+            selection=dg.AssetSelection.assets("shards"),
+            partition_key=dg.MultiPartitionKey({"tileset": tileset, "shard": "0"}),
+            resources=resources,
+            instance=instance,
+        )
+        assert shard.success
         published = dg.materialize(
             [*assets, *checks],
             selection=dg.AssetSelection.assets("scored_reports", "cells", "selection", "tiles", "snapshot"),
             partition_key=tileset,
-            resources={"hotspots": HotspotsResource(config_path=str(small_config))},
-            run_config=_params("scored_reports"),
+            resources=resources,
             instance=instance,
         )
         assert published.success
@@ -172,7 +200,7 @@ def test_sensor_publishes_every_tileset_after_an_extraction(small_config):
     requests = _after_extract(defs, instance, result)
     assert [r.partition_key for r in requests] == ["rail", "roads"]
     assert {r.run_key for r in requests} == {f"{result.run_id}:rail", f"{result.run_id}:roads"}
-    assert requests[0].run_config["ops"]["scored_reports"]["config"]["as_of"] == AS_OF.isoformat()
+    assert requests[0].run_config["ops"]["build_plan"]["config"]["as_of"] == AS_OF.isoformat()
 
 
 def test_conservation_check_fails_when_a_row_goes_missing(small_config):
@@ -260,20 +288,22 @@ def test_webserver_loads_the_hotspots_location(small_config, tmp_path):
 
 RUN_JOB = """
 import sys
-from datetime import datetime
+sys.path.insert(0, REPO)  # tests.conftest, from any working folder
 from assets.location import build_definitions
+from tests.conftest import execute_build
 import dagster as dg
 config, job_name, partition, as_of = sys.argv[1:5]
 defs = build_definitions(config)
-job = defs.resolve_job_def(job_name)
-op = "raw_reports" if job_name == "extract" else "scored_reports"
-ops = {op: {"config": {"as_of": as_of}}}
+instance = dg.DagsterInstance.ephemeral()
 if job_name == "extract":
     ops = {o: {"config": {"as_of": as_of}} for o in ("raw_reports", "validated_reports", "reports_conservation")}
-result = job.execute_in_process(run_config={"ops": ops}, partition_key=partition or None,
-                                instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    result = defs.resolve_job_def(job_name).execute_in_process(
+        run_config={"ops": ops}, instance=instance, raise_on_error=False
+    )
+else:  # a tileset's whole build: plan, shards, publish
+    result = execute_build(defs, instance, partition, {"as_of": as_of}, raise_on_error=False)
 print("OK" if result.success else "FAILED")
-"""
+""".replace("REPO", repr(str(REPO)), 1)
 
 
 def test_two_tilesets_and_an_extraction_at_the_same_time_all_succeed(small_config):
@@ -317,24 +347,9 @@ def test_a_dagster_run_beside_a_cli_run_of_the_same_tileset(small_config, tmp_pa
     )
     assert first.returncode == 0, first.stderr
     middle, later = AS_OF.replace(hour=15), AS_OF.replace(hour=18)
-    (tmp_path / "run.yaml").write_text(
-        json.dumps({"ops": {"scored_reports": {"config": {"as_of": middle.isoformat()}}}})
-    )
-    dagster_run = [
-        str(BIN / "dagster"),
-        "job",
-        "execute",
-        "-m",
-        "assets.definitions",
-        "-a",
-        "defs",
-        "-j",
-        PUBLISH_JOB,
-        "--tags",
-        json.dumps({"dagster/partition": "roads"}),
-        "-c",
-        "run.yaml",
-    ]
+    # the Dagster deployment's way: the plan, shard and publish jobs, recorded in $DAGSTER_HOME's instance
+    script = RUN_JOB.replace("dg.DagsterInstance.ephemeral()", "dg.DagsterInstance.get()")
+    dagster_run = [sys.executable, "-c", script, str(small_config), PUBLISH_JOB, "roads", middle.isoformat()]
     cli_run = [str(BIN / "hotspots"), "run", "--tileset", "roads", "--as-of", later.isoformat()]
     procs = [
         subprocess.Popen(
@@ -356,8 +371,8 @@ def test_a_dagster_run_beside_a_cli_run_of_the_same_tileset(small_config, tmp_pa
                 os.killpg(p.pid, signal.SIGKILL)
     for code, out in outcomes:
         assert code == 0, out[-4000:]
-        assert "WarehouseBusyError" not in out and "is busy" not in out, out[-4000:]
-    assert "RUN_SUCCESS" in outcomes[0][1]
+        assert "FAILED" not in out and "WarehouseBusyError" not in out and "is busy" not in out, out[-4000:]
+    assert outcomes[0][1].strip().endswith("OK")
     # each run published its own as_of, whole: its steps were not mixed with the other's
     snapshots = small_config.parent / "output" / "roads" / "snapshots"
     published = {
@@ -400,10 +415,8 @@ def test_the_sensor_honours_a_tilesets_yaml_as_of(write_config):
     )
     cfg = load_config(config)
     for request in _after_extract(defs, instance, extracted):
-        published = defs.resolve_job_def(PUBLISH_JOB).execute_in_process(
-            run_config=request.run_config, instance=instance, partition_key=request.partition_key
-        )
-        assert published.success
+        params = request.run_config["ops"]["build_plan"]["config"]
+        assert execute_build(defs, instance, request.partition_key, params).success
         scored_at = build.read_scoring(cfg.work(request.partition_key))["as_of"]
         assert scored_at == (own.isoformat() if request.partition_key == "pinned" else extracted_at)
 
@@ -429,7 +442,12 @@ def test_a_yaml_edit_between_steps_changes_nothing_in_a_planned_build(small_conf
     assert dg.materialize(
         [raw_reports, validated_reports], resources=resources, run_config=_params(*ALL_OPS[:2]), instance=instance
     ).success
-    assert steps("scored_reports", "cells", **_params("scored_reports")).success
+    assert steps("build_plan", **_params("build_plan")).success
+    shard = dg.MultiPartitionKey({"tileset": "roads", "shard": "0"})
+    assert dg.materialize(
+        everything, selection=["shards"], partition_key=shard, resources=resources, instance=instance
+    ).success
+    assert steps("scored_reports", "cells").success
     edited = yaml.safe_load(small_config.read_text())
     edited["tilesets"]["roads"].update(cell_detail=4, strata_detail=1, maxzoom=9, max_features_per_tile=40)
     small_config.write_text(yaml.safe_dump(edited))
@@ -446,7 +464,11 @@ def test_a_yaml_edit_between_steps_changes_nothing_in_a_planned_build(small_conf
     assert (config["cell_detail"], config["strata_detail"], config["max_features_per_tile"]) == (6, 3, 500)
     assert max(z["z"] for z in manifest["zooms"]) == 14 and manifest["key"] == "roads"
     # the next run plans again, from the edited YAML
-    assert steps("scored_reports", "cells", "selection", "tiles", "snapshot", **_params("scored_reports")).success
+    assert steps("build_plan", **_params("build_plan")).success
+    assert dg.materialize(
+        everything, selection=["shards"], partition_key=shard, resources=resources, instance=instance
+    ).success
+    assert steps("scored_reports", "cells", "selection", "tiles", "snapshot").success
     latest = publish.read_latest(cfg.published("roads"))
     manifest = json.loads((cfg.published("roads").root / latest["path"] / "manifest.json").read_text())
     assert manifest["config"]["cell_detail"] == 4 and max(z["z"] for z in manifest["zooms"]) == 9
@@ -465,3 +487,51 @@ def test_every_asset_check_and_sensor_says_what_it_is(small_config):
         assert sensor.description, sensor.name
     scored = next(a for a in defs.assets if dg.AssetKey("scored_reports") in a.keys)
     assert scored.descriptions_by_key[scored.key] == inspect.getdoc(scored.op.compute_fn.decorated_fn)
+
+
+def test_the_sensors_carry_a_build_from_its_plan_through_its_shards_to_its_snapshot(write_config):
+    """As the daemon does: extraction -> plan -> one run per shard -> publish once the last shard is done."""
+    config = write_config(
+        {
+            "sources": {"rail": {"kind": "synthetic", "domain": "rail_disruptions", "count": 1500}},
+            "tilesets": {"rail": {"source": "rail", "profile": "rail_disruptions", "shards": 3, "shard_zoom": 10}},
+        }
+    )
+    defs = build_definitions(config)
+    instance = dg.DagsterInstance.ephemeral()
+    extracted = defs.resolve_job_def(EXTRACT_JOB).execute_in_process(instance=instance)
+    [request] = _after_extract(defs, instance, extracted)
+    planned = defs.resolve_job_def(PLAN_JOB).execute_in_process(
+        run_config=request.run_config, partition_key="rail", instance=instance
+    )
+
+    def sensor_after(name: str, result) -> list[dg.RunRequest]:
+        sensor = defs.resolve_sensor_def(name)
+        context = dg.build_run_status_sensor_context(
+            sensor_name=name,
+            dagster_instance=instance,
+            dagster_run=result.dagster_run,
+            dagster_event=result.get_run_success_event(),
+        )
+        return list(sensor(context) or [])
+
+    shard_requests = sensor_after("shards_after_plan", planned)
+    assert [r.partition_key.keys_by_dimension for r in shard_requests] == [
+        {"tileset": "rail", "shard": str(i)} for i in range(3)
+    ]
+    assert set(instance.get_dynamic_partitions("shard")) >= {"0", "1", "2"}
+    publish_requests = []
+    for request in shard_requests:
+        run = defs.resolve_job_def(SHARD_JOB).execute_in_process(
+            partition_key=request.partition_key, tags=request.tags, instance=instance
+        )
+        publish_requests.append(sensor_after("publish_after_shards", run))
+    assert [len(r) for r in publish_requests] == [0, 0, 1]  # only once every shard is done
+    [final] = publish_requests[-1]
+    published = defs.resolve_job_def(PUBLISH_JOB).execute_in_process(
+        partition_key=final.partition_key, tags=final.tags, instance=instance
+    )
+    assert published.success
+    cfg = load_config(config)
+    assert build.read_scoring(cfg.work("rail"))["shards"] == 3
+    assert publish.verify_latest(cfg.published("rail")) is None

@@ -10,11 +10,11 @@ from pathlib import Path
 import dagster as dg
 
 from assets.extraction import conservation, raw_reports, rejected_share, validated_reports
-from assets.location import EXTRACT_JOB, PUBLISH_JOB, build_definitions
+from assets.location import EXTRACT_JOB, build_definitions
 from pipeline import strictjson
 from resources import HotspotsResource
 
-from .conftest import AS_OF, NYC_COLUMNS, shared_file
+from .conftest import AS_OF, NYC_COLUMNS, execute_build, shared_file
 
 HOTSPOTS = str(Path(sys.executable).parent / "hotspots")
 LATER = "2026-11-02T12:00:00+00:00"
@@ -210,12 +210,10 @@ def test_dagster_checks_carry_the_numbers_and_block_only_the_lost_source(write_c
     )
     requests = list(sensor(context))
     assert sorted(r.partition_key for r in requests) == ["nyc", "quakes"]
-    publish = defs.resolve_job_def(PUBLISH_JOB)
     outcomes = {}
     for request in requests:
-        run = publish.execute_in_process(
-            run_config=request.run_config, partition_key=request.partition_key, instance=instance, raise_on_error=False
-        )
+        params = request.run_config["ops"]["build_plan"]["config"]
+        run = execute_build(defs, instance, request.partition_key, params, raise_on_error=False)
         guard = [c for c in run.get_asset_check_evaluations() if c.check_name == "publish_guard"][0]
         outcomes[request.partition_key] = (run.success, guard.passed, guard.metadata)
     assert outcomes["quakes"][:2] == (True, True)
