@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from . import load, postgres, pyramid, retention, snapshot, ui
+from . import load, postgres, pyramid, retention, shards, snapshot, ui
 
 BENCHES = {
     "load": load.main,
     "postgres": postgres.main,
     "pyramid": pyramid.main,
     "snapshot": snapshot.main,
+    "shards": shards.main,
     "retention": retention.main,
     "ui": ui.main,
 }
@@ -19,6 +20,8 @@ BENCHES = {
 def main(argv: list[str]) -> int:
     if argv[:1] == ["snapshot"] and len(argv) > 1:  # `snapshot world`: one input
         return 0 if snapshot.main(names=argv[1:]) else 1
+    if argv[:1] == ["shards"] and len(argv) > 1:  # `shards 1000000`: another size
+        return 0 if shards.main(int(argv[1])) else 1
     names = argv or list(BENCHES)
     unknown = [n for n in names if n not in BENCHES]
     if unknown:

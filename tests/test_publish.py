@@ -278,7 +278,7 @@ def test_sigkill_at_random_points_always_leaves_a_complete_latest_snapshot(roads
             stderr=subprocess.PIPE,
         )
         try:
-            time.sleep(rng.uniform(0.6, 3.0))
+            time.sleep(rng.uniform(0.6, 4.0))
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
