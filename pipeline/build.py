@@ -233,7 +233,13 @@ def merge_cells(plan: Plan) -> list[ZoomSummary]:
     as ``cells/zoom=<z>/cells.parquet``; the same bytes whatever the sharding.
     """
     ts, work, pivot = plan.settings, plan.work, plan.shard_zoom
-    shards = [s for s in (work.shard(i) for i in range(len(plan.shards))) if s.pivot.exists()]
+    shards = []
+    for i in range(len(plan.shards)):
+        shard = work.shard(i)
+        if shard.pivot.exists():
+            shards.append(shard)
+        elif json.loads(shard.scoring.read_text())["scored"]:  # scored, but its cells were never finished
+            raise PlanError(f"shard {i} of {plan.key} has no cells: run it again")
     shutil.rmtree(work.cells_root, ignore_errors=True)
     summaries = []
 

@@ -209,3 +209,22 @@ def test_bad_shard_settings_name_the_key(write_config, tmp_path, changes, messag
     (tmp_path / "pts.csv").write_text("id,lat,lng\n")
     with pytest.raises(ConfigError, match=message):
         config_for(write_config, tmp_path, **changes)
+
+
+def test_a_merge_never_mixes_plans_or_misses_a_shard(write_config, tmp_path):
+    write_points(tmp_path / "pts.csv", seed=4, n=2000, clusters=20)
+    cfg = config_for(write_config, tmp_path, shards=3, shard_zoom=8)
+    run_extraction(cfg)
+    first = build.split(plan.make(cfg, "pts", AS_OF))
+    for i in range(3):
+        build.run_shard(first, i)
+    assert build.merge_scoring(first).scored == 2000
+    later = replace(first, as_of=AS_OF.replace(hour=13))  # another build's plan, same shards
+    with pytest.raises(PlanError, match="shard 0 of pts was built for another plan"):
+        build.merge_scoring(later)
+    first.work.shard(1).pivot.unlink()  # shard 1 stopped after scoring
+    with pytest.raises(PlanError, match="shard 1 of pts has no cells: run it again"):
+        build.merge_cells(first)
+    build.start(first)
+    with pytest.raises(PlanError, match="shard 0 of pts has not run"):
+        build.merge_scoring(first)
