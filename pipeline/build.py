@@ -202,16 +202,31 @@ def scored_rows(plan: Plan) -> int:
 
 
 def shard_cells(plan: Plan, i: int) -> None:
-    """One shard's cells, from ``maxzoom`` down to the shard zoom (no intensity yet: it is per zoom)."""
+    """One shard's cells, from ``maxzoom`` down to the shard zoom (no intensity yet: it is per zoom).
+
+    The only shard of a plan holds every zoom whole: it builds them all, as
+    GeoParquet with their intensity, for the merge to move into place.
+    """
     ts, shard = plan.settings, plan.work.shard(i)
     scored = pl.read_parquet(shard.scored)
-    shutil.rmtree(shard.root / "cells", ignore_errors=True)
+    for stale in (shard.root / "cells", shard.final, shard.root / "final-tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     shard.pivot.unlink(missing_ok=True)
     if scored.height == 0:
         return
-    (shard.root / "cells").mkdir(parents=True)
     finest = pyramid.finest(scored, plan.profile, ts.maxzoom + ts.cell_detail)
     del scored
+    if len(plan.shards) == 1:
+        frames = (
+            (f, int(f.get_column("z")[0]))
+            for f, _ in pyramid.roll_up(finest, ts.maxzoom, ts.minzoom, ts.cell_detail, plan.profile)
+        )
+        summaries = _write_zooms(frames, shard.root / "final-tmp", plan)
+        (shard.root / "final-tmp").mkdir(exist_ok=True)  # no cells at all still moves into place
+        _atomic(shard.root / "final.json", lambda p: p.write_text(json.dumps([s._asdict() for s in summaries])))
+        (shard.root / "final-tmp").rename(shard.final)
+        return
+    (shard.root / "cells").mkdir(parents=True)
     level = finest
     for frame, level in pyramid.roll_up(finest, ts.maxzoom, plan.shard_zoom, ts.cell_detail, plan.profile):  # noqa: B007
         z = int(frame.get_column("z")[0])
@@ -236,16 +251,39 @@ def merge_cells(plan: Plan) -> list[ZoomSummary]:
     shards = []
     for i in range(len(plan.shards)):
         shard = work.shard(i)
-        if shard.pivot.exists():
+        if shard.pivot.exists() or shard.final.exists():
             shards.append(shard)
         elif json.loads(shard.scoring.read_text())["scored"]:  # scored, but its cells were never finished
             raise PlanError(f"shard {i} of {plan.key} has no cells: run it again")
     shutil.rmtree(work.cells_root, ignore_errors=True)
-    summaries = []
+    if len(plan.shards) == 1 and shards:  # the only shard built every zoom: move them into place
+        summaries = [ZoomSummary(**z) for z in json.loads((shards[0].root / "final.json").read_text())]
+        shards[0].final.rename(work.cells_root)
+    else:
+
+        def zooms() -> Iterator[tuple[pl.DataFrame, int]]:
+            for z in range(ts.maxzoom, pivot - 1, -1):
+                yield pl.concat([pl.read_ipc(s.cells(z)) for s in shards]), z
+            top = pyramid.Level.concat([pyramid.Level.load(s.pivot) for s in shards])
+            for frame, _ in pyramid.roll_up(top, pivot, ts.minzoom, ts.cell_detail, plan.profile):
+                z = int(frame.get_column("z")[0])
+                if z < pivot:
+                    yield frame, z
+
+        summaries = _write_zooms(zooms() if shards else iter(()), work.cells_root, plan)
+    _atomic(
+        work.cells_summary,
+        lambda p: p.write_text(json.dumps([s._asdict() for s in summaries], indent=2)),
+    )
+    return summaries
+
+
+def _write_zooms(zooms: Iterator[tuple[pl.DataFrame, int]], root: Path, plan: Plan) -> list[ZoomSummary]:
+    """Whole zooms' cells, with their intensity, as ``<root>/zoom=<z>/cells.parquet``."""
 
     def write(frame: pl.DataFrame, z: int) -> ZoomSummary:
         frame = pyramid.with_intensity(frame, plan.profile)
-        size = geoparquet.write(frame, work.cells(z))
+        size = geoparquet.write(frame, root / f"zoom={z}" / "cells.parquet")
         return ZoomSummary(
             z,
             frame.height,
@@ -255,31 +293,18 @@ def merge_cells(plan: Plan) -> list[ZoomSummary]:
             size,
         )
 
-    def zooms() -> Iterator[tuple[pl.DataFrame, int]]:
-        for z in range(ts.maxzoom, pivot - 1, -1):
-            yield pl.concat([pl.read_ipc(s.cells(z)) for s in shards]), z
-        top = pyramid.Level.concat([pyramid.Level.load(s.pivot) for s in shards])
-        for frame, _ in pyramid.roll_up(top, pivot, ts.minzoom, ts.cell_detail, plan.profile):
-            z = int(frame.get_column("z")[0])
-            if z < pivot:
-                yield frame, z
-
+    summaries = []
     # a zoom's file is written while the next is read or rolled up (at most two zooms held)
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending = None
-        for frame, z in zooms() if shards else ():
+        for frame, z in zooms:
             if pending is not None:
                 summaries.append(pending.result())
             pending = writer.submit(write, frame, z)
             del frame
         if pending is not None:
             summaries.append(pending.result())
-    summaries.sort()
-    _atomic(
-        work.cells_summary,
-        lambda p: p.write_text(json.dumps([s._asdict() for s in summaries], indent=2)),
-    )
-    return summaries
+    return sorted(summaries)
 
 
 class PyramidCheck(NamedTuple):

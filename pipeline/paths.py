@@ -87,6 +87,7 @@ class Shard:
     scored = _in_root("scored.parquet")  # individual positions: never published
     scoring = _in_root("scoring.json")
     pivot = _in_root("pivot.npz")  # its cells at the shard zoom, with what the roll-up above needs
+    final = _in_root("final")  # a plan's only shard: every zoom's cells, ready to move into place
 
     @property
     def lease(self) -> Path:

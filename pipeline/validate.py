@@ -284,12 +284,14 @@ def validate_source(
         con.execute("DELETE FROM reports WHERE source = $source", {"source": name})
         con.execute("DELETE FROM rejected_reports WHERE source = $source", {"source": name})
         # In a fixed order (a parallel insert's is not): a cell's sums add its
-        # reports in this order, so the same input gives the same bits.
+        # reports in this order, so the same input gives the same bits. By tile
+        # key first: a shard's range of keys is a run of row groups, which
+        # DuckDB's zone maps find without reading the others.
         x, y, key = tilemath.tile_key_sql("_lng", "_lat")
         con.execute(
             f"""INSERT INTO reports SELECT {_canonical_select()}, {key} AS tile_key
                 FROM (SELECT *, {x} AS _x, {y} AS _y FROM _checked WHERE reason IS NULL)
-                ORDER BY file, row_number"""
+                ORDER BY tile_key, file, row_number"""
         )
         fields = ", ".join(f"'{c}', {quote(c)}" for c in REPORT_COLUMNS if c != "source")
         con.execute(
