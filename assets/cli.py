@@ -13,6 +13,7 @@ import argparse
 import fcntl
 import multiprocessing
 import os
+import secrets
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -138,20 +139,27 @@ def _run_jobs(args, cfg, defs, instance, tilesets: list[str], sources: list[str]
 
 
 def _build(defs, cfg, name: str, params: dict, instance, verbose: bool, shard_runner) -> tuple[bool, list]:
-    """One tileset's build: its plan, its shards (side by side), then the merge and publication."""
-    ok, run_id, failures = _execute(defs, PLAN_JOB, params, instance, verbose, partition=name)
-    if not ok:
-        return False, failures
-    shards = [dg.MultiPartitionKey({"tileset": name, "shard": str(i)}) for i in range(_shard_count(cfg, name))]
-    results = shard_runner.run(defs, params, instance, shards)
-    failures = [f for ok, _, fs in results for f in fs]
-    if not all(ok for ok, _, _ in results):
-        return False, failures
-    # the job's steps take the tileset's lease (other runs of it wait); a job that
-    # stops early hands it back here instead of letting it expire
-    ok, run_id, failures = _execute(defs, PUBLISH_JOB, params, instance, verbose, partition=name)
-    warehouse.release(cfg.work(name).lease, run_id)
-    return ok, failures
+    """One tileset's build: its plan, its shards (side by side), then the merge and publication.
+
+    The three runs hold the tileset's lease under one build name, so another
+    build of it (another command, a scheduled run) waits for the whole build;
+    a build that stops early hands the lease back here instead of letting it expire.
+    """
+    params = {**params, "build": f"cli-{secrets.token_hex(8)}"}
+    lease = cfg.work(name).lease
+    try:
+        ok, run_id, failures = _execute(defs, PLAN_JOB, params, instance, verbose, partition=name)
+        if not ok:
+            return False, failures
+        shards = [dg.MultiPartitionKey({"tileset": name, "shard": str(i)}) for i in range(_shard_count(cfg, name))]
+        results = shard_runner.run(defs, params, instance, shards)
+        if not all(ok for ok, _, _ in results):
+            return False, [f for ok, _, fs in results for f in fs]
+        ok, run_id, failures = _execute(defs, PUBLISH_JOB, params, instance, verbose, partition=name)
+        warehouse.release(lease, run_id)
+        return ok, failures
+    finally:
+        warehouse.release(lease, params["build"])
 
 
 def _shard_count(cfg, name: str) -> int:

@@ -26,6 +26,9 @@ class RunParams(dg.Config):
     tilesets: list[str] = []  # tilesets to build; empty: all of them
     full_refresh: bool = False  # database sources: read everything, not only what changed
     force: bool = False  # publish even if a source or tileset lost its data (see pipeline.guard)
+    # the build this run is part of (its plan, shard and publish runs): they hold the
+    # tileset's lease under this name, so another build's runs wait; default: the plan run's id
+    build: str | None = None
 
 
 Context = dg.AssetExecutionContext | dg.AssetCheckExecutionContext
@@ -39,13 +42,17 @@ def run_start(context: Context) -> datetime:
 
 
 @contextmanager
-def work_step(context: Context, work: Work, last: bool = False) -> Iterator[None]:
+def work_step(
+    context: Context, work: Work, last: bool = False, owner: str | None = None, joins: str | None = None
+) -> Iterator[None]:
     """One step of this run on a build's work folder: another run's steps wait.
 
     Runs of one tileset (a CLI run, a scheduled run, a click in the UI) never
-    interleave their steps; see :func:`pipeline.warehouse.run_step`.
+    interleave their steps; see :func:`pipeline.warehouse.run_step`. ``owner``:
+    hold the lease under the build's name instead of this run's; ``joins``:
+    take it over from that build.
     """
-    with warehouse.run_step(work.lease, context.run.run_id, last=last):
+    with warehouse.run_step(work.lease, owner or context.run.run_id, last=last, joins=joins):
         yield
 
 
@@ -63,23 +70,40 @@ def freeze_plan(context: Context, params: RunParams, cfg: Config) -> plan.Plan:
 
 
 @contextmanager
-def planned_step(context: Context, last: bool = False, lease: bool = True) -> Iterator[plan.Plan]:
+def planned_step(
+    context: Context, last: bool = False, lease: bool = True, joins: str | None = None
+) -> Iterator[plan.Plan]:
     """A later step of a build: the work folder's lease, and the plan its first step froze.
 
     ``last``: the build's last step hands the lease back; ``lease=False``: a
-    check after it, which reads only what is published.
+    check after it, which reads only what is published; ``joins``: the build
+    whose lease this run takes over (the publish run's first step).
     """
     work = _planned_work(context, context.partition_key)
-    with work_step(context, work, last=last) if lease else nullcontext():
+    with work_step(context, work, last=last, joins=joins) if lease else nullcontext():
         yield plan.read(work.plan)
 
 
 @contextmanager
-def shard_step(context: Context, tileset: str, i: int) -> Iterator[plan.Plan]:
-    """A shard's step: the shard's own lease (a build's shards run side by side), and its build's plan."""
+def shard_step(context: Context, tileset: str, i: int, build: str | None) -> Iterator[plan.Plan]:
+    """A shard's step: its build keeps the tileset's lease (another build waits), the shard its own
+    (the build's shards run side by side); and the build's plan."""
     work = _planned_work(context, tileset)
+    owner = build or plan_run(context, tileset)
+    with warehouse.run_step(work.lease, owner):  # renew: another build cannot start meanwhile
+        pass
     with warehouse.run_step(work.shard(i).lease, context.run.run_id, last=True):
         yield plan.read(work.plan)
+    with warehouse.run_step(work.lease, owner):  # and the gap to the next shard or the merge
+        pass
+
+
+def plan_run(context: Context, tileset: str) -> str:
+    """The run that froze the tileset's latest plan (a build's name when none was given)."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=PLANNER, asset_partitions=[tileset]), limit=1
+    ).records
+    return records[0].run_id if records else context.run.run_id
 
 
 def _planned_work(context: Context, tileset: str) -> Work:

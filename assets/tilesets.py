@@ -13,7 +13,16 @@ from pipeline import build, guard
 from pipeline import plan as plans
 from resources import HotspotsResource
 
-from .common import RunParams, freeze_plan, markdown_table, planned_step, shard_step, work_step, zooms_check
+from .common import (
+    RunParams,
+    freeze_plan,
+    markdown_table,
+    plan_run,
+    planned_step,
+    shard_step,
+    work_step,
+    zooms_check,
+)
 
 SHARD = "shard"  # the shard dimension of the `shards` asset (dynamic: keys "0", "1", ...)
 
@@ -33,7 +42,8 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
         count; each is a partition of `shards`).
         """
         plan = freeze_plan(context, config, hotspots.load())
-        with work_step(context, plan.work, last=True):
+        # the build keeps the tileset's lease until its publish run takes it over
+        with work_step(context, plan.work, owner=config.build):
             plan = build.split(plan)
             plans.write(plan)
             build.start(plan)
@@ -50,7 +60,7 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
         )
 
     @dg.asset(partitions_def=shard_partitions(partitions), deps=[build_plan], group_name="tilesets", kinds={"polars"})
-    def shards(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    def shards(context: dg.AssetExecutionContext, config: RunParams) -> dg.MaterializeResult:
         """One spatial shard of a tileset: its own reports only (a range of the warehouse's tile keys), weighted,
         and its cells from `maxzoom` down to the shard zoom (`<home>/work/<tileset>/shards/<i>/`, private).
         Shards run in any order, on any executor; a shard the plan does not have does nothing.
@@ -58,7 +68,7 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
         key = context.partition_key.keys_by_dimension
         tileset, i = key["tileset"], int(key[SHARD])
         started = time.perf_counter()
-        with shard_step(context, tileset, i) as plan:
+        with shard_step(context, tileset, i, config.build) as plan:
             if i >= len(plan.shards):
                 return dg.MaterializeResult(metadata={"dagster/row_count": 0, "in_plan": False})
             scored = build.run_shard(plan, i)
@@ -75,13 +85,13 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
         )
 
     @dg.asset(partitions_def=partitions, deps=[shards], group_name="tilesets", kinds={"polars"})
-    def scored_reports(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    def scored_reports(context: dg.AssetExecutionContext, config: RunParams) -> dg.MaterializeResult:
         """Each valid report of the tileset's source weighted by its profile, or excluded with a reason, summed
         from its shards (`<home>/work/<tileset>/scoring.json`; the weighted reports stay in each shard's
         private `scored.parquet`).
         """
         started = time.perf_counter()
-        with planned_step(context) as plan:
+        with planned_step(context, joins=config.build or plan_run(context, context.partition_key)) as plan:
             result = build.merge_scoring(plan)
         ts = plan.settings
         return dg.MaterializeResult(

@@ -38,7 +38,12 @@ LEASE_S = 60.0  # longer than the gap between two steps of a run; a killed run f
 
 @contextmanager
 def run_step(
-    path: Path, run_id: str, *, last: bool = False, timeout: float = DEFAULTS.lock_timeout_s
+    path: Path,
+    run_id: str,
+    *,
+    last: bool = False,
+    joins: str | None = None,
+    timeout: float = DEFAULTS.lock_timeout_s,
 ) -> Iterator[None]:
     """Run one step of run ``run_id`` on something all the steps of a run share.
 
@@ -47,6 +52,10 @@ def run_step(
     while it works, and a *lease* (``path``, naming the run) bridges the gaps
     between the run's steps: other runs wait until the run's ``last`` step
     or a failing step releases it, or until it expires (a killed run).
+
+    ``joins`` names the holder whose work this run continues (a build's
+    plan and shard runs hold the lease under the build's name; its publish
+    run joins it): the lease passes to ``run_id`` instead of waiting.
 
     Raises
     ------
@@ -57,7 +66,8 @@ def run_step(
     while True:
         with file_lock(path, timeout=max(deadline - time.monotonic(), 0.0)):
             holder = _read_lease(path)
-            if holder is None or holder.get("run_id") == run_id or holder.get("expires", 0) < time.time():
+            ours = holder is not None and holder.get("run_id") in (run_id, joins)
+            if holder is None or ours or holder.get("expires", 0) < time.time():
                 _write_lease(path, run_id)
                 try:
                     yield
