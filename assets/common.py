@@ -71,15 +71,17 @@ def freeze_plan(context: Context, params: RunParams, cfg: Config) -> plan.Plan:
 
 @contextmanager
 def planned_step(
-    context: Context, last: bool = False, lease: bool = True, joins: str | None = None
+    context: Context, last: bool = False, lease: bool = True, takes_over: bool = False, build: str | None = None
 ) -> Iterator[plan.Plan]:
     """A later step of a build: the work folder's lease, and the plan its first step froze.
 
     ``last``: the build's last step hands the lease back; ``lease=False``: a
-    check after it, which reads only what is published; ``joins``: the build
-    whose lease this run takes over (the publish run's first step).
+    check after it, which reads only what is published; ``takes_over``: the
+    publish run's first step, which takes the lease over from its build
+    (``build``, else the run that froze the plan).
     """
-    work = _planned_work(context, context.partition_key)
+    work, plan_run = _latest_plan(context, context.partition_key)
+    joins = (build or plan_run) if takes_over else None
     with work_step(context, work, last=last, joins=joins) if lease else nullcontext():
         yield plan.read(work.plan)
 
@@ -88,8 +90,8 @@ def planned_step(
 def shard_step(context: Context, tileset: str, i: int, build: str | None) -> Iterator[plan.Plan]:
     """A shard's step: its build keeps the tileset's lease (another build waits), the shard its own
     (the build's shards run side by side); and the build's plan."""
-    work = _planned_work(context, tileset)
-    owner = build or plan_run(context, tileset)
+    work, plan_run = _latest_plan(context, tileset)
+    owner = build or plan_run
     with warehouse.run_step(work.lease, owner):  # renew: another build cannot start meanwhile
         pass
     with warehouse.run_step(work.shard(i).lease, context.run.run_id, last=True):
@@ -98,23 +100,16 @@ def shard_step(context: Context, tileset: str, i: int, build: str | None) -> Ite
         pass
 
 
-def plan_run(context: Context, tileset: str) -> str:
-    """The run that froze the tileset's latest plan (a build's name when none was given)."""
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=PLANNER, asset_partitions=[tileset]), limit=1
-    ).records
-    return records[0].run_id if records else context.run.run_id
-
-
-def _planned_work(context: Context, tileset: str) -> Work:
-    """The work folder the tileset's latest plan was frozen in (named by its materialization)."""
+def _latest_plan(context: Context, tileset: str) -> tuple[Work, str]:
+    """The work folder the tileset's latest plan was frozen in (named by its materialization), and
+    the run that froze it (a build's name when none was given)."""
     records = context.instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=PLANNER, asset_partitions=[tileset]), limit=1
     ).records
     entry = records[0].asset_materialization.metadata.get("plan") if records else None
     if entry is None:
         raise PlanError(f"tileset {tileset} has no plan yet: materialize {PLANNER.to_user_string()}")
-    return Work(Path(entry.value).parent)
+    return Work(Path(entry.value).parent), records[0].run_id
 
 
 def resolve_as_of(context: Context, params: RunParams, tileset_as_of: datetime | None = None) -> datetime:

@@ -17,7 +17,6 @@ from .common import (
     RunParams,
     freeze_plan,
     markdown_table,
-    plan_run,
     planned_step,
     shard_step,
     work_step,
@@ -91,7 +90,7 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
         private `scored.parquet`).
         """
         started = time.perf_counter()
-        with planned_step(context, joins=config.build or plan_run(context, context.partition_key)) as plan:
+        with planned_step(context, takes_over=True, build=config.build) as plan:
             result = build.merge_scoring(plan)
         ts = plan.settings
         return dg.MaterializeResult(

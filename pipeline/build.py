@@ -120,18 +120,24 @@ class Scored(NamedTuple):
 
 def start(plan: Plan) -> None:
     """A new build: its shards' work from any earlier build is gone (a merge never mixes two plans)."""
-    shutil.rmtree(plan.work.root / "shards", ignore_errors=True)
+    shutil.rmtree(plan.work.shards_root, ignore_errors=True)
 
 
 def run_shard(plan: Plan, i: int) -> Scored:
     """Everything one shard does alone: score its reports, build its cells down to the shard zoom."""
-    scored = score_shard(plan, i)
-    shard_cells(plan, i)
+    scored, frame = _score_shard(plan, i)
+    finest = _finest(plan, frame)  # the scored reports in hand, not read back
+    del frame
+    _shard_zooms(plan, i, finest)
     return scored
 
 
 def score_shard(plan: Plan, i: int) -> Scored:
     """Score one shard's reports into its ``scored.parquet`` (+ ``scoring.json``)."""
+    return _score_shard(plan, i)[0]
+
+
+def _score_shard(plan: Plan, i: int) -> tuple[Scored, pl.DataFrame]:
     if not 0 <= i < len(plan.shards):
         raise PlanError(f"the plan of {plan.key} has {len(plan.shards)} shard(s), not a shard {i}")
     shard = plan.work.shard(i)
@@ -143,7 +149,7 @@ def score_shard(plan: Plan, i: int) -> Scored:
         result.valid, result.scored.height, result.excluded, float(result.scored.get_column("weight").sum())
     )
     _atomic(shard.scoring, lambda p: p.write_text(json.dumps({**scored._asdict(), "plan": plan.digest()})))
-    return scored
+    return scored, result.scored
 
 
 def score_tileset(plan: Plan) -> Scored:
@@ -202,31 +208,35 @@ def scored_rows(plan: Plan) -> int:
 
 
 def shard_cells(plan: Plan, i: int) -> None:
-    """One shard's cells, from ``maxzoom`` down to the shard zoom (no intensity yet: it is per zoom).
+    """One shard's cells, from ``maxzoom`` down to the shard zoom, from its ``scored.parquet``."""
+    _shard_zooms(plan, i, _finest(plan, pl.read_parquet(plan.work.shard(i).scored)))
 
-    The only shard of a plan holds every zoom whole: it builds them all, as
-    GeoParquet with their intensity, for the merge to move into place.
+
+def _finest(plan: Plan, scored: pl.DataFrame) -> pyramid.Level | None:
+    ts = plan.settings
+    return pyramid.finest(scored, plan.profile, ts.maxzoom + ts.cell_detail) if scored.height else None
+
+
+def _shard_zooms(plan: Plan, i: int, finest: pyramid.Level | None) -> None:
+    """A shard's zooms from its finest cells (none: no reports), down to the shard zoom, without
+    intensity (it is per zoom). The only shard of a plan holds every zoom whole: it builds them all,
+    as GeoParquet with their intensity, for the merge to move into place.
     """
     ts, shard = plan.settings, plan.work.shard(i)
-    scored = pl.read_parquet(shard.scored)
     for stale in (shard.root / "cells", shard.final, shard.root / "final-tmp"):
         shutil.rmtree(stale, ignore_errors=True)
     shard.pivot.unlink(missing_ok=True)
-    if scored.height == 0:
+    if finest is None:
         return
-    finest = pyramid.finest(scored, plan.profile, ts.maxzoom + ts.cell_detail)
-    del scored
     if len(plan.shards) == 1:
         frames = (
             (f, int(f.get_column("z")[0]))
             for f, _ in pyramid.roll_up(finest, ts.maxzoom, ts.minzoom, ts.cell_detail, plan.profile)
         )
         summaries = _write_zooms(frames, shard.root / "final-tmp", plan)
-        (shard.root / "final-tmp").mkdir(exist_ok=True)  # no cells at all still moves into place
         _atomic(shard.root / "final.json", lambda p: p.write_text(json.dumps([s._asdict() for s in summaries])))
         (shard.root / "final-tmp").rename(shard.final)
         return
-    (shard.root / "cells").mkdir(parents=True)
     level = finest
     for frame, level in pyramid.roll_up(finest, ts.maxzoom, plan.shard_zoom, ts.cell_detail, plan.profile):  # noqa: B007
         z = int(frame.get_column("z")[0])

@@ -45,7 +45,8 @@ class Defaults:
     shards: int | str = 1
     shard_reports: int = 2_000_000
     # Shards split at this zoom (tiles at or below it belong to one shard);
-    # "auto": one zoom below overview_maxzoom (the overview needs every cell).
+    # "auto": the coarsest zoom below the overviews' at which no tile holds
+    # more than half a shard's share of the reports (see build.split).
     shard_zoom: int | str = "auto"
     # Snapshots kept per tileset; the one latest.json names is never pruned.
     retain_snapshots: int = 24

@@ -7,7 +7,9 @@
     <home>/duckdb_extensions/                 the postgres extension, from its wheel
     <home>/work/<key>.lease                   which run is building <key>
     <home>/work/<key>/plan.json               the build's frozen plan
-                      scored.parquet, scoring.json
+                      shards/<i>/scored.parquet, scoring.json, cells/, pivot.npz   (one shard's)
+                      shards/<i>.lease        which run is building shard <i>
+                      scoring.json
                       cells/zoom=<z>/cells.parquet, cells.json
                       selected/zoom=<z>/…, selected.json
                       staged.json
@@ -53,6 +55,7 @@ class Work:
 
     plan = _in_root("plan.json")  # the frozen plan (pipeline.plan)
     scoring = _in_root("scoring.json")
+    shards_root = _in_root("shards")
     cells_root = _in_root("cells")
     cells_summary = _in_root("cells.json")
     selected_root = _in_root("selected")
@@ -72,7 +75,7 @@ class Work:
         return self.cells_root / f"zoom={z}" / "cells.parquet"
 
     def shard(self, i: int) -> Shard:
-        return Shard(self.root / "shards" / str(i))
+        return Shard(self.shards_root / str(i))
 
     def selected(self, z: int) -> Path:
         return self.selected_root / f"zoom={z}"

@@ -211,12 +211,12 @@ def read(path: Path) -> Plan:
     Raises
     ------
     PlanError
-        If there is none (the build's scoring step has not run) or it cannot be read.
+        If there is none (the build's first step has not run) or it cannot be read.
     """
     try:
         return Plan.from_json(path.read_text())
     except FileNotFoundError:
-        raise PlanError(f"no plan at {path}: run the build's first step (scored_reports) first") from None
+        raise PlanError(f"no plan at {path}: run the build's first step (build_plan) first") from None
     except (ValueError, KeyError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
         raise PlanError(f"unreadable plan at {path} ({exc}): run the build's first step again") from None
 

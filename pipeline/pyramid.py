@@ -145,23 +145,20 @@ class Level(NamedTuple):
     def save(self, path: Path) -> None:
         """Write this level (private work state: the shard's cells at the pivot zoom)."""
         with path.open("wb") as file:  # a file, so that NumPy does not add ".npz" to the name
-            self._save(file)
-
-    def _save(self, file) -> None:
-        np.savez(
-            file,
-            key=self.key,
-            x=self.x,
-            y=self.y,
-            digits=self.digits,
-            max_weight=self.max_weight,
-            first_seen=self.first_seen,
-            last_seen=self.last_seen,
-            category_counts=self.category_counts,
-            categories=np.array(self.categories, dtype=np.str_),
-            sum_names=np.array(list(self.sums), dtype=np.str_),
-            **{f"sum_{name}": v for name, v in self.sums.items()},
-        )
+            np.savez(
+                file,
+                key=self.key,
+                x=self.x,
+                y=self.y,
+                digits=self.digits,
+                max_weight=self.max_weight,
+                first_seen=self.first_seen,
+                last_seen=self.last_seen,
+                category_counts=self.category_counts,
+                categories=np.array(self.categories, dtype=np.str_),
+                sum_names=np.array(list(self.sums), dtype=np.str_),
+                **{f"sum_{name}": v for name, v in self.sums.items()},
+            )
 
     @classmethod
     def load(cls, path: Path) -> Level:

@@ -48,10 +48,20 @@ def _tile_index(v: pl.Expr, level: int) -> pl.Expr:
     return pl.when(v <= 0).then(0.0).when(v >= 1).then(z2 - 1).otherwise(inside).cast(pl.UInt64)
 
 
+# bit i to bit 2i, by shifts and masks (the 64-bit masks also serve narrower values)
+_SPREAD_STEPS = (
+    (16, 0x0000FFFF0000FFFF),
+    (8, 0x00FF00FF00FF00FF),
+    (4, 0x0F0F0F0F0F0F0F0F),
+    (2, 0x3333333333333333),
+    (1, 0x5555555555555555),
+)
+
+
 def _spread16(v: np.ndarray) -> np.ndarray:
     # bit i of v to bit 2i (v < 2**16)
     v = v.astype(np.uint64)
-    for shift, mask in ((8, 0x00FF00FF), (4, 0x0F0F0F0F), (2, 0x33333333), (1, 0x55555555)):
+    for shift, mask in _SPREAD_STEPS[1:]:  # 16 bits need the steps from 8 on
         v = (v | (v << np.uint64(shift))) & np.uint64(mask)
     return v
 
@@ -93,15 +103,6 @@ def _sql_index(v: str, level: int) -> str:
         f"(CASE WHEN {v} <= 0 THEN 0 WHEN {v} >= 1 THEN {2**level - 1} "
         f"ELSE CAST(floor(({v} + {_sql_double(EPSILON)}) * {z2}) AS UBIGINT) END)::UBIGINT"
     )
-
-
-_SPREAD_STEPS = (
-    (16, 0x0000FFFF0000FFFF),
-    (8, 0x00FF00FF00FF00FF),
-    (4, 0x0F0F0F0F0F0F0F0F),
-    (2, 0x3333333333333333),
-    (1, 0x5555555555555555),
-)
 
 
 def _sql_spread(column: str) -> str:
