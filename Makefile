@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench dev serve clean
+.PHONY: install run test lint bench bench-large dev serve clean
 
 $(STAMP): pyproject.toml web/package-lock.json
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ lint: $(STAMP)  ## ruff: lint and format (`ruff format` fixes the format)
 bench: $(STAMP)  ## benchmarks: print figures and ratios to baselines
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench
+
+bench-large: $(STAMP)  ## 100M world-spread reports in shards: wall time, peak RSS per process (<= 8 GB)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m bench large
 
 serve: $(STAMP)  ## the viewer on http://127.0.0.1:8000/index.html
 	$(BIN)/hotspots serve

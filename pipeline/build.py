@@ -217,8 +217,17 @@ def _finest(plan: Plan, scored: pl.DataFrame) -> pyramid.Level | None:
     return pyramid.finest(scored, plan.profile, ts.maxzoom + ts.cell_detail) if scored.height else None
 
 
+def pivot_zoom(plan: Plan) -> int:
+    """The coarsest zoom whose cells each lie in one shard: its cells are no larger than a shard-zoom tile.
+
+    Shards build every zoom down to it; the merge rolls up the zooms above it
+    from the shards' cells at this zoom (few: tiles at the shard zoom).
+    """
+    return max(plan.settings.minzoom, plan.shard_zoom - plan.settings.cell_detail)
+
+
 def _shard_zooms(plan: Plan, i: int, finest: pyramid.Level | None) -> None:
-    """A shard's zooms from its finest cells (none: no reports), down to the shard zoom, without
+    """A shard's zooms from its finest cells (none: no reports), down to the pivot zoom, without
     intensity (it is per zoom). The only shard of a plan holds every zoom whole: it builds them all,
     as GeoParquet with their intensity, for the merge to move into place.
     """
@@ -238,10 +247,10 @@ def _shard_zooms(plan: Plan, i: int, finest: pyramid.Level | None) -> None:
         (shard.root / "final-tmp").rename(shard.final)
         return
     level = finest
-    for frame, level in pyramid.roll_up(finest, ts.maxzoom, plan.shard_zoom, ts.cell_detail, plan.profile):  # noqa: B007
+    for frame, level in pyramid.roll_up(finest, ts.maxzoom, pivot_zoom(plan), ts.cell_detail, plan.profile):  # noqa: B007
         z = int(frame.get_column("z")[0])
         _atomic(shard.cells(z), lambda p, f=frame: f.write_ipc(p, compression="uncompressed"))
-    _atomic(shard.pivot, level.save)  # the last level rolled up: the shard zoom's
+    _atomic(shard.pivot, level.save)  # the last level rolled up: the pivot zoom's
 
 
 def build_cells(plan: Plan) -> list[ZoomSummary]:
@@ -252,12 +261,13 @@ def build_cells(plan: Plan) -> list[ZoomSummary]:
 
 
 def merge_cells(plan: Plan) -> list[ZoomSummary]:
-    """The shards' zooms side by side (in key order), the coarser zooms rolled up from their pivot cells.
+    """The shards' zooms one after another (in key order), the coarser zooms rolled up from their pivot cells.
 
-    Each zoom gets its intensity here, over all of its cells, and is written
-    as ``cells/zoom=<z>/cells.parquet``; the same bytes whatever the sharding.
+    Each zoom gets its intensity here, over all of its cells (their span is
+    read first), and is written as ``cells/zoom=<z>/cells.parquet`` a shard
+    at a time: the same bytes whatever the sharding, and no whole zoom held.
     """
-    ts, work, pivot = plan.settings, plan.work, plan.shard_zoom
+    ts, work, pivot = plan.settings, plan.work, pivot_zoom(plan)
     shards = []
     for i in range(len(plan.shards)):
         shard = work.shard(i)
@@ -269,23 +279,42 @@ def merge_cells(plan: Plan) -> list[ZoomSummary]:
     if len(plan.shards) == 1 and shards:  # the only shard built every zoom: move them into place
         summaries = [ZoomSummary(**z) for z in json.loads((shards[0].root / "final.json").read_text())]
         shards[0].final.rename(work.cells_root)
+    elif shards:
+        summaries = [_merge_zoom(plan, [s.cells(z) for s in shards], z) for z in range(ts.maxzoom, pivot - 1, -1)]
+        top = pyramid.Level.concat([pyramid.Level.load(s.pivot) for s in shards])
+        above = (
+            (frame, z)
+            for frame, _ in pyramid.roll_up(top, pivot, ts.minzoom, ts.cell_detail, plan.profile)
+            if (z := int(frame.get_column("z")[0])) < pivot
+        )
+        summaries = sorted(summaries + _write_zooms(above, work.cells_root, plan))
     else:
-
-        def zooms() -> Iterator[tuple[pl.DataFrame, int]]:
-            for z in range(ts.maxzoom, pivot - 1, -1):
-                yield pl.concat([pl.read_ipc(s.cells(z)) for s in shards]), z
-            top = pyramid.Level.concat([pyramid.Level.load(s.pivot) for s in shards])
-            for frame, _ in pyramid.roll_up(top, pivot, ts.minzoom, ts.cell_detail, plan.profile):
-                z = int(frame.get_column("z")[0])
-                if z < pivot:
-                    yield frame, z
-
-        summaries = _write_zooms(zooms() if shards else iter(()), work.cells_root, plan)
+        summaries = []
     _atomic(
         work.cells_summary,
         lambda p: p.write_text(json.dumps([s._asdict() for s in summaries], indent=2)),
     )
     return summaries
+
+
+def _merge_zoom(plan: Plan, parts: list[Path], z: int) -> ZoomSummary:
+    """One zoom's GeoParquet from the shards' parts, one part in memory at a time."""
+    s, x, y = pl.col("score"), pl.col("lng"), pl.col("lat")
+    whole = pl.concat([pl.scan_ipc(p) for p in parts])
+    row = whole.select(
+        pl.len().alias("cells"),
+        pl.col("report_count").sum().alias("reports"),
+        pl.col("weight").sum().alias("weight"),
+        s.min().alias("lo"),
+        s.max().alias("hi"),
+        *(e.alias(n) for e, n in ((x.min(), "w"), (y.min(), "s"), (x.max(), "e"), (y.max(), "n"))),
+    ).collect()
+    (cells, reports, weight, lo, hi, *extent) = row.row(0)
+    path = plan.work.cells(z)
+    with geoparquet.writing(path, [float(v) for v in extent]) as out:
+        for part in parts:
+            out.write(pyramid.with_intensity(pl.read_ipc(part), plan.profile, pyramid.Span(lo, hi)))
+    return ZoomSummary(z, cells, int(reports), float(weight), float(hi), path.stat().st_size)
 
 
 def _write_zooms(zooms: Iterator[tuple[pl.DataFrame, int]], root: Path, plan: Plan) -> list[ZoomSummary]:
@@ -340,17 +369,12 @@ def check_pyramid(plan: Plan) -> list[PyramidCheck]:
         if not path.exists():
             rows.append(PyramidCheck(z, 0, summary["scored"], 0.0, summary["weight"], summary["scored"] == 0))
             continue
-        cells = pl.read_parquet(path, columns=["report_count", "weight", "lng", "lat", "cell_key"])
-        rows.append(
-            PyramidCheck(
-                z,
-                int(cells.get_column("report_count").sum()),
-                summary["scored"],
-                float(cells.get_column("weight").sum()),
-                summary["weight"],
-                centroids_inside(cells, z + plan.settings.cell_detail),
-            )
-        )
+        reports, weight, inside = 0, 0.0, True
+        for cells in parquet_parts(path, ["report_count", "weight", "lng", "lat", "cell_key"]):
+            reports += int(cells.get_column("report_count").sum())
+            weight += float(cells.get_column("weight").sum())
+            inside = inside and centroids_inside(cells, z + plan.settings.cell_detail)
+        rows.append(PyramidCheck(z, reports, summary["scored"], weight, summary["weight"], inside))
     return rows
 
 
@@ -359,6 +383,12 @@ def centroids_inside(cells: pl.DataFrame, level: int) -> bool:
     west, south, east, north = tilemath.cell_bounds(*tilemath.cell_xy(cells.get_column("cell_key").to_numpy()), level)
     lng, lat = cells.get_column("lng").to_numpy(), cells.get_column("lat").to_numpy()
     return bool(np.all((west <= lng) & (lng <= east) & (south <= lat) & (lat <= north)))
+
+
+def parquet_parts(path: Path, columns: list[str] | None = None, rows: int = 1 << 20) -> Iterator[pl.DataFrame]:
+    """A Parquet file's rows in order, about ``rows`` at a time (never the whole file at once)."""
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=rows, columns=columns):
+        yield pl.from_arrow(batch)
 
 
 def parquet_rows(path: Path) -> int:

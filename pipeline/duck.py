@@ -10,12 +10,16 @@ warehouse (:mod:`pipeline.warehouse`) and the in-memory encoders
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from pathlib import Path
 
 import duckdb
 
 SETTINGS = {"TimeZone": "UTC"}
+# a warehouse connection's memory: beyond it DuckDB spills to <warehouse>.tmp/ (a 100M-report
+# extraction then stays within a process's share of the machine); HOTSPOTS_DUCKDB_MEMORY overrides
+WAREHOUSE_MEMORY = os.environ.get("HOTSPOTS_DUCKDB_MEMORY", "6GB")
 
 
 @cache
@@ -71,6 +75,8 @@ def connect(path: str | Path | None = None, *, read_only: bool = False) -> duckd
         con.execute(f"LOAD '{spatial_extension_path()}'")
         for key, value in SETTINGS.items():
             con.execute(f"SET {key} = '{value}'")
+        if path:
+            con.execute("SET memory_limit = ?", [WAREHOUSE_MEMORY])
     except Exception:
         con.close()
         raise

@@ -51,7 +51,10 @@ def feature_text(features: pl.DataFrame) -> pl.Expr:
 
 def collection(features: pl.DataFrame) -> str:
     """One FeatureCollection of all ``features`` (in quadkey order)."""
-    body = features.sort("quadkey").select(feature_text(features)).get_column("feature").str.join(",")
+    # quadkeys tie where cells were coarsened into one stratum: then the cells' own (key) order
+    body = (
+        features.sort("quadkey", maintain_order=True).select(feature_text(features)).get_column("feature").str.join(",")
+    )
     return COLLECTION_HEAD + (body[0] if features.height else "") + COLLECTION_TAIL
 
 
@@ -65,7 +68,7 @@ def write_tiles(features: pl.DataFrame, z: int, folder: SnapshotFolder) -> tuple
     if features.height == 0:
         return 0, 0
     per_tile = (
-        features.sort(["tile_x", "tile_y", "quadkey"])
+        features.sort(["tile_x", "tile_y", "quadkey"], maintain_order=True)
         .select("tile_x", "tile_y", feature_text(features))
         .group_by(["tile_x", "tile_y"], maintain_order=True)
         .agg(pl.col("feature").str.join(","))

@@ -29,15 +29,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
 
-from . import atomic, geojson, geoparquet, privacy, site, strictjson, tilemath, vector
-from .build import read_cells, read_scoring
+from . import atomic, geojson, geoparquet, privacy, pyramid, site, strictjson, tilemath, vector
+from .build import parquet_parts, parquet_rows, read_cells, read_scoring
 from .config import Tileset
 from .errors import PublishError
+from .geoparquet import plain_strings
 from .paths import SNAPSHOTS, Published, Work
 from .plan import Plan
-from .select import choose, features, overview_budget
+from .select import choose, features, finish, overview_budget
 from .snapfolder import SnapshotFolder, link_or_copy
 
 STALE_TMP_S = 3600  # a .tmp- folder untouched this long was left by a dead run
@@ -53,22 +56,28 @@ class ZoomSelection(NamedTuple):
     stratum_zoom: int  # configured: z + strata_detail
     stratum_zoom_coarsest: int  # the coarsest any tile had to use
     overview_stratum_zoom: int | None
+    tile_span: tuple[float, float] | None  # the tile features' scores: their intensity's scale
+    parts: tuple[int, ...]  # cells per part (each part is a batch of tile_features.arrow)
 
 
 SELECT_CELLS_IN_FLIGHT = 1_000_000  # cells selected at once (about 0.75 KB of memory each while selected)
+SELECT_PART_CELLS = 500_000  # a zoom is selected in parts of whole tiles of about this many cells
 
 
 def select_tileset(plan: Plan) -> list[ZoomSelection]:
     """Choose each zoom's tile and overview features (see :mod:`pipeline.select`).
 
     Zooms are independent: two at a time (polars and Parquet release the GIL).
+    A zoom is read in parts of whole tiles (tiles choose their features on
+    their own), except overview zooms, whose one overview chooses among all.
     """
     shutil.rmtree(plan.work.selected_root, ignore_errors=True)
     sizes = {c["z"]: c["cells"] for c in read_cells(plan.work)}
     budget = vector.Budget(SELECT_CELLS_IN_FLIGHT)
 
     def select(z: int) -> ZoomSelection | None:
-        with budget.hold(sizes.get(z, 0)):
+        part = sizes.get(z, 0) if z <= plan.settings.overview_maxzoom else min(sizes.get(z, 0), SELECT_PART_CELLS)
+        with budget.hold(part):
             return _select_zoom(plan, z)
 
     # largest and smallest zooms alternate, so a large zoom waiting for room
@@ -81,23 +90,88 @@ def select_tileset(plan: Plan) -> list[ZoomSelection]:
     return summary
 
 
+def cell_parts(path: Path, detail: int, limit: int | None, columns: list[str] | None = None) -> Iterator[pl.DataFrame]:
+    """A zoom's cells (``cells.parquet``, in key order) in parts of whole tiles of about ``limit`` cells.
+
+    ``None``: the whole zoom as one part. A tile larger than ``limit`` is one part.
+    """
+    shift = np.uint64(2 * detail)  # a cell key less its detail's digits: its tile's key
+    held: list[pl.DataFrame] = []
+    count = 0
+    for batch in parquet_parts(path, columns, rows=min(limit or 1 << 20, 1 << 20)):
+        held.append(batch)
+        count += batch.height
+        if limit is None or count < limit:
+            continue
+        frame = pl.concat(held)
+        tiles = frame.get_column("cell_key").to_numpy() >> shift
+        cut = int(np.searchsorted(tiles, tiles[-1]))  # where the last (maybe unfinished) tile starts
+        held, count = [frame.slice(cut)], frame.height - cut
+        if cut:
+            yield frame.slice(0, cut)
+    if count:
+        yield pl.concat(held)
+
+
 def _select_zoom(plan: Plan, z: int) -> ZoomSelection | None:
     ts, profile, path = plan.settings, plan.profile, plan.work.cells(z)
-    if not path.exists():
+    if not path.exists() or parquet_rows(path) == 0:
         return None
-    cells = pl.read_parquet(path).drop("geometry")
-    cells = privacy.coarsen(
-        cells, z=z, detail=ts.cell_detail, strata_detail=ts.strata_detail, min_count=profile.min_count
-    )
-    common = dict(z=z, detail=ts.cell_detail, strata_detail=ts.strata_detail, representative=profile.representative)
-    tile_choice = choose(cells, budget=ts.max_features_per_tile, group_zoom=z, **common)
-    tile_features = features(cells, tile_choice, profile)
     overview = z <= ts.overview_maxzoom
-    if overview:
-        over_choice = choose(cells, budget=overview_budget(z), group_zoom=0, **common)
-        over_features = features(cells, over_choice, profile)
+    limit = None if overview else SELECT_PART_CELLS
+    hide = dict(z=z, detail=ts.cell_detail, strata_detail=ts.strata_detail, min_count=profile.min_count)
+    # the published positions' extent first: the GeoParquet schema holds it
+    extent: list[float] = []
+    for part in cell_parts(path, ts.cell_detail, limit, ["cell_key", "quadkey", "report_count", "lng", "lat"]):
+        extent = geoparquet.union(extent, geoparquet.extent(privacy.coarsen(part, **hide)))
+    out = plan.work.selected(z)
+    out.mkdir(parents=True, exist_ok=True)
+    common = dict(z=z, detail=ts.cell_detail, strata_detail=ts.strata_detail, representative=profile.representative)
+    tiles = selected = 0
+    parts: list[int] = []
+    coarsest = z + ts.strata_detail
+    span: pyramid.Span | None = None
+    over_features, over_choice = None, None
+    with (
+        geoparquet.writing(out / "cells.parquet", extent) as published,
+        _IpcParts(out / "tile_features.arrow") as feats,
+    ):
+        for cells in cell_parts(path, ts.cell_detail, limit):
+            cells = privacy.coarsen(cells.drop("geometry"), **hide)
+            tile_choice = choose(cells, budget=ts.max_features_per_tile, group_zoom=z, **common)
+            tile_features = features(cells, tile_choice, profile)
+            if overview:  # one part: the overview chooses among the whole zoom
+                over_choice = choose(cells, budget=overview_budget(z), group_zoom=0, **common)
+                chosen = features(cells, over_choice, profile)
+                over_features = finish(chosen, profile, pyramid.Span.of(chosen.get_column("score")))
+            published.write(_annotated(cells, tile_choice, over_choice))  # published as is
+            feats.write(tile_features)  # private, read once: uncompressed Arrow, a batch per part
+            found = pyramid.Span.of(tile_features.get_column("score"))
+            span = found.join(span) if found else span
+            parts.append(cells.height)
+            tiles += tile_features.select(pl.struct("tile_x", "tile_y").n_unique()).item()
+            selected += tile_features.height
+            coarsest = min(coarsest, int(tile_choice.get_column("stratum_zoom").min()))
+    if over_features is not None:
+        _write_ipc(over_features, out / "overview_features.arrow")
+    return ZoomSelection(
+        z,
+        sum(parts),
+        tiles,
+        selected,
+        over_features.height if over_features is not None else 0,
+        z + ts.strata_detail,
+        coarsest,
+        int(over_choice.get_column("stratum_zoom").min()) if over_choice is not None else None,
+        tuple(span) if span else None,
+        tuple(parts),
+    )
+
+
+def _annotated(cells: pl.DataFrame, tile_choice: pl.DataFrame, over_choice: pl.DataFrame | None) -> pl.DataFrame:
+    """The cells as published: each one's tile choice, tier, the feature it folds into, its overview choice."""
     key_to_quadkey = cells.select("cell_key", "quadkey")
-    annotated = (
+    return (
         cells.join(
             tile_choice.join(
                 key_to_quadkey.rename({"cell_key": "target_key", "quadkey": "tile_feature"}), on="target_key"
@@ -113,29 +187,46 @@ def _select_zoom(plan: Plan, z: int) -> ZoomSelection | None:
         .with_columns(
             (
                 pl.col("cell_key").is_in(over_choice.filter("chosen").get_column("cell_key").implode())
-                if overview
+                if over_choice is not None
                 else pl.lit(False)
             ).alias("selected_overview")
         )
         .sort("cell_key")
-        .drop("cell_key")
+        .drop("cell_key")  # the exact quadkey as a number stays private (see privacy.coarsen)
     )
-    # cell_key, the exact quadkey as a number, stays private (see privacy.coarsen)
-    out = plan.work.selected(z)
-    geoparquet.write(annotated, out / "cells.parquet")  # published as is
-    _write_ipc(tile_features, out / "tile_features.arrow")  # private, read once: uncompressed Arrow
-    if overview:
-        _write_ipc(over_features, out / "overview_features.arrow")
-    return ZoomSelection(
-        z,
-        cells.height,
-        tile_features.select(pl.struct("tile_x", "tile_y").n_unique()).item(),
-        tile_features.height,
-        over_features.height if overview else 0,
-        z + ts.strata_detail,
-        int(tile_choice.get_column("stratum_zoom").min()),
-        int(over_choice.get_column("stratum_zoom").min()) if overview else None,
-    )
+
+
+class _IpcParts:
+    """An Arrow IPC file written a part at a time, each part one record batch (read back by part)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._replacing = atomic.replacing(path)
+        self._writer: pa.ipc.RecordBatchFileWriter | None = None
+
+    def __enter__(self) -> _IpcParts:
+        self._tmp = self._replacing.__enter__()
+        return self
+
+    def write(self, frame: pl.DataFrame) -> None:
+        table = plain_strings(frame.to_arrow())
+        if self._writer is None:
+            self._writer = pa.ipc.new_file(self._tmp, table.schema)
+        if table.num_rows:
+            self._writer.write_batch(table.combine_chunks().to_batches()[0])
+
+    def __exit__(self, *exc) -> bool:
+        if self._writer is not None:
+            self._writer.close()
+        return bool(self._replacing.__exit__(*exc))
+
+
+def read_parts(path: Path) -> Iterator[pl.DataFrame]:
+    """The parts an :class:`_IpcParts` file was written in, one at a time."""
+    with pa.memory_map(str(path)) as source:
+        reader = pa.ipc.open_file(source)
+        for i in range(reader.num_record_batches):
+            yield pl.from_arrow(reader.get_batch(i))
 
 
 def read_selection(work: Work) -> list[dict]:
@@ -171,45 +262,64 @@ class SelectionCheck(NamedTuple):
 
 
 def check_selection(plan: Plan) -> list[SelectionCheck]:
-    """Budgets, coverage, impact order and fold conservation, read back per zoom."""
+    """Budgets, coverage, impact order and fold conservation, read back per zoom (a part at a time)."""
     rows = []
+    tile = ["tile_x", "tile_y"]
     for s in read_selection(plan.work):
         z = s["z"]
         folder = plan.work.selected(z)
-        cells = pl.read_parquet(folder / "cells.parquet")
-        feats = pl.read_ipc(folder / "tile_features.arrow")
-        tile = ["tile_x", "tile_y"]
-        per_tile = feats.group_by(tile).agg(pl.len().alias("n"), pl.col("report_count").sum().alias("carried"))
-        reports = cells.group_by(tile).agg(pl.col("report_count").sum().alias("reports"))
-        unbalanced = per_tile.join(reports, on=tile, how="full", coalesce=True).filter(
-            pl.col("carried").fill_null(0) != pl.col("reports").fill_null(0)
-        )
-        # a stratum is a quadkey prefix (a coarsened cell's quadkey is its stratum's)
-        strata = cells.group_by(pl.col("quadkey").str.head(pl.col("tile_stratum_zoom"))).agg(
-            pl.col("selected_tile").any()
-        )
-        impact = cells.group_by(tile).agg(
-            pl.col("score").filter(pl.col("tier") == "impact").min().alias("lowest_impact"),
-            pl.col("score").filter(~pl.col("selected_tile")).max().alias("best_unchosen"),
-        )
-        beaten = impact.filter(pl.col("best_unchosen") > pl.col("lowest_impact")).height
+        fullest = empty = beaten = unbalanced = reports = 0
+        cells_parts = _slices(parquet_parts(folder / "cells.parquet"), s["parts"])
+        for cells, feats in zip(cells_parts, read_parts(folder / "tile_features.arrow"), strict=True):
+            per_tile = feats.group_by(tile).agg(pl.len().alias("n"), pl.col("report_count").sum().alias("carried"))
+            in_cells = cells.group_by(tile).agg(pl.col("report_count").sum().alias("reports"))
+            unbalanced += (
+                per_tile.join(in_cells, on=tile, how="full", coalesce=True)
+                .filter(pl.col("carried").fill_null(0) != pl.col("reports").fill_null(0))
+                .height
+            )
+            # a stratum is a quadkey prefix (a coarsened cell's quadkey is its stratum's)
+            strata = cells.group_by(pl.col("quadkey").str.head(pl.col("tile_stratum_zoom"))).agg(
+                pl.col("selected_tile").any()
+            )
+            empty += strata.filter(~pl.col("selected_tile")).height
+            impact = cells.group_by(tile).agg(
+                pl.col("score").filter(pl.col("tier") == "impact").min().alias("lowest_impact"),
+                pl.col("score").filter(~pl.col("selected_tile")).max().alias("best_unchosen"),
+            )
+            beaten += impact.filter(pl.col("best_unchosen") > pl.col("lowest_impact")).height
+            fullest = max(fullest, int(per_tile.get_column("n").max() or 0))
+            reports += int(cells.get_column("report_count").sum())
         overview_file = folder / "overview_features.arrow"
         over = pl.read_ipc(overview_file) if overview_file.exists() else None
         rows.append(
             SelectionCheck(
                 z,
-                int(per_tile.get_column("n").max() or 0),
+                fullest,
                 plan.settings.max_features_per_tile,
                 over.height if over is not None else 0,
                 overview_budget(z),
-                strata.filter(~pl.col("selected_tile")).height,
+                empty,
                 beaten,
-                unbalanced.height,
-                over is None
-                or int(over.get_column("report_count").sum()) == int(cells.get_column("report_count").sum()),
+                unbalanced,
+                over is None or int(over.get_column("report_count").sum()) == reports,
             )
         )
     return rows
+
+
+def _slices(frames: Iterator[pl.DataFrame], sizes: list[int]) -> Iterator[pl.DataFrame]:
+    """Consecutive runs of ``sizes`` rows from frames read in order."""
+    held: list[pl.DataFrame] = []
+    count = 0
+    for n in sizes:
+        while count < n:
+            frame = next(frames)
+            held.append(frame)
+            count += frame.height
+        whole = pl.concat(held)
+        yield whole.slice(0, n)
+        held, count = [whole.slice(n)], count - n
 
 
 # --- snapshots ----------------------------------------------------------------
@@ -273,71 +383,75 @@ def _stage_into(plan: Plan, folder: SnapshotFolder) -> dict:
     selection = read_selection(plan.work)
     folders_maxz = directory_maxzoom(ts, selection)
     in_folders = lambda z, fmt: fmt in ts.formats and folders_maxz is not None and z <= folders_maxz  # noqa: E731
-    zooms = []
-    extent = [180.0, 90.0, -180.0, -90.0]
+    zooms: list[dict] = []
+    extent: list[float] = []
     metrics: set[str] = set()
     archive = vector.Archive(tmp / "heatmap.pmtiles")
 
-    def write_files(s: dict, tile_features: pl.DataFrame) -> dict:
-        """A zoom's cells, GeoJSON tiles and overview; widens the extent."""
+    def zoom_files(s: dict) -> dict:
+        """A zoom's cells and overview; its tiles are counted in as its parts are written."""
         z, selected = s["z"], plan.work.selected(s["z"])
         cells_out = f"cells/zoom={z}/cells.parquet"
         folder.path(cells_out).parent.mkdir(parents=True)
         link_or_copy(selected / "cells.parquet", folder.path(cells_out))
         cells_bytes = folder.adopt(cells_out)
-        tiles, size = geojson.write_tiles(tile_features, z, folder) if in_folders(z, "geojson") else (s["tiles"], 0)
-        metrics.update(m for m in geojson.METRICS if m in tile_features.columns)
-        if tile_features.height:
-            box = tile_features.select(
-                pl.col("lng").min().alias("w"),
-                pl.col("lat").min().alias("s"),
-                pl.col("lng").max().alias("e"),
-                pl.col("lat").max().alias("n"),
-            ).row(0)
-            extent[:] = [min(extent[0], box[0]), min(extent[1], box[1]), max(extent[2], box[2]), max(extent[3], box[3])]
         overview_bytes = 0
         if (selected / "overview_features.arrow").exists():
             text = geojson.collection(pl.read_ipc(selected / "overview_features.arrow"))
             overview_bytes = folder.put(f"overview/{z}.geojson", text.encode())
-        return {**s, "tiles": tiles, "tile_bytes": size, "overview_bytes": overview_bytes, "cells_bytes": cells_bytes}
+        tiles = 0 if in_folders(z, "geojson") else s["tiles"]
+        zoom = {**s, "tiles": tiles, "tile_bytes": 0, "overview_bytes": overview_bytes, "cells_bytes": cells_bytes}
+        zoom.update(mvt_tiles=0, mvt_bytes=0, mvt_max_tile_bytes=0, mvt_folder_bytes=0)
+        return zoom
 
-    def add_tiles(zoom: dict, encoding: vector.Pending) -> dict:
-        """A zoom's MVT tiles into the archive (and the mvt/ folder)."""
+    def write_part(zoom: dict, tile_features: pl.DataFrame) -> None:
+        """A part's GeoJSON tiles; widens the extent."""
+        z = zoom["z"]
+        if in_folders(z, "geojson"):
+            tiles, size = geojson.write_tiles(tile_features, z, folder)
+            zoom["tiles"] += tiles
+            zoom["tile_bytes"] += size
+        metrics.update(m for m in geojson.METRICS if m in tile_features.columns)
+        box = geoparquet.extent(tile_features)
+        if box:
+            extent[:] = geoparquet.union(extent, box)
+
+    def add_tiles(zoom: dict, encoding: vector.Pending) -> None:
+        """A part's MVT tiles into the archive (and the mvt/ folder)."""
         z, encoded = zoom["z"], encoding.result()
         archive.add(encoded)
-        mvt_bytes = sum(len(d) for d in encoded.data)
+        sizes = [len(d) for d in encoded.data]
         if in_folders(z, "mvt"):
             for x, y, data in zip(encoded.x.tolist(), encoded.y.tolist(), encoded.data):
                 folder.put(f"mvt/{z}/{x}/{y}.mvt", data)
-        return {
-            **zoom,
-            "mvt_tiles": len(encoded.data),
-            "mvt_bytes": mvt_bytes,
-            "mvt_max_tile_bytes": max((len(d) for d in encoded.data), default=0),
-            "mvt_folder_bytes": mvt_bytes if in_folders(z, "mvt") else 0,
-        }
+            zoom["mvt_folder_bytes"] += sum(sizes)
+        zoom["mvt_tiles"] += len(sizes)
+        zoom["mvt_bytes"] += sum(sizes)
+        zoom["mvt_max_tile_bytes"] = max(zoom["mvt_max_tile_bytes"], *sizes, 0)
 
-    # Zoom by zoom, coarsest first (the archive's tile-id order): while a
-    # zoom's tiles are encoded (DuckDB and zlib, every core), its files are
-    # written and the zoom before it goes into the archive. At most two
-    # zooms' features and tiles are held at once.
+    # Zoom by zoom, part by part (a part: whole tiles, see select_tileset):
+    # while a part's tiles are encoded (DuckDB and zlib, every core), its
+    # files are written and the part before it goes into the archive. At
+    # most two parts' features and tiles are held at once.
     try:
         with vector.Encoder() as encoder:
             before = None
             for s in selection:
-                tile_features = pl.read_ipc(plan.work.selected(s["z"]) / "tile_features.arrow")
-                encoding = encoder.submit(tile_features, s["z"])
-                zoom = write_files(s, tile_features)
-                del tile_features
-                if before is not None:
-                    zooms.append(add_tiles(*before))
-                before = (zoom, encoding)
+                zoom = zoom_files(s)
+                for part, tile_features in _encoding_parts(plan, s):
+                    encoding = encoder.submit(tile_features, s["z"], part)
+                    write_part(zoom, tile_features)
+                    del tile_features
+                    if before is not None:
+                        add_tiles(*before)
+                    before = (zoom, encoding)
+                zooms.append(zoom)
             if before is not None:
-                zooms.append(add_tiles(*before))
+                add_tiles(*before)
     except BaseException:
         archive.discard()
         raise
-    if extent[0] >= extent[2] or extent[1] >= extent[3]:  # one point: bounds need an area (PMTiles, TileJSON)
+    if extent and (extent[0] >= extent[2] or extent[1] >= extent[3]):  # one point: bounds need an area
         extent = [extent[0] - POINT_PAD, extent[1] - POINT_PAD, extent[2] + POINT_PAD, extent[3] + POINT_PAD]
     if not zooms:  # no reports: still a complete snapshot, with empty overviews and archive
         extent = list(tilemath.WORLD)  # no reports
@@ -369,6 +483,36 @@ def _stage_into(plan: Plan, folder: SnapshotFolder) -> dict:
     }
     _write_json(plan.work.staged, staged)
     return staged
+
+
+def _encoding_parts(plan: Plan, s: dict) -> Iterator[tuple[vector.Part | None, pl.DataFrame]]:
+    """A zoom's tile features a part at a time, with their intensity, and each part's :class:`vector.Part`.
+
+    One part (``None``): the whole zoom. Several: each part's tiles are
+    given the features of other parts that reach into them (the buffer),
+    found in a first pass.
+    """
+    span = pyramid.Span(*s["tile_span"]) if s["tile_span"] else None
+    path = plan.work.selected(s["z"]) / "tile_features.arrow"
+    if len(s["parts"]) <= 1:
+        for tile_features in read_parts(path):
+            yield None, finish(tile_features, plan.profile, span)
+        return
+    z, shift = s["z"], 2 * plan.settings.cell_detail
+    firsts, offsets, at = [], [], 0
+    for tile_features in read_parts(path):
+        firsts.append(int(tile_features.get_column("cell_key")[0]) >> shift)
+        offsets.append(at)
+        at += tile_features.height
+    bounds = vector.part_bounds(z, firsts)
+    strays = pl.concat(
+        vector.strays(finish(f, plan.profile, span), z, offsets[i], bounds[i], bounds[i + 1])
+        for i, f in enumerate(read_parts(path))
+    )
+    for i, tile_features in enumerate(read_parts(path)):
+        lo, hi = bounds[i], bounds[i + 1]
+        mine = strays.filter(pl.col("_target").is_between(lo, hi, closed="left"))
+        yield vector.Part(offsets[i], lo, hi, mine), finish(tile_features, plan.profile, span)
 
 
 class Snapshot(NamedTuple):

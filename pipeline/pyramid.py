@@ -52,16 +52,37 @@ def score(profile: Profile) -> pl.Expr:
     return pl.col("weight")
 
 
-def intensity(profile: Profile) -> pl.Expr:
-    """Score normalised to 0..1 over one zoom: ``score / max`` or seed 002's min–max."""
+class Span(NamedTuple):
+    """The lowest and highest score of a zoom's cells (or features): what intensity is scaled by.
+
+    Known from summaries (:meth:`of` each part, :meth:`join` them), so a zoom
+    read in parts gets the intensity it would get whole.
+    """
+
+    lo: float
+    hi: float
+
+    @classmethod
+    def of(cls, score: pl.Series) -> Span | None:
+        return cls(float(score.min()), float(score.max())) if len(score) else None
+
+    def join(self, other: Span | None) -> Span:
+        return self if other is None else Span(min(self.lo, other.lo), max(self.hi, other.hi))
+
+
+def intensity(profile: Profile, span: Span | None) -> pl.Expr:
+    """Score normalised to 0..1 over a zoom's ``span``: ``score / max`` or seed 002's min–max."""
     s = pl.col("score")
-    lo, hi = s.min(), s.max()
+    if span is None:  # no cells
+        return pl.lit(0.0)
+    lo, hi = span
+    # a product with the reciprocal, as polars divides a long column by a number;
+    # written out, the bits do not depend on how many rows a part has
     if profile.normalize == "minmax":
-        flat = pl.when(hi > 0).then(1.0).otherwise(0.0)
-        scaled = pl.when(hi > lo).then((s - lo) / (hi - lo)).otherwise(flat)
+        scaled = (s - lo) * (1.0 / (hi - lo)) if hi > lo else pl.lit(1.0 if hi > 0 else 0.0)
     else:
-        scaled = pl.when(hi > 0).then(s / hi).otherwise(0.0)
-    # a denormal divisor overflows polars' reciprocal: keep 0..1 all the same
+        scaled = s * (1.0 / hi) if hi > 0 else pl.lit(0.0)
+    # a denormal divisor overflows the reciprocal: keep 0..1 all the same
     return scaled.fill_nan(0.0).clip(0.0, 1.0)
 
 
@@ -297,10 +318,14 @@ def roll_up(cells: Level, top: int, bottom: int, detail: int, profile: Profile) 
         yield _frame(cells, z, detail, profile), cells
 
 
-def with_intensity(frame: pl.DataFrame, profile: Profile) -> pl.DataFrame:
-    """A whole zoom's cells with ``intensity``, in the published column order."""
+def with_intensity(frame: pl.DataFrame, profile: Profile, span: Span | None = None) -> pl.DataFrame:
+    """A zoom's cells with ``intensity``, in the published column order.
+
+    ``span`` is the whole zoom's (:class:`Span`); by default the frame's own.
+    """
+    span = span if span is not None else Span.of(frame.get_column("score"))
     rest = [c for c in frame.columns if c not in CELL_COLUMNS]
-    return frame.with_columns(intensity(profile).alias("intensity")).select(*CELL_COLUMNS, *rest)
+    return frame.with_columns(intensity(profile, span).alias("intensity")).select(*CELL_COLUMNS, *rest)
 
 
 def _frame(cells: Level, z: int, detail: int, profile: Profile) -> pl.DataFrame:

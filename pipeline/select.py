@@ -143,7 +143,8 @@ def features(cells: pl.DataFrame, choice: pl.DataFrame, profile: Profile) -> pl.
 
     Position, quadkey and top category stay the chosen cell's own; counts,
     weights and metrics are summed (in a fixed order: byte-identical runs),
-    the max weight and times combined; score and intensity are recomputed.
+    the max weight and times combined; the score is recomputed. Intensity
+    needs the zoom's span: :func:`finish` adds it.
     """
     sums = [c for c in FOLDED_SUMS if c in cells.columns]
     # only what is folded is joined and sorted: the whole frame is copied once (the chosen cells)
@@ -164,5 +165,11 @@ def features(cells: pl.DataFrame, choice: pl.DataFrame, profile: Profile) -> pl.
         times = merged.get_column(c).dt.epoch("us").to_numpy()
         folded[c] = pl.Series(reduce.reduceat(times, starts)).cast(pl.Datetime("us", "UTC"))
     out = own.with_columns(**{c: pl.Series(v) if not isinstance(v, pl.Series) else v for c, v in folded.items()})
-    out = out.with_columns(pyramid.score(profile).alias("score"))
-    return out.with_columns(pyramid.intensity(profile).alias("intensity"), (pl.col("score") == 0).alias("healthy"))
+    return out.with_columns(pyramid.score(profile).alias("score"))
+
+
+def finish(features: pl.DataFrame, profile: Profile, span: pyramid.Span | None) -> pl.DataFrame:
+    """Features with ``intensity`` over their zoom's ``span`` (of the features' scores) and ``healthy``."""
+    return features.with_columns(
+        pyramid.intensity(profile, span).alias("intensity"), (pl.col("score") == 0).alias("healthy")
+    )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import threading
@@ -59,18 +60,23 @@ PROPERTIES = {
 }
 
 
-def with_buffer(features: pl.DataFrame, z: int, buffer: int = BUFFER, extent: int = EXTENT) -> pl.DataFrame:
+def with_buffer(
+    features: pl.DataFrame, z: int, buffer: int = BUFFER, extent: int = EXTENT, offset: int = 0
+) -> pl.DataFrame:
     """Each feature once per tile it shows in: its own, and neighbours within the buffer.
 
     Rows come per offset (own tile first), each a filtered pass over the
-    features: no 9x cross join is ever held in memory.
+    features: no 9x cross join is ever held in memory. ``offset``: the first
+    feature's position among its zoom's features (a part of a zoom).
     """
     n = 2**z
     margin = buffer / extent
     px, py = tilemath.mercator_x(pl.col("lng")) * n, tilemath.mercator_y(pl.col("lat")) * n
     # _order: the features' own order (by private cell key), kept as the order
     # inside each tile (coarsened cells may share a quadkey: it would not be total)
-    base = features.lazy().with_columns(px.alias("_px"), py.alias("_py"), pl.int_range(pl.len()).alias("_order"))
+    base = features.lazy().with_columns(
+        px.alias("_px"), py.alias("_py"), (pl.int_range(pl.len()) + offset).alias("_order")
+    )
     parts = []
     for dx, dy in [(0, 0)] + [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1) if dx or dy]:
         tx, ty = pl.col("tile_x") + dx, pl.col("tile_y") + dy
@@ -92,6 +98,41 @@ def with_buffer(features: pl.DataFrame, z: int, buffer: int = BUFFER, extent: in
         )
         .collect()
     )
+
+
+class Part(NamedTuple):
+    """A run of whole tiles of one zoom's features, encoded on its own (a zoom too large to hold).
+
+    The part encodes the tiles whose Morton keys (at the zoom) are in
+    ``[lo, hi)``, its own and empty ones its features' buffers reach, with
+    ``strays``: the rows of other parts' features within the buffer of its
+    tiles (see :func:`strays`).
+    """
+
+    offset: int  # its first feature's position among the zoom's (the order inside a tile)
+    lo: int
+    hi: int
+    strays: pl.DataFrame | None
+
+
+def part_bounds(z: int, first_keys: list[int]) -> list[int]:
+    """Tile-key bounds of consecutive parts, from each part's first tile key: they cover every tile."""
+    return [0, *first_keys[1:], 4**z]
+
+
+def _target_key() -> pl.Expr:  # the Morton key of the tile a buffered row is drawn in
+    return tilemath.morton(pl.col("tx").cast(pl.UInt64), pl.col("ty").cast(pl.UInt64)).alias("_target")
+
+
+def _wanted(features: pl.DataFrame) -> pl.DataFrame:
+    wanted = {"lng", "lat", "tile_x", "tile_y", "last_seen", *(c for _, c in PROPERTIES.values())}
+    return features.select(c for c in features.columns if c in wanted)
+
+
+def strays(features: pl.DataFrame, z: int, offset: int, lo: int, hi: int) -> pl.DataFrame:
+    """A part's buffered rows drawn in tiles outside its own ``[lo, hi)``, with ``_target``."""
+    rows = with_buffer(_wanted(features), z, offset=offset).with_columns(_target_key())
+    return rows.filter((pl.col("_target") < lo) | (pl.col("_target") >= hi))
 
 
 class Encoded(NamedTuple):
@@ -180,16 +221,23 @@ class Encoder:
         for con in self._free:
             con.close()
 
-    def submit(self, features: pl.DataFrame, z: int) -> Pending:
-        """Start encoding a zoom's selected features; ``.result()`` gives its :class:`Encoded`."""
-        return Pending(z, self._planner.submit(self._plan, features, z), self._budget)
+    def submit(self, features: pl.DataFrame, z: int, part: Part | None = None) -> Pending:
+        """Start encoding a zoom's selected features (or a :class:`Part` of them); ``.result()`` gives
+        its :class:`Encoded`.
+        """
+        return Pending(z, self._planner.submit(self._plan, features, z, part), self._budget)
 
-    def _plan(self, features: pl.DataFrame, z: int) -> tuple[int, list[Future]]:
-        if features.height == 0:
+    def _plan(self, features: pl.DataFrame, z: int, part: Part | None) -> tuple[int, list[Future]]:
+        if features.height == 0 and (part is None or part.strays is None or part.strays.height == 0):
             return 0, []
         held = self._budget.acquire(features.height)  # released by Pending.result
-        wanted = {"lng", "lat", "tile_x", "tile_y", "last_seen", *(c for _, c in PROPERTIES.values())}
-        rows = with_buffer(features.select(c for c in features.columns if c in wanted), z)
+        if part is None:
+            rows = with_buffer(_wanted(features), z)
+        else:
+            rows = with_buffer(_wanted(features), z, offset=part.offset).with_columns(_target_key())
+            rows = rows.filter(pl.col("_target").is_between(part.lo, part.hi, closed="left"))
+            if part.strays is not None:
+                rows = pl.concat([rows, part.strays.select(rows.columns)])
         rows = rows.with_columns(
             pl.Series("tile_id", tilemath.tile_ids(z, rows["tx"].to_numpy(), rows["ty"].to_numpy()))
         )
@@ -264,62 +312,62 @@ def _single_threaded() -> duckdb.DuckDBPyConnection:
 
 
 class Archive:
-    """A clustered PMTiles v3 archive written as tiles come (in tile-id order); the directory at the end.
+    """A clustered PMTiles v3 archive of tiles added in any order; the directory and data at the end.
 
     Tile data goes to a scratch file beside the archive as it arrives; only
     four numbers per tile stay in memory for the directory. Identical tiles
     are stored once (consecutive ones as one run). :meth:`close` writes the
-    header, directories and metadata, then the tile data, and removes the
-    scratch file.
+    header, directories and metadata, then the tile data in tile-id order
+    (the order the tiles came in changes no byte), and removes the scratch file.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._scratch = path.with_name(f".{path.name}.data")
         self._data = open(self._scratch, "wb")
-        # per directory entry: first tile id, data offset, length, run length (8 bytes each)
-        self._ids, self._offsets, self._lengths, self._runs = (array("Q") for _ in range(4))
-        self._stored: dict[bytes, int] = {}  # content digest -> offset
+        # per tile: its id, and where its content lies in the scratch file (8 bytes each)
+        self._ids, self._offsets, self._lengths = (array("Q") for _ in range(3))
+        self._stored: dict[bytes, int] = {}  # content digest -> scratch offset
         self._size = 0
-        self._addressed = 0
 
     def add(self, tiles: Encoded) -> None:
-        """Append one batch of tiles; their ids must follow every id added before."""
+        """Add a batch of tiles (each tile id once in an archive)."""
         if not tiles.data:
             return
-        ids, offsets, lengths, runs, stored = self._ids, self._offsets, self._lengths, self._runs, self._stored
-        tile_id = tiles.tile_id.astype(np.uint64)
-        after = ids[-1] + runs[-1] if ids else 0
-        fresh = len(set(tiles.digest)) == len(tiles.digest) and not any(k in stored for k in tiles.digest)
-        if fresh and tile_id[0] >= after and bool(np.all(tile_id[1:] > tile_id[:-1])):
-            # the usual batch: new tiles only, in order; one entry each, written in one go
-            size = np.array([len(d) for d in tiles.data], np.uint64)
-            start = np.concatenate([[0], np.cumsum(size)[:-1]]).astype(np.uint64) + np.uint64(self._size)
-            self._data.writelines(tiles.data)
-            stored.update(zip(tiles.digest, start.tolist()))
-            ids.extend(tile_id.tolist())
-            offsets.extend(start.tolist())
-            lengths.extend(size.tolist())
-            runs.extend([1] * len(size))
-            self._size += int(size.sum())
-            self._addressed += len(size)
-            return
-        for tile_id, data, key in zip(tiles.tile_id.tolist(), tiles.data, tiles.digest):
-            if ids and tile_id < ids[-1] + runs[-1]:
-                raise ValueError(f"tile {tile_id} is out of order: tiles must come in tile-id order")
-            found = stored.get(key)
-            if found is None:
+        stored, found = self._stored, []
+        for data, key in zip(tiles.data, tiles.digest):
+            at = stored.get(key)
+            if at is None:
                 self._data.write(data)
-                stored[key] = found = self._size
+                stored[key] = at = self._size
                 self._size += len(data)
-            if ids and offsets[-1] == found and tile_id == ids[-1] + runs[-1]:
-                runs[-1] += 1  # the same tile again, next in order: one run
-            else:
-                ids.append(tile_id)
-                offsets.append(found)
-                lengths.append(len(data))
-                runs.append(1)
-            self._addressed += 1
+            found.append(at)
+        self._ids.extend(tiles.tile_id.astype(np.uint64).tolist())
+        self._offsets.extend(found)
+        self._lengths.extend(len(d) for d in tiles.data)
+
+    def _layout(self) -> tuple[np.ndarray, ...]:
+        """Directory entries (id, offset, length, run) and each content's scratch offset, in write order."""
+        ids, scratch, lengths = (np.frombuffer(a, np.uint64) for a in (self._ids, self._offsets, self._lengths))
+        order = np.argsort(ids, kind="stable")
+        ids, scratch, lengths = ids[order], scratch[order], lengths[order]
+        if len(ids) > 1 and not np.all(ids[1:] > ids[:-1]):
+            raise ValueError("a tile was added twice")
+        # contents in the order of their first tile: the data's order
+        contents, first, which = np.unique(scratch, return_index=True, return_inverse=True)
+        rank = np.empty(len(contents), np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(len(contents))
+        content_lengths = lengths[first]
+        by_rank = np.argsort(rank)
+        starts = np.zeros(len(contents), np.uint64)
+        starts[by_rank] = _starts(content_lengths[by_rank])
+        offsets = starts[which]
+        # a run: the same content at consecutive tile ids
+        new = np.ones(len(ids), bool)
+        new[1:] = (ids[1:] != ids[:-1] + np.uint64(1)) | (offsets[1:] != offsets[:-1])
+        heads = np.flatnonzero(new)
+        runs = np.diff(np.append(heads, len(ids))).astype(np.uint64)
+        return ids[heads], offsets[heads], lengths[heads], runs, contents[by_rank], content_lengths[by_rank]
 
     def close(self, metadata: dict, bounds: list[float]) -> int:
         """Write the archive; returns its size. No tiles: one empty tile at 0/0/0."""
@@ -327,12 +375,11 @@ class Archive:
             zero = np.zeros(1, np.int64)
             self.add(Encoded(0, zero, zero, zero, [EMPTY_TILE], [digest(EMPTY_TILE)]))
         self._data.close()
-        root, leaves = directories(
-            *(np.frombuffer(a, np.uint64) for a in (self._ids, self._offsets, self._lengths, self._runs))
-        )
+        ids, offsets, lengths, runs, scratch, sizes = self._layout()
+        root, leaves = directories(ids, offsets, lengths, runs)
         meta = gzip.compress(json.dumps(metadata).encode(), mtime=0)
         west, south, east, north = bounds
-        minz, maxz = tileid_to_zxy(self._ids[0])[0], tileid_to_zxy(self._ids[-1])[0]
+        minz, maxz = tileid_to_zxy(int(ids[0]))[0], tileid_to_zxy(int(ids[-1] + runs[-1] - 1))[0]
         header = {
             "tile_type": TileType.MVT,
             "tile_compression": Compression.GZIP,
@@ -340,9 +387,9 @@ class Archive:
             "clustered": True,
             "min_zoom": minz,
             "max_zoom": maxz,
-            "addressed_tiles_count": self._addressed,
-            "tile_entries_count": len(self._ids),
-            "tile_contents_count": len(self._stored),
+            "addressed_tiles_count": len(self._ids),
+            "tile_entries_count": len(ids),
+            "tile_contents_count": len(scratch),
             "root_offset": HEADER_BYTES,
             "root_length": len(root),
             "metadata_offset": HEADER_BYTES + len(root),
@@ -361,7 +408,12 @@ class Archive:
         }
         with open(self.path, "wb") as out, open(self._scratch, "rb") as data:
             out.write(serialize_header(header) + root + meta + leaves)
-            shutil.copyfileobj(data, out, 1 << 22)
+            if np.array_equal(scratch, _starts(sizes)):  # the tiles came in order: the data is too
+                shutil.copyfileobj(data, out, 1 << 22)
+            else:
+                with mmap.mmap(data.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                    for at, n in zip(scratch.tolist(), sizes.tolist()):
+                        out.write(view[at : at + n])
         self._scratch.unlink()
         return self.path.stat().st_size
 
@@ -369,6 +421,13 @@ class Archive:
         """Give up: close and remove the scratch file."""
         self._data.close()
         self._scratch.unlink(missing_ok=True)
+
+
+def _starts(sizes: np.ndarray) -> np.ndarray:
+    """Where each of consecutive pieces of ``sizes`` bytes starts."""
+    out = np.zeros(len(sizes), np.uint64)
+    np.cumsum(sizes[:-1], out=out[1:])
+    return out
 
 
 HEADER_BYTES = 127

@@ -21,14 +21,24 @@ from pipeline.errors import ConfigError, PlanError
 from .conftest import AS_OF, REPO, run_extraction
 
 
-def published_as(cfg, tileset: str, out: Path, **changes) -> Path:
-    """Build and publish ``tileset`` into ``out`` with its settings changed; the snapshot folder."""
+def published_as(cfg, tileset: str, out: Path, part_cells: int | None = None, **changes) -> Path:
+    """Build and publish ``tileset`` into ``out`` with its settings changed; the snapshot folder.
+
+    ``part_cells``: zooms are selected and encoded in parts of about this many cells.
+    """
     made = plan.make(cfg, tileset, AS_OF)
     frozen = build.split(replace(made, settings=made.settings.model_copy(update=changes), output=out))
     plan.write(frozen)
     build.score_tileset(frozen)
     build.build_cells(frozen)
-    publish.select_tileset(frozen)
+    default = publish.SELECT_PART_CELLS
+    publish.SELECT_PART_CELLS = part_cells or default
+    try:
+        publish.select_tileset(frozen)
+    finally:
+        publish.SELECT_PART_CELLS = default
+    checks = publish.check_selection(frozen)
+    assert checks and all(c.holds for c in checks)
     publish.stage_snapshot(frozen)
     return publish.finalize_snapshot(frozen).path
 
@@ -153,10 +163,12 @@ def test_a_warehouse_without_tile_keys_is_a_clear_error(write_config, tmp_path):
     shard_zoom=st.integers(0, 10),
     profile=st.sampled_from(["generic", "road_conditions"]),
     min_count=st.sampled_from([1, 3]),
+    part_cells=st.sampled_from([1, 7, 60]),
 )
 def test_any_sharding_publishes_the_same_bytes(
-    write_config, tmp_path_factory, seed, n, clusters, shards, shard_zoom, profile, min_count
+    write_config, tmp_path_factory, seed, n, clusters, shards, shard_zoom, profile, min_count, part_cells
 ):
+    """Shards, and the parts of whole tiles a zoom is selected and encoded in, change no byte."""
     tmp = tmp_path_factory.mktemp("shards")
     write_points(tmp / "pts.csv", seed, n, clusters)
     columns = {c: c for c in ("lat", "lng", "category", "severity", "observed_at")}
@@ -176,25 +188,28 @@ def test_any_sharding_publishes_the_same_bytes(
     cfg = load_config(path)
     run_extraction(cfg)
     one = published_as(cfg, "pts", tmp / "one", shards=1, shard_zoom=shard_zoom)
-    many = published_as(cfg, "pts", tmp / "many", shards=shards, shard_zoom=shard_zoom)
+    many = published_as(cfg, "pts", tmp / "many", part_cells, shards=shards, shard_zoom=shard_zoom)
     assert digests(one) == digests(many)
 
 
-def test_the_default_run_publishes_the_same_bytes_with_1_7_and_64_shards(tmp_path):
+def test_the_default_run_publishes_the_same_bytes_with_1_7_and_64_shards_and_in_parts(tmp_path):
     cfg = load_config(REPO / "hotspots.yaml")
     cfg = cfg.model_copy(update={"home": tmp_path / ".hotspots", "output": tmp_path / "output", "roots": [tmp_path]})
     run_extraction(cfg)
     for tileset in cfg.tilesets:
         snapshots = [published_as(cfg, tileset, tmp_path / f"out-{n}", shards=n) for n in (1, 7, 64)]
-        first = digests(snapshots[0])
-        assert len(first) > 20
-        for other in snapshots[1:]:
-            assert digests(other) == first, tileset
-        # shards really split the work: 7 of them, each with its own reports
+        # shards really split the work: 64 of them, each with its own reports
         work = paths.Work.of(cfg.home, tileset)
         scored = [pl.read_parquet(work.shard(i).scored).height for i in range(64)]
         assert sum(scored) == build.read_scoring(work)["scored"]
         assert sum(1 for s in scored if s) > 1, tileset
+        # zooms in parts of a few thousand cells: tiles whose buffers reach into other parts' tiles
+        snapshots.append(published_as(cfg, tileset, tmp_path / "out-parts", 3000, shards=1))
+        assert max(len(s["parts"]) for s in publish.read_selection(work)) > 1
+        first = digests(snapshots[0])
+        assert len(first) > 20
+        for other in snapshots[1:]:
+            assert digests(other) == first, tileset
 
 
 @pytest.mark.parametrize(

@@ -5,12 +5,15 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from pipeline.config import SyntheticSource
+from pipeline import warehouse
+from pipeline.config import SyntheticSource, load_config
+from pipeline.sources import synthetic
 from pipeline.sources.synthetic import DEFECTS, generate, positions
 
-from .conftest import AS_OF
+from .conftest import AS_OF, run_extraction
 
 DOMAIN_FIELDS = {
     "community_needs": {"entity_type", "entity_id", "category", "severity", "expires_at", "is_public"},
@@ -18,6 +21,13 @@ DOMAIN_FIELDS = {
     "campus_issues": {"category", "priority", "status", "severity", "organization", "building"},
     "rail_disruptions": {"entity_id", "departures", "cancellations", "delays"},
 }
+
+
+def _number(text) -> bool:
+    try:
+        return abs(float(text)) <= 85
+    except (TypeError, ValueError):
+        return False
 
 
 def _src(domain, **kw):
@@ -100,3 +110,47 @@ def test_world_spread_is_deterministic_and_spans_continents():
     assert len(populated) >= 10
     # a few hundred cities hold most reports; the rest are corridors and a rural background
     assert 50 <= len(np.unique(city[city >= 0])) <= 500 and 0.6 < (city >= 0).mean() < 0.8
+
+
+@pytest.mark.parametrize("domain", sorted(DOMAIN_FIELDS))
+def test_a_large_source_comes_a_batch_at_a_time_on_one_world(domain, monkeypatch, write_config):
+    monkeypatch.setattr(synthetic, "BATCH_ROWS", 1000)
+    src = _src(domain, count=3500, seed=5, spread="world", bad_fraction=0.01)
+    parts = list(synthetic.batches(src, AS_OF))
+    assert [(first, t.num_rows) for first, t in parts] == [(0, 1000), (1000, 1000), (2000, 1000), (3000, 500)]
+    again = list(synthetic.batches(src, AS_OF))
+    assert all(a.equals(b) for (_, a), (_, b) in zip(parts, again))  # deterministic
+    assert not parts[0][1].equals(parts[1][1].slice(0, 1000))  # each batch draws its own rows
+    ids = pa.concat_tables([t for _, t in parts], promote_options="default").column("report_id").to_pylist()
+    duplicates = [(i, t) for _, t in parts for i in [t.column("report_id")[0].as_py()]]
+    assert len(set(ids)) == len(ids) - sum(ids.count(i) - 1 for i, _ in duplicates)  # only injected duplicates
+
+    # one layout of cities for every batch: most of a batch's points fall in squares the batch before used
+    def squares(t: pa.Table) -> list[tuple[int, int]]:
+        pairs = zip(t.column("lng").to_pylist(), t.column("lat").to_pylist())
+        return [(round(float(x)), round(float(y))) for x, y in pairs if _number(x) and _number(y)]
+
+    first, second = squares(parts[0][1]), squares(parts[1][1])
+    assert sum(xy in set(first) for xy in second) > 0.7 * len(second)
+    # staged a batch at a time: every row read, each batch a file of the source
+    cfg = load_config(
+        write_config(
+            {
+                "sources": {"s": {"kind": "synthetic", "domain": domain, "count": 3500, "seed": 5, "spread": "world"}},
+                "tilesets": {},
+            }
+        )
+    )
+    staged, validated = run_extraction(cfg)
+    assert [f.rows for f in staged["s"]] == [1000, 1000, 1000, 500]
+    assert [f.file.rsplit(":", 1)[1] for f in staged["s"]] == [
+        "rows=1-1000",
+        "rows=1001-2000",
+        "rows=2001-3000",
+        "rows=3001-3500",
+    ]
+    with warehouse.reader(cfg.warehouse_path) as con:
+        read = con.execute("SELECT count(*) FROM raw_reports WHERE source = 's'").fetchone()[0]
+        valid = con.execute("SELECT count(*) FROM reports WHERE source = 's'").fetchone()[0]
+        rejected = con.execute("SELECT count(*) FROM rejected_reports WHERE source = 's'").fetchone()[0]
+    assert read == 3500 == valid + rejected == validated["s"].read

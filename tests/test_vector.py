@@ -219,23 +219,37 @@ def _tiles(z: int, xy: list[tuple[int, int]], data: list[bytes]) -> Encoded:
     return Encoded(z, x[order], y[order], ids[order], [data[i] for i in order], [digest(data[i]) for i in order])
 
 
-def test_archive_streams_tiles_in_order_stores_duplicates_once_and_reads_back(tmp_path):
-    archive = Archive(tmp_path / "a.pmtiles")
-    same = gzip.compress(b"same", mtime=0)
-    archive.add(_tiles(0, [(0, 0)], [gzip.compress(b"root", mtime=0)]))
-    archive.add(_tiles(2, [(0, 0), (1, 0), (0, 1), (3, 3)], [same, same, same, gzip.compress(b"other", mtime=0)]))
-    with pytest.raises(ValueError, match="tile-id order"):
-        archive.add(_tiles(1, [(0, 0)], [same]))  # a coarser zoom after a finer one
-    size = archive.close({"name": "t"}, [-10.0, -10.0, 10.0, 10.0])
-    assert size == (tmp_path / "a.pmtiles").stat().st_size
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pmtiles"]  # the scratch file is gone
-    with open(tmp_path / "a.pmtiles", "rb") as fh:
+def test_archive_stores_duplicates_once_reads_back_and_ignores_the_order_tiles_came_in(tmp_path):
+    same, other, root = (gzip.compress(t, mtime=0) for t in (b"same", b"other", b"root"))
+    batches = [
+        _tiles(0, [(0, 0)], [root]),
+        _tiles(2, [(0, 0), (1, 0)], [same, same]),
+        _tiles(2, [(0, 1), (3, 3)], [same, other]),
+        _tiles(1, [(1, 1)], [other]),
+    ]
+    built = []
+    for name, order in (("a", [0, 1, 2, 3]), ("b", [2, 3, 0, 1]), ("c", [3, 2, 1, 0])):
+        archive = Archive(tmp_path / f"{name}.pmtiles")
+        for i in order:
+            archive.add(batches[i])
+        size = archive.close({"name": "t"}, [-10.0, -10.0, 10.0, 10.0])
+        assert size == (tmp_path / f"{name}.pmtiles").stat().st_size
+        built.append((tmp_path / f"{name}.pmtiles").read_bytes())
+    assert built[0] == built[1] == built[2]  # the same bytes, whatever order the tiles came in
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pmtiles", "b.pmtiles", "c.pmtiles"]  # no scratch
+    with open(tmp_path / "b.pmtiles", "rb") as fh:
         source = MmapSource(fh)
         header = Reader(source).header()
         tiles = dict(all_tiles(source))
     assert header["clustered"] and (header["min_zoom"], header["max_zoom"]) == (0, 2)
-    assert header["addressed_tiles_count"] == 5 and header["tile_contents_count"] == 3
+    assert header["addressed_tiles_count"] == 6 and header["tile_contents_count"] == 3
     assert tiles[(2, 0, 1)] == tiles[(2, 1, 0)] == same and gzip.decompress(tiles[(2, 3, 3)]) == b"other"
+    assert gzip.decompress(tiles[(1, 1, 1)]) == b"other" and gzip.decompress(tiles[(0, 0, 0)]) == b"root"
+    twice = Archive(tmp_path / "twice.pmtiles")
+    twice.add(batches[1])
+    twice.add(batches[1])
+    with pytest.raises(ValueError, match="added twice"):
+        twice.close({}, [-1.0, -1.0, 1.0, 1.0])
 
 
 def test_an_empty_archive_holds_one_empty_tile(tmp_path):

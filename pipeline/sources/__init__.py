@@ -11,7 +11,7 @@ from ..config import Config, FileSource, PostgresSource, SyntheticSource
 from .files import FetchedFile, check_columns, fetch_files, stage_files
 from .postgres import Fetched, fetch, stage_fetched
 from .staging import FileResult, numbered_table, stage_relation
-from .synthetic import generate
+from .synthetic import batches
 
 __all__ = ["FileResult", "check_source_columns", "prefetch", "stage_source"]
 
@@ -55,17 +55,22 @@ def stage_source(
     if isinstance(src, FileSource):
         return stage_files(con, name, src, fetched)
     if isinstance(src, SyntheticSource):
-        table = generate(src, as_of)
-        con.register("_synthetic", table)
-        try:  # a table, not a view: staging numbers rows by rowid
-            con.execute("CREATE OR REPLACE TEMP TABLE _file AS SELECT * FROM _synthetic")
-        finally:
-            con.unregister("_synthetic")
-        mapping = {c: c for c in table.column_names}
+        results = []
         label = f"synthetic:{src.domain}:seed={src.seed}:count={src.count}"
-        result = stage_relation(con, name, label, numbered_table("_file"), mapping, src.entity_type or name)
-        con.execute("DROP TABLE _file")
-        return [result]
+        for first, table in batches(src, as_of):  # a batch at a time: never every row in memory
+            con.register("_synthetic", table)
+            try:  # a table, not a view: staging numbers rows by rowid
+                con.execute("CREATE OR REPLACE TEMP TABLE _file AS SELECT * FROM _synthetic")
+            finally:
+                con.unregister("_synthetic")
+            rows = table.num_rows
+            del table
+            mapping = {c: c for c, *_ in con.execute("DESCRIBE _file").fetchall()}
+            part = label if rows == src.count else f"{label}:rows={first + 1}-{first + rows}"
+            relation = numbered_table("_file", first + 1)
+            results.append(stage_relation(con, name, part, relation, mapping, src.entity_type or name))
+            con.execute("DROP TABLE _file")
+        return results
     raise TypeError(f"unknown source kind {type(src).__name__}")
 
 

@@ -11,7 +11,9 @@ validation at work.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +44,26 @@ DEFECTS = (
 FLOOD_SIZE = 40  # reports from one session token within 20 minutes
 
 
+BATCH_ROWS = 1_000_000  # a larger source is generated (and staged) this many rows at a time
+
+
+def batches(src: SyntheticSource, as_of: datetime) -> Iterator[tuple[int, pa.Table]]:
+    """The source's rows a batch at a time: (the first row's number from 0, the batch).
+
+    Up to :data:`BATCH_ROWS` rows come as one batch, exactly :func:`generate`'s
+    table. A larger source draws each batch from its own generator (seeded
+    with the seed and the batch's number) on one shared layout of cities, so
+    no more than a batch of rows is ever held.
+    """
+    if src.count <= BATCH_ROWS:
+        yield 0, generate(src, as_of)
+        return
+    for start in range(0, src.count, BATCH_ROWS):
+        n = min(BATCH_ROWS, src.count - start)
+        rng = np.random.default_rng([src.seed, start // BATCH_ROWS])
+        yield start, _generate(src, as_of, rng, n, start, np.random.default_rng(src.seed))
+
+
 def generate(src: SyntheticSource, as_of: datetime) -> pa.Table:
     """Generate ``src.count`` raw reports as a table of text columns.
 
@@ -58,22 +80,29 @@ def generate(src: SyntheticSource, as_of: datetime) -> pa.Table:
         Canonical column names, every value a string or null, like a CSV.
     """
     rng = np.random.default_rng(src.seed)
-    n = src.count
-    spread = world_positions if src.spread == "world" else positions
+    return _generate(src, as_of, rng, src.count, 0, rng)
 
-    def place(count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return spread(rng, count, src.bbox)
+
+def _generate(
+    src: SyntheticSource, as_of: datetime, rng: np.random.Generator, n: int, first: int, layout: np.random.Generator
+) -> pa.Table:
+    """``n`` reports numbered from ``first``; a world's cities are drawn from ``layout`` (first)."""
+    if src.spread == "world":
+        cities = world_cities(layout, src.count)
+        place = lambda count: world_positions(rng, count, cities=cities)  # noqa: E731
+    else:
+        place = lambda count: positions(rng, count, src.bbox)  # noqa: E731
 
     lng, lat, cluster = place(n)
     age_days = np.where(rng.random(n) < 0.7, rng.exponential(src.days / 4, n), rng.uniform(0, src.days, n))
     observed = as_of.timestamp() - np.minimum(age_days, src.days) * 86400.0
     cols: dict[str, pa.Array] = {
-        "report_id": _prefixed(src.domain[:4], np.arange(n)),
+        "report_id": _prefixed(src.domain[:4], np.arange(first, first + n)),
         "lat": _text(lat),
         "lng": _text(lng),
         "observed_at": _times(observed),
     }
-    cols.update(_DOMAINS[src.domain](rng, n, cluster, observed, place))
+    cols.update(_DOMAINS[src.domain](rng, n, cluster, observed, place, first))
     table = pa.table(cols)
     n_bad = int(round(n * src.bad_fraction))
     if n_bad:
@@ -135,22 +164,44 @@ WORLD_REGIONS = (
 )
 
 
-def world_positions(
-    rng: np.random.Generator, n: int, bbox: tuple[float, float, float, float] | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Positions spread like a world's reports: lng, lat and city index (-1: none).
+class Cities(NamedTuple):
+    """A world's layout: city centres, sizes and radii, and each city's nearest neighbour."""
 
-    A few hundred cities on several continents (lognormal sizes and radii),
-    corridors between neighbouring cities, and a thin rural background over
-    the populated regions. ``bbox`` is ignored.
-    """
+    centers: np.ndarray
+    size: np.ndarray
+    radius: np.ndarray
+    nearest: np.ndarray
+
+
+def world_cities(rng: np.random.Generator, count: int) -> Cities:
+    """A few hundred cities (more for more reports) on the populated regions, lognormal sizes and radii."""
     regions = np.array(WORLD_REGIONS)
-    k = int(np.clip(n // 2500, 20, 500))
+    k = int(np.clip(count // 2500, 20, 500))
     home = rng.choice(len(regions), k, p=regions[:, 4] / regions[:, 4].sum())
     w, s, e, north = regions[home, 0], regions[home, 1], regions[home, 2], regions[home, 3]
     centers = np.column_stack([w + rng.random(k) * (e - w), s + rng.random(k) * (north - s)])
     size = rng.lognormal(0.0, 1.2, k)
     radius = rng.lognormal(np.log(0.04), 0.5, k)  # degrees: a few km to tens of km
+    d2 = ((centers[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d2, np.inf)
+    return Cities(centers, size, radius, d2.argmin(1))
+
+
+def world_positions(
+    rng: np.random.Generator,
+    n: int,
+    bbox: tuple[float, float, float, float] | None = None,
+    cities: Cities | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions spread like a world's reports: lng, lat and city index (-1: none).
+
+    Cities (drawn from ``rng`` first unless given: :func:`world_cities`),
+    corridors between neighbouring cities, and a thin rural background over
+    the populated regions. ``bbox`` is ignored.
+    """
+    regions = np.array(WORLD_REGIONS)
+    centers, size, radius, b = cities if cities is not None else world_cities(rng, n)
+    k = len(centers)
     kind = rng.choice(3, n, p=[0.72, 0.2, 0.08])  # city, corridor, rural
     xy = np.empty((n, 2))
     cluster = np.full(n, -1)
@@ -163,9 +214,6 @@ def world_positions(
     cluster[m] = c
 
     # corridors: each city to its nearest neighbour (roads and rail lines)
-    d2 = ((centers[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
-    np.fill_diagonal(d2, np.inf)
-    b = d2.argmin(1)
     m = kind == 1
     seg = rng.choice(k, m.sum(), p=size / size.sum())
     t = rng.random(m.sum())[:, None]
@@ -178,9 +226,9 @@ def world_positions(
     return np.clip(xy[:, 0], -180.0, 180.0), np.clip(xy[:, 1], -85.0, 85.0), cluster
 
 
-def _road(rng, n, cluster, observed, place):
+def _road(rng, n, cluster, observed, place, first):
     p = np.array(ROAD_WEIGHTS, float)
-    tokens = rng.integers(0, max(1, n // 8), n)
+    tokens = rng.integers(0, max(1, n // 8), n) + first // 8
     described = rng.random(n) < 0.1
     return {
         "category": _pick(rng, ROAD_CONDITIONS, n, p / p.sum()),
@@ -192,7 +240,7 @@ def _road(rng, n, cluster, observed, place):
     }
 
 
-def _community(rng, n, cluster, observed, place):
+def _community(rng, n, cluster, observed, place, first):
     # Notes attach to entities, and an entity has one location: draw the
     # locations per entity, then give each note its entity's position.
     n_entities = max(1, n // 3)
@@ -202,7 +250,7 @@ def _community(rng, n, cluster, observed, place):
     expires = observed + rng.uniform(1, 30, n) * 86400.0
     return {
         "entity_type": pa.array(np.array(ENTITY_TYPES)[entity % len(ENTITY_TYPES)]),
-        "entity_id": _prefixed("entity", entity),
+        "entity_id": _prefixed("entity", entity + first // 3),  # a batch's entities are its own
         "lat": _text(elat[entity]),
         "lng": _text(elng[entity]),
         "category": pa.array(np.array(list(NOTE_SEVERITY))[level]),
@@ -212,7 +260,7 @@ def _community(rng, n, cluster, observed, place):
     }
 
 
-def _campus(rng, n, cluster, observed, place):
+def _campus(rng, n, cluster, observed, place, first):
     building = np.where(cluster >= 0, cluster, 999)
     return {
         "category": _pick(rng, CAMPUS_CATEGORIES, n),
@@ -224,14 +272,14 @@ def _campus(rng, n, cluster, observed, place):
     }
 
 
-def _rail(rng, n, cluster, observed, place):
+def _rail(rng, n, cluster, observed, place, first):
     departures = rng.poisson(80, n) + 1
     healthy = rng.random(n) < 0.4
     cancel_rate = np.where(healthy, 0.0, rng.beta(1, 30, n))
     delay_rate = np.where(healthy, 0.0, rng.beta(2, 10, n))
     return {
         "entity_type": pa.array(np.full(n, "station")),
-        "entity_id": _prefixed("stop", np.arange(n)),
+        "entity_id": _prefixed("stop", np.arange(first, first + n)),
         "category": pa.array(np.full(n, "station")),
         "departures": _text(departures),
         "cancellations": _text(rng.binomial(departures, cancel_rate)),
