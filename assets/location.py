@@ -90,7 +90,7 @@ def build_definitions(config_path: str | Path | None = None, executor_name: str 
         SHARD_JOB,
         selection=dg.AssetSelection.assets(shards),
         partitions_def=shards.partitions_def,
-        description="One shard of a tileset's build (a tileset x shard partition): score, cells to the shard zoom.",
+        description="One shard of a tileset's build (a tileset x shard partition): score, cells to the pivot zoom.",
     )
     publish_job = dg.define_asset_job(
         PUBLISH_JOB,

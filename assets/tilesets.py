@@ -61,7 +61,7 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
     @dg.asset(partitions_def=shard_partitions(partitions), deps=[build_plan], group_name="tilesets", kinds={"polars"})
     def shards(context: dg.AssetExecutionContext, config: RunParams) -> dg.MaterializeResult:
         """One spatial shard of a tileset: its own reports only (a range of the warehouse's tile keys), weighted,
-        and its cells from `maxzoom` down to the shard zoom (`<home>/work/<tileset>/shards/<i>/`, private).
+        and its cells from `maxzoom` down to the pivot zoom (`<home>/work/<tileset>/shards/<i>/`, private).
         Shards run in any order, on any executor; a shard the plan does not have does nothing.
         """
         key = context.partition_key.keys_by_dimension
@@ -151,8 +151,8 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
 
     @dg.asset(partitions_def=partitions, deps=[scored_reports], group_name="tilesets", kinds={"polars", "parquet"})
     def cells(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        """Tile-aligned cells for every zoom: the shards' zooms side by side, the coarser zooms rolled up from their
-        cells at the shard zoom (`<home>/work/<tileset>/cells/zoom=<z>/cells.parquet`, GeoParquet 1.1).
+        """Tile-aligned cells for every zoom: the shards' parts one after another, the zooms above the pivot rolled
+        up from their cells at the pivot zoom (`<home>/work/<tileset>/cells/zoom=<z>/cells.parquet`, GeoParquet 1.1).
         """
         started = time.perf_counter()
         with planned_step(context) as plan:

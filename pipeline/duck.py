@@ -19,7 +19,7 @@ import duckdb
 SETTINGS = {"TimeZone": "UTC"}
 # a warehouse connection's memory: beyond it DuckDB spills to <warehouse>.tmp/ (a 100M-report
 # extraction then stays within a process's share of the machine); HOTSPOTS_DUCKDB_MEMORY overrides
-WAREHOUSE_MEMORY = os.environ.get("HOTSPOTS_DUCKDB_MEMORY", "6GB")
+WAREHOUSE_MEMORY = os.environ.get("HOTSPOTS_DUCKDB_MEMORY", "4GB")
 
 
 @cache

@@ -89,7 +89,7 @@ class Shard:
 
     scored = _in_root("scored.parquet")  # individual positions: never published
     scoring = _in_root("scoring.json")
-    pivot = _in_root("pivot.npz")  # its cells at the shard zoom, with what the roll-up above needs
+    pivot = _in_root("pivot.npz")  # its cells at the pivot zoom, with what the roll-up above needs
     final = _in_root("final")  # a plan's only shard: every zoom's cells, ready to move into place
 
     @property
@@ -98,7 +98,7 @@ class Shard:
         return self.root.with_name(f"{self.root.name}.lease")
 
     def cells(self, z: int) -> Path:
-        """Its cells of zoom ``z`` (at or below the shard zoom), before intensity (Arrow IPC)."""
+        """Its cells of zoom ``z`` (at or below the pivot zoom), before intensity (Arrow IPC)."""
         return self.root / "cells" / f"{z}.arrow"
 
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import tempfile
 from datetime import datetime
 
 import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .. import duck, paths
 from ..config import Config, FileSource, PostgresSource, SyntheticSource
 from .files import FetchedFile, check_columns, fetch_files, stage_files
 from .postgres import Fetched, fetch, stage_fetched
-from .staging import FileResult, numbered_table, stage_relation
+from .staging import FileResult, literal, stage_relation
 from .synthetic import batches
 
 __all__ = ["FileResult", "check_source_columns", "prefetch", "stage_source"]
@@ -57,19 +61,19 @@ def stage_source(
     if isinstance(src, SyntheticSource):
         results = []
         label = f"synthetic:{src.domain}:seed={src.seed}:count={src.count}"
-        for first, table in batches(src, as_of):  # a batch at a time: never every row in memory
-            con.register("_synthetic", table)
-            try:  # a table, not a view: staging numbers rows by rowid
-                con.execute("CREATE OR REPLACE TEMP TABLE _file AS SELECT * FROM _synthetic")
-            finally:
-                con.unregister("_synthetic")
-            rows = table.num_rows
-            del table
-            mapping = {c: c for c, *_ in con.execute("DESCRIBE _file").fetchall()}
-            part = label if rows == src.count else f"{label}:rows={first + 1}-{first + rows}"
-            relation = numbered_table("_file", first + 1)
-            results.append(stage_relation(con, name, part, relation, mapping, src.entity_type or name))
-            con.execute("DROP TABLE _file")
+        with tempfile.TemporaryDirectory(prefix="hotspots-synthetic-") as tmp:
+            for first, table in batches(src, as_of):  # a batch at a time: never every row in memory
+                # through a file: a registered Python table would stay in memory until the
+                # transaction ends (duckdb-python#469); rows numbered in the batch's order
+                path = f"{tmp}/batch.parquet"
+                numbers = pa.array(np.arange(first + 1, first + 1 + table.num_rows))
+                pq.write_table(table.append_column("_row", numbers), path, compression="none")
+                rows = table.num_rows
+                part = label if rows == src.count else f"{label}:rows={first + 1}-{first + rows}"
+                mapping = {c: c for c in table.column_names}
+                del table
+                relation = f"(SELECT * FROM read_parquet({literal(path)}))"
+                results.append(stage_relation(con, name, part, relation, mapping, src.entity_type or name))
         return results
     raise TypeError(f"unknown source kind {type(src).__name__}")
 
