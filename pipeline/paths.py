@@ -42,6 +42,11 @@ def duckdb_extensions(home: Path) -> Path:
     return home / "duckdb_extensions"
 
 
+def scratch(home: Path) -> Path:
+    """Private scratch space of the warehouse's writer (a synthetic source's batches while staged)."""
+    return home / "scratch"
+
+
 def _in_root(name: str) -> property:
     """A file or folder of the work folder, by name."""
     return property(lambda self: self.root / name, doc=f"``{name}``")

@@ -12,6 +12,7 @@ only (counts, sums, min, max, per-category counts).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -312,10 +313,18 @@ def roll_up(cells: Level, top: int, bottom: int, detail: int, profile: Profile) 
     Intensity is normalised over a whole zoom, which a shard does not hold:
     :func:`with_intensity` adds it once a zoom's frames are together.
     """
-    for z in range(top, bottom - 1, -1):
-        if z < top:
-            cells = cells.parent()
-        yield _frame(cells, z, detail, profile), cells
+    # a zoom's frame is built in a second thread while the level above is
+    # rolled up (NumPy and Polars release the GIL): both cores at work
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        before = None
+        for z in range(top, bottom - 1, -1):
+            if z < top:
+                cells = cells.parent()
+            if before is not None:
+                yield before[0].result(), before[1]
+            before = (pool.submit(_frame, cells, z, detail, profile), cells)
+        if before is not None:
+            yield before[0].result(), before[1]
 
 
 def with_intensity(frame: pl.DataFrame, profile: Profile, span: Span | None = None) -> pl.DataFrame:

@@ -11,7 +11,7 @@ import mercantile
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import build, duck, pyramid, scoring, warehouse
@@ -299,3 +299,38 @@ def test_determinism_same_input_same_bytes(write_config, tmp_path):
             {p.name + p.parent.name: p.read_bytes() for p in (cfg.work("r").root / "cells").rglob("*.parquet")}
         )
     assert digests[0] == digests[1] and len(digests[0]) == 11
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.integers(0, 700),
+    cuts=st.lists(st.integers(0, 700), max_size=6),
+    row_group=st.sampled_from([1, 64, 300, 128 * 1024]),
+)
+def test_geoparquet_written_in_parts_is_the_file_written_whole(tmp_path_factory, monkeypatch, rows, cuts, row_group):
+    from pipeline import geoparquet
+
+    monkeypatch.setattr(geoparquet, "ROW_GROUP", row_group)
+    tmp = tmp_path_factory.mktemp("gpq")
+    frame = pl.DataFrame(
+        {
+            "quadkey": [f"{i:012d}" for i in range(rows)],
+            "lng": [(i * 7919 % 3600) / 10 - 180 for i in range(rows)],
+            "lat": [(i * 104729 % 1700) / 10 - 85 for i in range(rows)],
+            "z": pl.Series([i % 3 for i in range(rows)], dtype=pl.Int32),
+            "top_category": [("ice", "pothole", None)[i % 3] for i in range(rows)],
+        }
+    )
+    size = geoparquet.write(frame, tmp / "whole.parquet")
+    bounds = sorted({0, rows, *(c for c in cuts if c <= rows)})
+    with geoparquet.writing(tmp / "parts.parquet", geoparquet.extent(frame)) as out:
+        for a, b in zip(bounds, bounds[1:]) if rows else [(0, 0)]:
+            out.write(frame.slice(a, b - a))
+    assert (tmp / "parts.parquet").read_bytes() == (tmp / "whole.parquet").read_bytes()
+    assert size == (tmp / "whole.parquet").stat().st_size
+    back = pq.read_table(tmp / "whole.parquet")
+    bbox = json.loads(back.schema.metadata[b"geo"])["columns"]["geometry"]["bbox"]
+    assert bbox == (geoparquet.extent(frame) if rows else [])
+    assert pl.from_arrow(back).drop("geometry").equals(frame)
+    expected_groups = -(-rows // row_group) if rows else 0
+    assert pq.ParquetFile(tmp / "whole.parquet").metadata.num_row_groups == expected_groups

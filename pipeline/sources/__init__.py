@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from datetime import datetime
+from pathlib import Path
+from typing import NamedTuple
 
 import duckdb
 import numpy as np
@@ -22,13 +25,16 @@ __all__ = ["FileResult", "check_source_columns", "prefetch", "stage_source"]
 
 def prefetch(
     con: duckdb.DuckDBPyConnection, name: str, cfg: Config, as_of: datetime, full_refresh: bool = False
-) -> Fetched | list[FetchedFile] | None:
+) -> Fetched | list[FetchedFile] | SyntheticFiles | None:
     """Read a source before the write transaction, so that a failing read
     cannot abort it: each file into a temporary table, or a database's rows
-    (changed since its last read, unless ``full_refresh``); None for synthetic."""
+    (changed since its last read, unless ``full_refresh``), a synthetic source's
+    batches into Parquet files."""
     src = cfg.sources[name]
     if isinstance(src, FileSource):
         return fetch_files(con, name, src)
+    if isinstance(src, SyntheticSource):
+        return write_batches(src, as_of, paths.scratch(cfg.home))
     if not isinstance(src, PostgresSource):
         return None
     duck.load_postgres(con, paths.duckdb_extensions(cfg.home))
@@ -41,12 +47,12 @@ def stage_source(
     name: str,
     cfg: Config,
     as_of: datetime,
-    fetched: Fetched | list[FetchedFile] | None = None,
+    fetched: Fetched | list[FetchedFile] | SyntheticFiles | None = None,
 ) -> list[FileResult]:
     """Replace the source's rows in ``raw_reports`` with a fresh read
     (a database source: with what :func:`prefetch` read).
 
-    Returns one :class:`FileResult` per file (or synthetic batch, or query).
+    Returns one :class:`FileResult` per file (or synthetic source, or query).
     """
     src = cfg.sources[name]
     if isinstance(src, PostgresSource):
@@ -59,23 +65,50 @@ def stage_source(
     if isinstance(src, FileSource):
         return stage_files(con, name, src, fetched)
     if isinstance(src, SyntheticSource):
-        results = []
-        label = f"synthetic:{src.domain}:seed={src.seed}:count={src.count}"
-        with tempfile.TemporaryDirectory(prefix="hotspots-synthetic-") as tmp:
-            for first, table in batches(src, as_of):  # a batch at a time: never every row in memory
-                # through a file: a registered Python table would stay in memory until the
-                # transaction ends (duckdb-python#469); rows numbered in the batch's order
-                path = f"{tmp}/batch.parquet"
-                numbers = pa.array(np.arange(first + 1, first + 1 + table.num_rows))
-                pq.write_table(table.append_column("_row", numbers), path, compression="none")
-                rows = table.num_rows
-                part = label if rows == src.count else f"{label}:rows={first + 1}-{first + rows}"
-                mapping = {c: c for c in table.column_names}
-                del table
-                relation = f"(SELECT * FROM read_parquet({literal(path)}))"
-                results.append(stage_relation(con, name, part, relation, mapping, src.entity_type or name))
-        return results
+        batches_written = fetched if isinstance(fetched, SyntheticFiles) else write_batches(src, as_of, None)
+        try:
+            files = ", ".join(literal(str(f)) for f in batches_written.files)
+            # one statement: DuckDB streams the files in (a batch may lack a column another has)
+            relation = f"(SELECT * FROM read_parquet([{files}], union_by_name = true))"
+            mapping = {c: c for c in batches_written.columns}
+            label = f"synthetic:{src.domain}:seed={src.seed}:count={src.count}"
+            return [stage_relation(con, name, label, relation, mapping, src.entity_type or name)]
+        finally:
+            shutil.rmtree(batches_written.folder, ignore_errors=True)
     raise TypeError(f"unknown source kind {type(src).__name__}")
+
+
+class SyntheticFiles(NamedTuple):
+    """A synthetic source's batches as Parquet files (with ``_row``), ready to stage in one statement."""
+
+    folder: Path
+    files: list[Path]
+    columns: list[str]  # every column some batch has (less ``_row``)
+
+
+def write_batches(src: SyntheticSource, as_of: datetime, under: Path | None) -> SyntheticFiles:
+    """Generate the source a batch at a time into Parquet files in a fresh folder under ``under``.
+
+    Never more than a batch of rows in memory; DuckDB then reads the files
+    itself (a registered Python table would stay in memory until the
+    transaction ends: duckdb-python#469).
+    """
+    if under is not None:  # the warehouse's writer runs alone: what is there was left by a killed run
+        for left in under.glob("synthetic-*"):
+            shutil.rmtree(left, ignore_errors=True)
+        under.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="synthetic-", dir=under))
+    files, columns = [], {}
+    try:
+        for first, table in batches(src, as_of):
+            numbers = pa.array(np.arange(first + 1, first + 1 + table.num_rows))  # rows numbered in order
+            files.append(folder / f"{first:012d}.parquet")
+            columns.update(dict.fromkeys(table.column_names))
+            pq.write_table(table.append_column("_row", numbers), files[-1], compression="zstd")
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return SyntheticFiles(folder, files, list(columns))
 
 
 def check_source_columns(con: duckdb.DuckDBPyConnection, cfg: Config, names: list[str]) -> None:
