@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import atomic, extract, geoparquet, pyramid, scoring, tilemath, warehouse
@@ -298,23 +299,39 @@ def merge_cells(plan: Plan) -> list[ZoomSummary]:
 
 
 def _merge_zoom(plan: Plan, parts: list[Path], z: int) -> ZoomSummary:
-    """One zoom's GeoParquet from the shards' parts, one part in memory at a time."""
+    """One zoom's GeoParquet from the shards' parts, one part in memory at a time.
+
+    A first pass reads each part's summary (its span of scores and extent),
+    the second writes the parts with the whole zoom's intensity.
+    """
     s, x, y = pl.col("score"), pl.col("lng"), pl.col("lat")
-    whole = pl.concat([pl.scan_ipc(p) for p in parts])
-    row = whole.select(
-        pl.len().alias("cells"),
-        pl.col("report_count").sum().alias("reports"),
-        pl.col("weight").sum().alias("weight"),
-        s.min().alias("lo"),
-        s.max().alias("hi"),
-        *(e.alias(n) for e, n in ((x.min(), "w"), (y.min(), "s"), (x.max(), "e"), (y.max(), "n"))),
-    ).collect()
-    (cells, reports, weight, lo, hi, *extent) = row.row(0)
+    cells = reports = 0
+    weight, span, extent = 0.0, None, []
+    for part in parts:
+        frame = _read_ipc(part, ["score", "lng", "lat", "report_count", "weight"])
+        row = frame.select(
+            s.min().alias("lo"),
+            s.max().alias("hi"),
+            *(e.alias(n) for e, n in ((x.min(), "w"), (y.min(), "s"), (x.max(), "e"), (y.max(), "n"))),
+        ).row(0)
+        if frame.height:
+            span = pyramid.Span(row[0], row[1]).join(span)
+            extent = geoparquet.union(extent, [float(v) for v in row[2:]])
+        cells += frame.height
+        reports += int(frame.get_column("report_count").sum())
+        weight += float(frame.get_column("weight").sum())
     path = plan.work.cells(z)
-    with geoparquet.writing(path, [float(v) for v in extent]) as out:
+    with geoparquet.writing(path, extent) as out:
         for part in parts:
-            out.write(pyramid.with_intensity(pl.read_ipc(part), plan.profile, pyramid.Span(lo, hi)))
-    return ZoomSummary(z, cells, int(reports), float(weight), float(hi), path.stat().st_size)
+            out.write(pyramid.with_intensity(_read_ipc(part), plan.profile, span))
+    return ZoomSummary(z, cells, reports, weight, float(span.hi) if span else 0.0, path.stat().st_size)
+
+
+def _read_ipc(path: Path, columns: list[str] | None = None) -> pl.DataFrame:
+    """An Arrow IPC file read into memory (not mapped: a mapped file's pages would count as the process's)."""
+    with pa.OSFile(str(path)) as source:
+        table = pa.ipc.open_file(source).read_all()
+    return pl.from_arrow(table.select(columns) if columns else table)
 
 
 def _write_zooms(zooms: Iterator[tuple[pl.DataFrame, int]], root: Path, plan: Plan) -> list[ZoomSummary]:

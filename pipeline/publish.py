@@ -223,7 +223,7 @@ class _IpcParts:
 
 def read_parts(path: Path) -> Iterator[pl.DataFrame]:
     """The parts an :class:`_IpcParts` file was written in, one at a time."""
-    with pa.memory_map(str(path)) as source:
+    with pa.OSFile(str(path)) as source:  # read, not mapped: a mapped file's pages count as the process's
         reader = pa.ipc.open_file(source)
         for i in range(reader.num_record_batches):
             yield pl.from_arrow(reader.get_batch(i))
