@@ -3,9 +3,11 @@
 Each MVT tile holds exactly the features of its GeoJSON twin, plus those of
 its neighbours that lie within ``buffer`` (64 of 4096) of its edges, so a
 heatmap drawn tile by tile has no seams. Tiles are encoded by DuckDB
-spatial's ``ST_AsMVT`` zoom by zoom, in chunks of whole tiles on every core
-(no Python object per feature; see :class:`Encoder`), gzip-compressed
-deterministically, and streamed into the archive (:class:`Archive`).
+spatial's ``ST_AsMVT`` zoom by zoom (or a :class:`Part` of a zoom at a time,
+with the neighbours' features that reach into it), in chunks of whole tiles
+on every core (no Python object per feature; see :class:`Encoder`),
+gzip-compressed deterministically, and streamed into the archive
+(:class:`Archive`), which writes them in tile-id order whatever order they came in.
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def strays(features: pl.DataFrame, z: int, offset: int, lo: int, hi: int) -> pl.
 
 
 class Encoded(NamedTuple):
-    """One zoom's MVT tiles (gzip), in tile-id order, with a digest of each (to store repeats once)."""
+    """A zoom's (or a part's) MVT tiles (gzip), in tile-id order, with a digest of each (to store repeats once)."""
 
     z: int
     x: np.ndarray
