@@ -336,17 +336,26 @@ class Archive:
         """Add a batch of tiles (each tile id once in an archive)."""
         if not tiles.data:
             return
-        stored, found = self._stored, []
-        for data, key in zip(tiles.data, tiles.digest):
-            at = stored.get(key)
-            if at is None:
-                self._data.write(data)
-                stored[key] = at = self._size
-                self._size += len(data)
-            found.append(at)
+        stored = self._stored
+        sizes = [len(d) for d in tiles.data]
+        if len(set(tiles.digest)) == len(sizes) and stored.keys().isdisjoint(tiles.digest):
+            # the usual batch: every tile new, written in one go
+            found = (_starts(np.array(sizes, np.uint64)) + np.uint64(self._size)).tolist()
+            self._data.writelines(tiles.data)
+            stored.update(zip(tiles.digest, found))
+            self._size += sum(sizes)
+        else:
+            found = []
+            for data, key in zip(tiles.data, tiles.digest):
+                at = stored.get(key)
+                if at is None:
+                    self._data.write(data)
+                    stored[key] = at = self._size
+                    self._size += len(data)
+                found.append(at)
         self._ids.extend(tiles.tile_id.astype(np.uint64).tolist())
         self._offsets.extend(found)
-        self._lengths.extend(len(d) for d in tiles.data)
+        self._lengths.extend(sizes)
 
     def _layout(self) -> tuple[np.ndarray, ...]:
         """Directory entries (id, offset, length, run) and each content's scratch offset, in write order."""
