@@ -55,6 +55,7 @@ from .sources.staging import literal, quote
 from .tilemath import MERCATOR_MAX_LAT
 
 EPOCH_RANGE = (1e8, 1e14)  # |number| read as epoch seconds (< 1e11) or ms (>= 1e11)
+INSERT_PART_ROWS = 8_000_000  # valid rows sorted into ``reports`` at a time (see _key_ranges)
 
 REASONS = (
     "malformed_line",
@@ -257,63 +258,90 @@ def validate_source(
         "$source || ':' || COALESCE(trim(report_id), "
         "regexp_extract(file, '[^/]*$') || ':' || CAST(row_number AS VARCHAR))"
     )
-    con.execute(
-        f"""
-        CREATE OR REPLACE TEMP TABLE _checked AS
-        SELECT *, {_reason_case(id_mapped, severity_mapped, time_mapped)} AS reason
-        FROM (SELECT *, {key} AS _key, {_typed_select(formats, time_mapped)}
-              FROM raw_reports WHERE source = $source)
-        """,
-        params,
-    )
-    con.execute(
-        """
-        UPDATE _checked SET reason = 'duplicate_report_id'
-        FROM (SELECT file AS f, row_number AS r FROM (
-                SELECT file, row_number, row_number() OVER (
-                    PARTITION BY _key ORDER BY file, row_number) AS nth
-                FROM _checked WHERE reason IS NULL) WHERE nth > 1) AS d
-        WHERE _checked.file = d.f AND _checked.row_number = d.r
-        """
-    )
-    if rules.rate_limit_per_hour is not None:
-        _apply_rate_limit(con, rules.rate_limit_per_hour)
-
-    con.execute("BEGIN TRANSACTION")
+    # A table in the warehouse, not a temporary one: it is stored compressed, where a
+    # temporary table of 100M rows spilled uncompressed (tens of GB). Only valid rows
+    # have a tile key (the projection of a rejected latitude may not be defined).
+    x, y, tile_key = tilemath.tile_key_sql("_lng", "_lat")
     try:
-        con.execute("DELETE FROM reports WHERE source = $source", {"source": name})
-        con.execute("DELETE FROM rejected_reports WHERE source = $source", {"source": name})
-        # In a fixed order (a parallel insert's is not): a cell's sums add its
-        # reports in this order, so the same input gives the same bits. By tile
-        # key first: a shard's range of keys is a run of row groups, which
-        # DuckDB's zone maps find without reading the others.
-        x, y, key = tilemath.tile_key_sql("_lng", "_lat")
-        con.execute(
-            f"""INSERT INTO reports SELECT {_canonical_select()}, {key} AS tile_key
-                FROM (SELECT *, {x} AS _x, {y} AS _y FROM _checked WHERE reason IS NULL)
-                ORDER BY tile_key, file, row_number"""
-        )
-        fields = ", ".join(f"'{c}', {quote(c)}" for c in REPORT_COLUMNS if c != "source")
         con.execute(
             f"""
-            INSERT INTO rejected_reports
-            SELECT source, file, row_number, report_id, reason, CAST(json_object({fields}) AS VARCHAR)
-            FROM _checked WHERE reason IS NOT NULL ORDER BY file, row_number
+            CREATE OR REPLACE TABLE _checked AS
+            SELECT *, CASE WHEN reason IS NULL THEN {tile_key} END AS tile_key
+            FROM (SELECT *, CASE WHEN reason IS NULL THEN {x} END AS _x, CASE WHEN reason IS NULL THEN {y} END AS _y
+                  FROM (SELECT *, {_reason_case(id_mapped, severity_mapped, time_mapped)} AS reason
+                        FROM (SELECT *, {key} AS _key, {_typed_select(formats, time_mapped)}
+                              FROM raw_reports WHERE source = $source)))
+            """,
+            params,
+        )
+        con.execute(
+            """
+            UPDATE _checked SET reason = 'duplicate_report_id'
+            FROM (SELECT file AS f, row_number AS r FROM (
+                    SELECT file, row_number, row_number() OVER (
+                        PARTITION BY _key ORDER BY file, row_number) AS nth
+                    FROM _checked WHERE reason IS NULL) WHERE nth > 1) AS d
+            WHERE _checked.file = d.f AND _checked.row_number = d.r
             """
         )
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
-    read, valid = con.execute("SELECT count(*), count(*) FILTER (WHERE reason IS NULL) FROM _checked").fetchone()
-    rejected = dict(
-        con.execute(
-            "SELECT reason, count(*) FROM _checked WHERE reason IS NOT NULL "
-            "GROUP BY reason ORDER BY count(*) DESC, reason"
-        ).fetchall()
-    )
-    con.execute("DROP TABLE _checked")
+        if rules.rate_limit_per_hour is not None:
+            _apply_rate_limit(con, rules.rate_limit_per_hour)
+
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute("DELETE FROM reports WHERE source = $source", {"source": name})
+            con.execute("DELETE FROM rejected_reports WHERE source = $source", {"source": name})
+            # In a fixed order (a parallel insert's is not): a cell's sums add its
+            # reports in this order, so the same input gives the same bits. By tile
+            # key first: a shard's range of keys is a run of row groups, which
+            # DuckDB's zone maps find without reading the others. A range of keys
+            # at a time, so no sort holds more than INSERT_PART_ROWS rows.
+            for where in _key_ranges(con):
+                con.execute(
+                    f"""INSERT INTO reports SELECT {_canonical_select()}, tile_key
+                        FROM _checked WHERE reason IS NULL{where}
+                        ORDER BY tile_key, file, row_number"""
+                )
+            fields = ", ".join(f"'{c}', {quote(c)}" for c in REPORT_COLUMNS if c != "source")
+            con.execute(
+                f"""
+                INSERT INTO rejected_reports
+                SELECT source, file, row_number, report_id, reason, CAST(json_object({fields}) AS VARCHAR)
+                FROM _checked WHERE reason IS NOT NULL ORDER BY file, row_number
+                """
+            )
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+        read, valid = con.execute("SELECT count(*), count(*) FILTER (WHERE reason IS NULL) FROM _checked").fetchone()
+        rejected = dict(
+            con.execute(
+                "SELECT reason, count(*) FROM _checked WHERE reason IS NOT NULL "
+                "GROUP BY reason ORDER BY count(*) DESC, reason"
+            ).fetchall()
+        )
+    finally:
+        con.execute("DROP TABLE IF EXISTS _checked")
     return ValidationResult(name, read, valid, rejected)
+
+
+def _key_ranges(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """``AND`` clauses cutting ``_checked``'s valid rows into ranges of tile keys, in key order."""
+    valid = con.execute("SELECT count(*) FROM _checked WHERE reason IS NULL").fetchone()[0]
+    parts = -(-valid // INSERT_PART_ROWS)
+    if parts <= 1:
+        return [""]
+    cuts = con.execute(
+        "SELECT quantile_disc(tile_key, $q) FROM _checked WHERE reason IS NULL",
+        {"q": [i / parts for i in range(1, parts)]},
+    ).fetchone()[0]
+    cuts = sorted(set(cuts))
+    bounds = [None, *cuts, None]
+    return [
+        (f" AND tile_key >= {lo}" if lo is not None else "") + (f" AND tile_key < {hi}" if hi is not None else "")
+        for lo, hi in zip(bounds, bounds[1:])
+    ]
 
 
 def _apply_rate_limit(con: duckdb.DuckDBPyConnection, limit: int) -> None:

@@ -354,3 +354,31 @@ def test_untimed_reports_take_the_runs_as_of(tmp_path, write_config):
     _, validated = run_extraction(cfg)
     assert (validated["rail"].valid, validated["rail"].rejected) == (2, {"missing_coordinates": 1})
     assert _rows(cfg, "SELECT DISTINCT observed_at FROM reports") == [(AS_OF,)]
+
+
+def test_reports_sorted_in_key_ranges_are_the_one_sort(tmp_path, write_config, monkeypatch):
+    """Valid rows reach ``reports`` a range of tile keys at a time: the same rows, in the same order."""
+    from pipeline import validate
+    from pipeline.config import load_config
+
+    from .conftest import run_extraction
+
+    rng = np.random.default_rng(7)
+    rows = [
+        {**GOOD, "id": f"r{i}", "lat": f"{lat:.5f}", "lng": f"{lng:.5f}"}
+        for i, (lat, lng) in enumerate(zip(rng.uniform(-60, 60, 300), rng.uniform(-180, 180, 300)))
+    ]
+    rows += [{**GOOD, "id": f"same{i}", "lat": "10.0", "lng": "20.0"} for i in range(40)]  # one key, many rows
+    rows += [{**GOOD, "id": "bad", "lat": "270"}, {**GOOD, "id": "r3"}]  # rejected: a range, a duplicate
+    _write_csv(tmp_path / "r.csv", rows)
+    cfg = load_config(write_config({"sources": {"s": _csv_source(tmp_path / "r.csv")}}))
+    query = "SELECT * EXCLUDE (file) FROM reports ORDER BY rowid"
+
+    run_extraction(cfg)
+    whole = _rows(cfg, query)
+    monkeypatch.setattr(validate, "INSERT_PART_ROWS", 23)
+    (result,) = run_extraction(cfg)[1].values()
+    assert (result.read, result.valid) == (len(rows), len(rows) - 2)
+    assert _rows(cfg, query) == whole
+    keys = [r[0] for r in _rows(cfg, "SELECT tile_key FROM reports ORDER BY rowid")]
+    assert keys == sorted(keys) and len(whole) == len(rows) - 2
