@@ -250,7 +250,7 @@ def _shard_zooms(plan: Plan, i: int, finest: pyramid.Level | None) -> None:
     level = finest
     for frame, level in pyramid.roll_up(finest, ts.maxzoom, pivot_zoom(plan), ts.cell_detail, plan.profile):  # noqa: B007
         z = int(frame.get_column("z")[0])
-        _atomic(shard.cells(z), lambda p, f=frame: f.write_ipc(p, compression="uncompressed"))
+        _atomic(shard.cells(z), lambda p, f=frame: f.write_ipc(p, compression="lz4"))
     _atomic(shard.pivot, level.save)  # the last level rolled up: the pivot zoom's
 
 
@@ -289,6 +289,9 @@ def merge_cells(plan: Plan) -> list[ZoomSummary]:
             if (z := int(frame.get_column("z")[0])) < pivot
         )
         summaries = sorted(summaries + _write_zooms(above, work.cells_root, plan))
+        for shard in shards:  # merged: their cells are in the zooms now (as a single shard's, moved)
+            shutil.rmtree(shard.root / "cells")
+            shard.pivot.unlink()
     else:
         summaries = []
     _atomic(

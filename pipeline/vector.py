@@ -15,7 +15,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import mmap
 import os
 import shutil
 import threading
@@ -24,7 +23,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import duckdb
 import numpy as np
@@ -317,8 +316,8 @@ class Archive:
     """A clustered PMTiles v3 archive of tiles added in any order; the directory and data at the end.
 
     Tile data goes to a scratch file beside the archive as it arrives; only
-    four numbers per tile stay in memory for the directory. Identical tiles
-    are stored once (consecutive ones as one run). :meth:`close` writes the
+    five numbers per tile stay in memory (40 bytes). Identical tiles (equal
+    digests) are stored once in the archive (consecutive ones as one run). :meth:`close` writes the
     header, directories and metadata, then the tile data in tile-id order
     (the order the tiles came in changes no byte), and removes the scratch file.
     """
@@ -327,35 +326,22 @@ class Archive:
         self.path = path
         self._scratch = path.with_name(f".{path.name}.data")
         self._data = open(self._scratch, "wb")
-        # per tile: its id, and where its content lies in the scratch file (8 bytes each)
-        self._ids, self._offsets, self._lengths = (array("Q") for _ in range(3))
-        self._stored: dict[bytes, int] = {}  # content digest -> scratch offset
+        # per tile: its id, where its content lies in the scratch file, and the content's
+        # 16-byte digest (40 bytes a tile; a dict of digests took 3 times that)
+        self._ids, self._offsets, self._lengths, self._digests = (array("Q") for _ in range(4))
         self._size = 0
 
     def add(self, tiles: Encoded) -> None:
         """Add a batch of tiles (each tile id once in an archive)."""
         if not tiles.data:
             return
-        stored = self._stored
-        sizes = [len(d) for d in tiles.data]
-        if len(set(tiles.digest)) == len(sizes) and stored.keys().isdisjoint(tiles.digest):
-            # the usual batch: every tile new, written in one go
-            found = (_starts(np.array(sizes, np.uint64)) + np.uint64(self._size)).tolist()
-            self._data.writelines(tiles.data)
-            stored.update(zip(tiles.digest, found))
-            self._size += sum(sizes)
-        else:
-            found = []
-            for data, key in zip(tiles.data, tiles.digest):
-                at = stored.get(key)
-                if at is None:
-                    self._data.write(data)
-                    stored[key] = at = self._size
-                    self._size += len(data)
-                found.append(at)
-        self._ids.extend(tiles.tile_id.astype(np.uint64).tolist())
-        self._offsets.extend(found)
-        self._lengths.extend(sizes)
+        sizes = np.array([len(d) for d in tiles.data], np.uint64)
+        self._data.writelines(tiles.data)  # a repeated content too: it is stored once at close
+        self._offsets.frombytes((_starts(sizes) + np.uint64(self._size)).tobytes())
+        self._size += int(sizes.sum())
+        self._ids.frombytes(tiles.tile_id.astype(np.uint64).tobytes())
+        self._lengths.frombytes(sizes.tobytes())
+        self._digests.frombytes(b"".join(tiles.digest))
 
     def _layout(self) -> tuple[np.ndarray, ...]:
         """Directory entries (id, offset, length, run) and each content's scratch offset, in write order."""
@@ -364,11 +350,13 @@ class Archive:
         ids, scratch, lengths = ids[order], scratch[order], lengths[order]
         if len(ids) > 1 and not np.all(ids[1:] > ids[:-1]):
             raise ValueError("a tile was added twice")
+        # equal digests: one content, kept where its first tile's copy lies
+        digests = np.frombuffer(self._digests, np.dtype([("hi", np.uint64), ("lo", np.uint64)]))[order]
+        _, first, which = np.unique(digests, return_index=True, return_inverse=True)
         # contents in the order of their first tile: the data's order
-        contents, first, which = np.unique(scratch, return_index=True, return_inverse=True)
-        rank = np.empty(len(contents), np.int64)
-        rank[np.argsort(first, kind="stable")] = np.arange(len(contents))
-        content_lengths = lengths[first]
+        rank = np.empty(len(first), np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+        contents, content_lengths = scratch[first], lengths[first]
         by_rank = np.argsort(rank)
         starts = np.zeros(len(contents), np.uint64)
         starts[by_rank] = _starts(content_lengths[by_rank])
@@ -408,7 +396,7 @@ class Archive:
             "leaf_directory_offset": HEADER_BYTES + len(root) + len(meta),
             "leaf_directory_length": len(leaves),
             "tile_data_offset": HEADER_BYTES + len(root) + len(meta) + len(leaves),
-            "tile_data_length": self._size,
+            "tile_data_length": int(sizes.sum()),
             "min_lon_e7": int(west * 1e7),
             "min_lat_e7": int(south * 1e7),
             "max_lon_e7": int(east * 1e7),
@@ -419,12 +407,11 @@ class Archive:
         }
         with open(self.path, "wb") as out, open(self._scratch, "rb") as data:
             out.write(serialize_header(header) + root + meta + leaves)
-            if np.array_equal(scratch, _starts(sizes)):  # the tiles came in order: the data is too
+            if int(sizes.sum()) == self._size and np.array_equal(scratch, _starts(sizes)):
+                # the tiles came in order, each content once: the scratch file is the data
                 shutil.copyfileobj(data, out, 1 << 22)
-            else:
-                with mmap.mmap(data.fileno(), 0, access=mmap.ACCESS_READ) as view:
-                    for at, n in zip(scratch.tolist(), sizes.tolist()):
-                        out.write(view[at : at + n])
+            else:  # read, not mapped: a mapped file's pages would count as this process's memory
+                _copy_pieces(data.fileno(), out, scratch, sizes)
         self._scratch.unlink()
         return self.path.stat().st_size
 
@@ -432,6 +419,27 @@ class Archive:
         """Give up: close and remove the scratch file."""
         self._data.close()
         self._scratch.unlink(missing_ok=True)
+
+
+def _copy_pieces(source: int, out: BinaryIO, starts: np.ndarray, sizes: np.ndarray, chunk: int = 1 << 22) -> None:
+    """Write the pieces (``starts``, ``sizes``) of file ``source`` to ``out``, in order.
+
+    Pieces that follow each other in ``source`` are read together, at most
+    about ``chunk`` bytes at a time.
+    """
+    if not len(starts):
+        return
+    ends = starts + sizes
+    # a new read where a piece does not start where the one before it ended
+    heads = np.flatnonzero(np.r_[True, starts[1:] != ends[:-1]])
+    tails = np.r_[heads[1:], len(starts)] - 1
+    for lo, hi in zip(starts[heads].tolist(), ends[tails].tolist()):
+        while lo < hi:
+            piece = os.pread(source, min(chunk, hi - lo), lo)
+            if not piece:
+                raise OSError(f"the archive's scratch file ends at {lo}, before {hi}")
+            out.write(piece)
+            lo += len(piece)
 
 
 def _starts(sizes: np.ndarray) -> np.ndarray:

@@ -240,6 +240,12 @@ def test_a_merge_never_mixes_plans_or_misses_a_shard(write_config, tmp_path):
     first.work.shard(1).pivot.unlink()  # shard 1 stopped after scoring
     with pytest.raises(PlanError, match="shard 1 of pts has no cells: run it again"):
         build.merge_cells(first)
+    build.run_shard(first, 1)
+    assert build.merge_cells(first)
+    # merged: the shards' cells are gone (a 100M build's are tens of GB), and a merge again asks for them
+    assert not any(first.work.shards_root.glob("*/cells")) and not any(first.work.shards_root.glob("*/pivot.npz"))
+    with pytest.raises(PlanError, match="shard 0 of pts has no cells: run it again"):
+        build.merge_cells(first)
     build.start(first)
     with pytest.raises(PlanError, match="shard 0 of pts has not run"):
         build.merge_scoring(first)

@@ -252,6 +252,26 @@ def test_archive_stores_duplicates_once_reads_back_and_ignores_the_order_tiles_c
         twice.close({}, [-1.0, -1.0, 1.0, 1.0])
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.binary(max_size=9), max_size=30), st.randoms(use_true_random=False), st.integers(1, 12))
+def test_pieces_are_copied_in_order_whatever_the_chunk(tmp_path_factory, pieces, rnd, chunk):
+    """The archive's data at close: pieces of the scratch file, read a chunk at a time, none mapped."""
+    import io
+
+    from pipeline.vector import _copy_pieces
+
+    path = tmp_path_factory.mktemp("pieces") / "scratch"
+    path.write_bytes(b"".join(pieces))
+    sizes = np.array([len(p) for p in pieces], np.uint64)
+    starts = np.cumsum(np.r_[0, sizes[:-1]]).astype(np.uint64) if pieces else np.zeros(0, np.uint64)
+    order = list(range(len(pieces)))
+    rnd.shuffle(order)
+    out = io.BytesIO()
+    with open(path, "rb") as data:
+        _copy_pieces(data.fileno(), out, starts[order], sizes[order], chunk)
+    assert out.getvalue() == b"".join(pieces[i] for i in order)
+
+
 def test_an_empty_archive_holds_one_empty_tile(tmp_path):
     archive = Archive(tmp_path / "e.pmtiles")
     archive.close({}, [-1.0, -1.0, 1.0, 1.0])
