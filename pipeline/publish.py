@@ -211,7 +211,9 @@ class _IpcParts:
     def write(self, frame: pl.DataFrame) -> None:
         table = plain_strings(frame.to_arrow())
         if self._writer is None:
-            self._writer = pa.ipc.new_file(self._tmp, table.schema)
+            # LZ4: a 100M build's features took 20 GB uncompressed, for one read back
+            options = pa.ipc.IpcWriteOptions(compression="lz4")
+            self._writer = pa.ipc.new_file(self._tmp, table.schema, options=options)
         if table.num_rows:
             self._writer.write_batch(table.combine_chunks().to_batches()[0])
 
