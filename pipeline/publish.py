@@ -32,6 +32,7 @@ from typing import NamedTuple
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from . import atomic, geojson, geoparquet, privacy, pyramid, site, strictjson, tilemath, vector
 from .build import parquet_parts, parquet_rows, read_cells, read_scoring
@@ -40,7 +41,7 @@ from .errors import PublishError
 from .geoparquet import plain_strings
 from .paths import SNAPSHOTS, Published, Work
 from .plan import Plan
-from .select import choose, features, finish, overview_budget
+from .select import Overview, choose, features, finish, overview_budget
 from .snapfolder import SnapshotFolder, link_or_copy
 
 STALE_TMP_S = 3600  # a .tmp- folder untouched this long was left by a dead run
@@ -68,16 +69,16 @@ def select_tileset(plan: Plan) -> list[ZoomSelection]:
     """Choose each zoom's tile and overview features (see :mod:`pipeline.select`).
 
     Zooms are independent: two at a time (polars and Parquet release the GIL).
-    A zoom is read in parts of whole tiles (tiles choose their features on
-    their own), except overview zooms, whose one overview chooses among all.
+    A zoom is read in parts of whole tiles: tiles choose their features on
+    their own, and an overview zoom's one overview among all of its parts
+    (:class:`pipeline.select.Overview`, which reads them three times).
     """
     shutil.rmtree(plan.work.selected_root, ignore_errors=True)
     sizes = {c["z"]: c["cells"] for c in read_cells(plan.work)}
     budget = vector.Budget(SELECT_CELLS_IN_FLIGHT)
 
     def select(z: int) -> ZoomSelection | None:
-        part = sizes.get(z, 0) if z <= plan.settings.overview_maxzoom else min(sizes.get(z, 0), SELECT_PART_CELLS)
-        with budget.hold(part):
+        with budget.hold(min(sizes.get(z, 0), SELECT_PART_CELLS)):
             return _select_zoom(plan, z)
 
     # largest and smallest zooms alternate, so a large zoom waiting for room
@@ -117,42 +118,53 @@ def _select_zoom(plan: Plan, z: int) -> ZoomSelection | None:
     ts, profile, path = plan.settings, plan.profile, plan.work.cells(z)
     if not path.exists() or parquet_rows(path) == 0:
         return None
-    overview = z <= ts.overview_maxzoom
-    limit = None if overview else SELECT_PART_CELLS
+    common = dict(z=z, detail=ts.cell_detail, strata_detail=ts.strata_detail, representative=profile.representative)
     hide = dict(z=z, detail=ts.cell_detail, strata_detail=ts.strata_detail, min_count=profile.min_count)
-    # the published positions' extent first: the GeoParquet schema holds it
+    overview = Overview(**common, budget=overview_budget(z)) if z <= ts.overview_maxzoom else None
+    # the published positions' extent first (the GeoParquet schema holds it), and the overview's strata
     extent: list[float] = []
-    for part in cell_parts(path, ts.cell_detail, limit, ["cell_key", "quadkey", "report_count", "lng", "lat"]):
+    for part in cell_parts(
+        path, ts.cell_detail, SELECT_PART_CELLS, ["cell_key", "quadkey", "report_count", "lng", "lat"]
+    ):
         extent = geoparquet.union(extent, geoparquet.extent(privacy.coarsen(part, **hide)))
+        if overview:
+            overview.count(part)
+    if overview:
+        wanted = ["cell_key", "quadkey", "score", "report_count", "lng", "lat", "departures"]
+        columns = [c for c in wanted if c in pq.read_schema(path).names]
+        for part in cell_parts(path, ts.cell_detail, SELECT_PART_CELLS, columns):
+            overview.consider(privacy.coarsen(part, **hide))
+        overview.decide()
     out = plan.work.selected(z)
     out.mkdir(parents=True, exist_ok=True)
-    common = dict(z=z, detail=ts.cell_detail, strata_detail=ts.strata_detail, representative=profile.representative)
     tiles = selected = 0
     parts: list[int] = []
     coarsest = z + ts.strata_detail
     span: pyramid.Span | None = None
-    over_features, over_choice = None, None
+    over_choice = None
     with (
         geoparquet.writing(out / "cells.parquet", extent) as published,
         _IpcParts(out / "tile_features.arrow") as feats,
     ):
-        for cells in cell_parts(path, ts.cell_detail, limit):
+        for cells in cell_parts(path, ts.cell_detail, SELECT_PART_CELLS):
             cells = privacy.coarsen(cells.drop("geometry"), **hide)
             tile_choice = choose(cells, budget=ts.max_features_per_tile, group_zoom=z, **common)
             tile_features = features(cells, tile_choice, profile)
-            if overview:  # one part: the overview chooses among the whole zoom
-                over_choice = choose(cells, budget=overview_budget(z), group_zoom=0, **common)
-                chosen = features(cells, over_choice, profile)
-                over_features = finish(chosen, profile, pyramid.Span.of(chosen.get_column("score")))
+            if overview:
+                over_choice = overview.choice(cells)
+                overview.add(cells, over_choice)
             published.write(_annotated(cells, tile_choice, over_choice))  # published as is
-            feats.write(tile_features)  # private, read once: uncompressed Arrow, a batch per part
+            feats.write(tile_features)  # private, read once: LZ4 Arrow, a batch per part
             found = pyramid.Span.of(tile_features.get_column("score"))
             span = found.join(span) if found else span
             parts.append(cells.height)
             tiles += tile_features.select(pl.struct("tile_x", "tile_y").n_unique()).item()
             selected += tile_features.height
             coarsest = min(coarsest, int(tile_choice.get_column("stratum_zoom").min()))
-    if over_features is not None:
+    over_features = None
+    if overview:
+        chosen = overview.features(profile)
+        over_features = finish(chosen, profile, pyramid.Span.of(chosen.get_column("score")))
         _write_ipc(over_features, out / "overview_features.arrow")
     return ZoomSelection(
         z,
@@ -162,7 +174,7 @@ def _select_zoom(plan: Plan, z: int) -> ZoomSelection | None:
         over_features.height if over_features is not None else 0,
         z + ts.strata_detail,
         coarsest,
-        int(over_choice.get_column("stratum_zoom").min()) if over_choice is not None else None,
+        overview.stratum_zoom if overview else None,
         tuple(span) if span else None,
         tuple(parts),
     )

@@ -37,6 +37,7 @@ def choose(
     budget: int,
     group_zoom: int,
     representative: str = "score",
+    stratum_zoom: int | None = None,
 ) -> pl.DataFrame:
     """Choose the cells of one zoom that a group shows, and where the others fold.
 
@@ -53,6 +54,9 @@ def choose(
         ``z`` for a group per tile, ``0`` for one group (the overview).
     representative : {"score", "busiest"}
         What makes a stratum's best cell.
+    stratum_zoom : int, optional
+        The groups' stratum zoom, when known from more cells than ``cells``
+        (see :class:`Overview`); by default found from ``cells``.
 
     Returns
     -------
@@ -75,7 +79,8 @@ def choose(
     fits = [
         pl.when(at(zoom).n_unique().over("group") <= budget).then(zoom) for zoom in range(finest, group_zoom - 1, -1)
     ]
-    frame = frame.with_columns(pl.coalesce(fits).cast(pl.Int32).alias("stratum_zoom"))
+    found = pl.coalesce(fits) if stratum_zoom is None else pl.lit(stratum_zoom)
+    frame = frame.with_columns(found.cast(pl.Int32).alias("stratum_zoom"))
     stratum = pl.when(pl.col("stratum_zoom") == finest).then(at(finest))
     for zoom in range(finest - 1, group_zoom - 1, -1):
         stratum = stratum.when(pl.col("stratum_zoom") == zoom).then(at(zoom))
@@ -108,9 +113,10 @@ def _busy(cells: pl.DataFrame, representative: str) -> list[str]:
     return ["departures", "report_count"] if "departures" in cells.columns else ["report_count"]
 
 
-def _fold(frame: pl.DataFrame) -> pl.DataFrame:
-    """Each unchosen cell's target: the nearest chosen cell of its stratum."""
-    chosen = frame.filter("chosen").select(
+def _fold(frame: pl.DataFrame, chosen: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Each unchosen cell's target: the nearest chosen cell of its stratum (of ``chosen``: by default
+    ``frame``'s own chosen cells)."""
+    chosen = (frame.filter("chosen") if chosen is None else chosen).select(
         "group",
         "stratum",
         pl.col("cell_key").alias("target_key"),
@@ -146,6 +152,16 @@ def features(cells: pl.DataFrame, choice: pl.DataFrame, profile: Profile) -> pl.
     the max weight and times combined; the score is recomputed. Intensity
     needs the zoom's span: :func:`finish` adds it.
     """
+    chosen = choice.filter(pl.col("cell_key") == pl.col("target_key")).select("cell_key", "target_key", "tier")
+    own = cells.join(chosen, on="cell_key").sort("cell_key")
+    folded = _folded_sums(cells, choice)
+    if own.height != folded.height:
+        raise RuntimeError("a cell folds into a cell that is not chosen")
+    return _with_sums(own, folded, profile)
+
+
+def _folded_sums(cells: pl.DataFrame, choice: pl.DataFrame) -> pl.DataFrame:
+    """Per target (``target_key``, sorted), its folded cells' aggregates, added in cell-key order."""
     sums = [c for c in FOLDED_SUMS if c in cells.columns]
     # only what is folded is joined and sorted: the whole frame is copied once (the chosen cells)
     merged = (
@@ -154,17 +170,19 @@ def features(cells: pl.DataFrame, choice: pl.DataFrame, profile: Profile) -> pl.
         .sort(["target_key", "cell_key"])
     )
     target = merged.get_column("target_key").to_numpy()
-    starts = np.flatnonzero(np.r_[True, target[1:] != target[:-1]])
-    chosen = choice.filter(pl.col("cell_key") == pl.col("target_key")).select("cell_key", "target_key", "tier")
-    own = cells.join(chosen, on="cell_key").sort("cell_key")
-    if own.height != len(starts):
-        raise RuntimeError("a cell folds into a cell that is not chosen")
-    folded = {c: np.add.reduceat(merged.get_column(c).to_numpy(), starts) for c in sums}
+    starts = np.flatnonzero(np.r_[True, target[1:] != target[:-1]]) if len(target) else np.zeros(0, np.int64)
+    folded = {"target_key": target[starts]}
+    folded.update({c: np.add.reduceat(merged.get_column(c).to_numpy(), starts) for c in sums})
     folded["max_weight"] = np.maximum.reduceat(merged.get_column("max_weight").to_numpy(), starts)
     for c, reduce in (("first_seen", np.minimum), ("last_seen", np.maximum)):
         times = merged.get_column(c).dt.epoch("us").to_numpy()
         folded[c] = pl.Series(reduce.reduceat(times, starts)).cast(pl.Datetime("us", "UTC"))
-    out = own.with_columns(**{c: pl.Series(v) if not isinstance(v, pl.Series) else v for c, v in folded.items()})
+    return pl.DataFrame(folded)
+
+
+def _with_sums(own: pl.DataFrame, folded: pl.DataFrame, profile: Profile) -> pl.DataFrame:
+    """The chosen cells (sorted by key) with their targets' folded aggregates, and the score again."""
+    out = own.with_columns(folded.drop("target_key").get_columns())
     return out.with_columns(pyramid.score(profile).alias("score"))
 
 
@@ -173,3 +191,124 @@ def finish(features: pl.DataFrame, profile: Profile, span: pyramid.Span | None) 
     return features.with_columns(
         pyramid.intensity(profile, span).alias("intensity"), (pl.col("score") == 0).alias("healthy")
     )
+
+
+class Overview:
+    """A zoom's overview (one group, the world) chosen from cells that come a part at a time.
+
+    The parts (whole tiles, in key order) are read three times, and the
+    result is what :func:`choose` and :func:`features` give over the whole
+    zoom, to the bit:
+
+    1. :meth:`count`: the non-empty strata at each candidate zoom, which fix
+       the stratum zoom (a stratum may span parts: parts are in key order, so
+       it is the last of one part and the first of the next);
+    2. :meth:`consider`: each part's candidates, its best cell per stratum and
+       its ``budget`` highest scores. A stratum's best is the best of its
+       parts' bests; and a cell the impact tier takes has fewer than
+       ``budget`` cells above it in its part (coverage cells, or cells taken
+       before it), so it is a candidate too. :meth:`decide` chooses among them;
+    3. :meth:`choice` gives each part's folds, :meth:`add` keeps its
+       aggregates, and :meth:`features` adds them up.
+    """
+
+    def __init__(self, *, z: int, detail: int, strata_detail: int, budget: int, representative: str) -> None:
+        self.common = dict(z=z, detail=detail, strata_detail=strata_detail, budget=budget, group_zoom=0)
+        self.representative, self.budget, self.level = representative, budget, z + detail
+        self._distinct = dict.fromkeys(range(min(z + strata_detail, self.level), -1, -1), 0)
+        self._last: dict[int, int] = {}
+        self._candidates: list[pl.DataFrame] = []
+        self.stratum_zoom: int | None = None
+        self._chosen: pl.DataFrame | None = None
+        self._own: list[pl.DataFrame] = []
+        self._folded: list[pl.DataFrame] = []
+
+    def _stratum(self, zoom: int) -> pl.Expr:
+        return pl.col("cell_key") // (4 ** (self.level - zoom))
+
+    def count(self, cells: pl.DataFrame) -> None:
+        """Pass 1: a part's strata."""
+        if cells.height == 0:
+            return
+        keys = cells.get_column("cell_key").to_numpy()
+        for zoom in self._distinct:
+            ancestors = keys >> np.uint64(2 * (self.level - zoom))
+            new = int(np.count_nonzero(ancestors[1:] != ancestors[:-1])) + 1
+            self._distinct[zoom] += new - (self._last.get(zoom) == int(ancestors[0]))
+            self._last[zoom] = int(ancestors[-1])
+        self.stratum_zoom = next(zoom for zoom, n in self._distinct.items() if n <= self.budget or zoom == 0)
+
+    def consider(self, cells: pl.DataFrame) -> None:
+        """Pass 2: a part's candidates."""
+        if cells.height == 0:
+            return
+        busy = _busy(cells, self.representative)
+        frame = cells.select(*dict.fromkeys(["cell_key", "score", "report_count", "lng", "lat", *busy]))
+        best_first = [*busy, "score", "cell_key"]
+        stratum = self._stratum(self.stratum_zoom).alias("stratum")
+        best = (
+            frame.with_columns(stratum)
+            .sort(best_first, descending=[True] * (len(best_first) - 1) + [False])
+            .unique("stratum", keep="first", maintain_order=True)
+            .drop("stratum")
+        )
+        top = frame.sort(["score", "cell_key"], descending=[True, False]).head(self.budget)
+        self._candidates += [best, top]
+
+    def decide(self) -> None:
+        """The chosen cells, from the candidates."""
+        if not self._candidates:
+            return
+        candidates = pl.concat(self._candidates).unique("cell_key").sort("cell_key")
+        self._candidates = []
+        choice = choose(
+            candidates, **self.common, representative=self.representative, stratum_zoom=self.stratum_zoom
+        ).filter("chosen")
+        self._chosen = candidates.join(choice.select("cell_key", "tier"), on="cell_key").select(
+            "cell_key",
+            "tier",
+            "lng",
+            "lat",
+            pl.lit(0, pl.UInt64).alias("group"),
+            self._stratum(self.stratum_zoom).alias("stratum"),
+        )
+
+    def choice(self, cells: pl.DataFrame) -> pl.DataFrame:
+        """Pass 3: a part's cells as :func:`choose` gives them (chosen, tier, target, stratum zoom)."""
+        chosen = self._chosen
+        frame = cells.select(
+            "cell_key",
+            "lng",
+            "lat",
+            pl.lit(0, pl.UInt64).alias("group"),
+            self._stratum(self.stratum_zoom).alias("stratum"),
+        ).join(chosen.select("cell_key", "tier"), on="cell_key", how="left", maintain_order="left")
+        frame = frame.with_columns(pl.col("tier").is_not_null().alias("chosen"))
+        return (
+            _fold(frame, chosen)
+            .with_columns(pl.lit(self.stratum_zoom, pl.Int32).alias("stratum_zoom"))
+            .sort("cell_key")
+            .select("cell_key", "chosen", "tier", "target_key", "stratum_zoom")
+        )
+
+    def add(self, cells: pl.DataFrame, choice: pl.DataFrame) -> None:
+        """Pass 3: a part's aggregates, kept for :meth:`features` (a few numbers a cell)."""
+        chosen = choice.filter(pl.col("cell_key") == pl.col("target_key")).select("cell_key", "target_key", "tier")
+        self._own.append(cells.join(chosen, on="cell_key"))
+        sums = [c for c in FOLDED_SUMS if c in cells.columns]
+        folded = cells.select("cell_key", *sums, "max_weight", "first_seen", "last_seen")
+        self._folded.append(folded.join(choice.select("cell_key", "target_key"), on="cell_key"))
+
+    def features(self, profile: Profile) -> pl.DataFrame:
+        """The overview's features (as :func:`features` gives them over the whole zoom).
+
+        The sums are added over all of the zoom's cells at once: NumPy adds
+        pairwise, so sums continued part by part would differ in the last bits.
+        """
+        own = pl.concat(self._own).sort("cell_key")
+        folded = pl.concat(self._folded)
+        self._folded = []
+        sums = _folded_sums(folded, folded.select("cell_key", "target_key"))
+        if own.height != sums.height:
+            raise RuntimeError("a cell folds into a cell that is not chosen")
+        return _with_sums(own, sums, profile)

@@ -334,3 +334,41 @@ def test_geoparquet_written_in_parts_is_the_file_written_whole(tmp_path_factory,
     assert pl.from_arrow(back).drop("geometry").equals(frame)
     expected_groups = -(-rows // row_group) if rows else 0
     assert pq.ParquetFile(tmp / "whole.parquet").metadata.num_row_groups == expected_groups
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(point, min_size=1, max_size=80),
+    st.integers(0, 5),
+    st.integers(1, 12),
+    st.sampled_from(["generic", "campus_issues", "rail_disruptions"]),
+    st.data(),
+)
+def test_an_overview_chosen_in_parts_is_the_one_chosen_whole(points, z, budget, profile_name, data):
+    """Pass by pass over contiguous parts (in key order), the overview's choice and features are the whole zoom's."""
+    from pipeline import select
+
+    profile, _ = resolve(Tileset(source="s", profile=profile_name))
+    detail, strata_detail = 3, 2
+    scored = _scored(points)
+    if profile_name == "rail_disruptions":  # its stratum's best cell is the busiest
+        scored = scored.with_columns(pl.Series("departures", [float(p[3] % 7) for p in points]))
+    (cells,) = pyramid.build(scored, profile, z, z, detail)
+    common = dict(z=z, detail=detail, strata_detail=strata_detail, representative=profile.representative)
+    whole = select.choose(cells, budget=budget, group_zoom=0, **common)
+    expected = select.features(cells, whole, profile)
+
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, max(cells.height - 1, 1)), max_size=6))))
+    parts = [cells.slice(a, b - a) for a, b in zip([0, *cuts], [*cuts, cells.height]) if b > a]
+    overview = select.Overview(**common, budget=budget)
+    for part in parts:
+        overview.count(part)
+    for part in parts:
+        overview.consider(part)
+    overview.decide()
+    choices = [overview.choice(part) for part in parts]
+    for part, choice in zip(parts, choices):
+        overview.add(part, choice)
+    assert overview.stratum_zoom == int(whole.get_column("stratum_zoom").min())
+    assert pl.concat(choices).equals(whole)
+    assert overview.features(profile).equals(expected)
