@@ -16,7 +16,8 @@ from pathlib import Path
 
 import duckdb
 
-SETTINGS = {"TimeZone": "UTC"}
+# no progress bar: DuckDB draws one on stdout for a query of over 2 s, into a batch job's logs
+SETTINGS = {"TimeZone": "UTC", "enable_progress_bar": "false"}
 # a warehouse connection's memory: beyond it DuckDB spills to <warehouse>.tmp/ (a 100M-report
 # extraction then stays within a process's share of the machine); HOTSPOTS_DUCKDB_MEMORY overrides
 WAREHOUSE_MEMORY = os.environ.get("HOTSPOTS_DUCKDB_MEMORY", "4GB")
