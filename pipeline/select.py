@@ -152,32 +152,41 @@ def features(cells: pl.DataFrame, choice: pl.DataFrame, profile: Profile) -> pl.
     the max weight and times combined; the score is recomputed. Intensity
     needs the zoom's span: :func:`finish` adds it.
     """
-    chosen = choice.filter(pl.col("cell_key") == pl.col("target_key")).select("cell_key", "target_key", "tier")
-    own = cells.join(chosen, on="cell_key").sort("cell_key")
-    folded = _folded_sums(cells, choice)
+    own = _chosen_cells(cells, choice).sort("cell_key")
+    folded = _folded_sums(_folded_cells(cells, choice))
     if own.height != folded.height:
         raise RuntimeError("a cell folds into a cell that is not chosen")
     return _with_sums(own, folded, profile)
 
 
-def _folded_sums(cells: pl.DataFrame, choice: pl.DataFrame) -> pl.DataFrame:
-    """Per target (``target_key``, sorted), its folded cells' aggregates, added in cell-key order."""
+def _chosen_cells(cells: pl.DataFrame, choice: pl.DataFrame) -> pl.DataFrame:
+    """The chosen cells, whole, with their tier (each is its own target)."""
+    chosen = choice.filter(pl.col("cell_key") == pl.col("target_key")).select("cell_key", "target_key", "tier")
+    return cells.join(chosen, on="cell_key")
+
+
+def _folded_cells(cells: pl.DataFrame, choice: pl.DataFrame) -> pl.DataFrame:
+    """What each cell adds to its target: its additive aggregates, with ``target_key``."""
     sums = [c for c in FOLDED_SUMS if c in cells.columns]
     # only what is folded is joined and sorted: the whole frame is copied once (the chosen cells)
-    merged = (
-        cells.select("cell_key", *sums, "max_weight", "first_seen", "last_seen")
-        .join(choice.select("cell_key", "target_key"), on="cell_key")
-        .sort(["target_key", "cell_key"])
+    return cells.select("cell_key", *sums, "max_weight", "first_seen", "last_seen").join(
+        choice.select("cell_key", "target_key"), on="cell_key"
     )
+
+
+def _folded_sums(folded: pl.DataFrame) -> pl.DataFrame:
+    """Per target (``target_key``, sorted), its :func:`_folded_cells`' aggregates, added in cell-key order."""
+    sums = [c for c in FOLDED_SUMS if c in folded.columns]
+    merged = folded.sort(["target_key", "cell_key"])
     target = merged.get_column("target_key").to_numpy()
     starts = np.flatnonzero(np.r_[True, target[1:] != target[:-1]]) if len(target) else np.zeros(0, np.int64)
-    folded = {"target_key": target[starts]}
-    folded.update({c: np.add.reduceat(merged.get_column(c).to_numpy(), starts) for c in sums})
-    folded["max_weight"] = np.maximum.reduceat(merged.get_column("max_weight").to_numpy(), starts)
+    out = {"target_key": target[starts]}
+    out.update({c: np.add.reduceat(merged.get_column(c).to_numpy(), starts) for c in sums})
+    out["max_weight"] = np.maximum.reduceat(merged.get_column("max_weight").to_numpy(), starts)
     for c, reduce in (("first_seen", np.minimum), ("last_seen", np.maximum)):
         times = merged.get_column(c).dt.epoch("us").to_numpy()
-        folded[c] = pl.Series(reduce.reduceat(times, starts)).cast(pl.Datetime("us", "UTC"))
-    return pl.DataFrame(folded)
+        out[c] = pl.Series(reduce.reduceat(times, starts)).cast(pl.Datetime("us", "UTC"))
+    return pl.DataFrame(out)
 
 
 def _with_sums(own: pl.DataFrame, folded: pl.DataFrame, profile: Profile) -> pl.DataFrame:
@@ -292,12 +301,9 @@ class Overview:
         )
 
     def add(self, cells: pl.DataFrame, choice: pl.DataFrame) -> None:
-        """Pass 3: a part's aggregates, kept for :meth:`features` (a few numbers a cell)."""
-        chosen = choice.filter(pl.col("cell_key") == pl.col("target_key")).select("cell_key", "target_key", "tier")
-        self._own.append(cells.join(chosen, on="cell_key"))
-        sums = [c for c in FOLDED_SUMS if c in cells.columns]
-        folded = cells.select("cell_key", *sums, "max_weight", "first_seen", "last_seen")
-        self._folded.append(folded.join(choice.select("cell_key", "target_key"), on="cell_key"))
+        """Pass 3: a part's chosen cells and aggregates, kept for :meth:`features` (a few numbers a cell)."""
+        self._own.append(_chosen_cells(cells, choice))
+        self._folded.append(_folded_cells(cells, choice))
 
     def features(self, profile: Profile) -> pl.DataFrame:
         """The overview's features (as :func:`features` gives them over the whole zoom).
@@ -306,9 +312,8 @@ class Overview:
         pairwise, so sums continued part by part would differ in the last bits.
         """
         own = pl.concat(self._own).sort("cell_key")
-        folded = pl.concat(self._folded)
+        sums = _folded_sums(pl.concat(self._folded))
         self._folded = []
-        sums = _folded_sums(folded, folded.select("cell_key", "target_key"))
         if own.height != sums.height:
             raise RuntimeError("a cell folds into a cell that is not chosen")
         return _with_sums(own, sums, profile)
