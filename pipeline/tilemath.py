@@ -154,7 +154,12 @@ def cell_bounds(x: np.ndarray, y: np.ndarray, level: int) -> tuple[np.ndarray, .
     def lat(row: np.ndarray) -> np.ndarray:
         return np.degrees(np.arctan(np.sinh(math.pi * (1 - 2 * row / z2))))
 
-    return x / z2 * 360.0 - 180.0, lat(y + 1), (x + 1) / z2 * 360.0 - 180.0, lat(y)
+    west, east = x / z2 * 360.0 - 180.0, (x + 1) / z2 * 360.0 - 180.0
+    lo, hi = (int(y.min()), int(y.max())) if len(y) else (0, 0)
+    if hi - lo < len(y):  # fewer rows than tiles: each row's edge once, then looked up
+        edges = lat(np.arange(lo, hi + 2, dtype=np.int64))
+        return west, edges[y - lo + 1], east, edges[y - lo]
+    return west, lat(y + 1), east, lat(y)
 
 
 # Four quadkey digits at a time: byte b -> the 4 ASCII digits of b in base 4.

@@ -83,6 +83,60 @@ def test_every_zoom_conserves_reports_and_weight_and_centroids_stay_inside(point
         assert rolled.rows() == parent.select("quadkey", "report_count").rows()
 
 
+def _expected_tops(scored: pl.DataFrame, level: int) -> dict[str, str | None]:
+    """Per cell at ``level``: the category with most reports, ties to the first name (None: only nulls)."""
+    keyed = scored.with_columns(
+        (pl.col("tile_key") // (1 << 2 * (30 - level))).alias("key"), pl.col("category").fill_null("\uffff")
+    )
+    counts = (
+        keyed.group_by("key", "category")
+        .agg(pl.len().alias("n"))
+        .sort(["key", "n", "category"], descending=[False, True, False])
+    )
+    first = counts.group_by("key", maintain_order=True).first()
+    return {k: (c if c != "\uffff" else None) for k, c in first.select("key", "category").iter_rows()}
+
+
+def test_category_counts_roll_up_exactly_through_every_lane_width():
+    """Category counts live in 8-, 16- or 32-bit lanes added as 64-bit words, widened before a count outgrows them."""
+    from pipeline.tilemath import tile_key
+
+    # a finest cell of 401 reports (16-bit lanes from the start), tied cells, a cell of only
+    # uncategorised reports, and 70,000 reports of "c" spread over cells of 250 (the roll-up
+    # passes 65,535 reports in a cell: 32-bit lanes)
+    groups = [(0.001, 0.001, "a", 200), (0.001, 0.001, "b", 201), (0.01, 0.01, "b", 5), (0.01, 0.01, "a", 5)]
+    groups += [(0.02, 0.02, None, 7), (0.02, 0.03, None, 3), (0.02, 0.03, "c", 3)]
+    groups += [(0.05 + 0.001 * (i % 20), 0.05 + 0.001 * (i // 20), "c", 250) for i in range(280)]
+    points = [(lng, lat, 1.0, 0, cat) for lng, lat, cat, n in groups for _ in range(n)]
+    scored = _scored(points).with_columns(tile_key(pl.col("lng"), pl.col("lat")).alias("tile_key"))
+    profile, _ = resolve(Tileset(source="s"))
+    widths = []
+    for frame, level in pyramid.roll_up(pyramid.finest(scored, profile, 20), 14, 0, 6, profile):
+        widths.append(level.category_counts.dtype.itemsize)
+        got = dict(zip(frame.get_column("cell_key").to_list(), frame.get_column("top_category").to_list()))
+        assert got == _expected_tops(scored, frame.get_column("z")[0] + 6)
+        assert level.category_counts.sum() == len(points)  # each report in one lane: its category's or "none"
+    assert widths[0] == 2 and widths[-1] == 4 and widths == sorted(widths)
+
+
+def test_reports_in_key_order_take_the_fast_sort_and_give_the_same_cells(monkeypatch):
+    """Reports in the warehouse's tile-key order are sorted by NumPy; any order by polars: the same bits."""
+    from pipeline.tilemath import tile_key
+
+    points = [
+        (-0.1 + 0.0007 * (i % 37), 51.5 + 0.0003 * (i % 53), 1.0 + i % 7 / 3, i % 50, "abc"[i % 3]) for i in range(3000)
+    ]
+    scored = _scored(points).with_columns(tile_key(pl.col("lng"), pl.col("lat")).alias("tile_key"))
+    in_order = scored.sort("tile_key", maintain_order=True)
+    profile, _ = resolve(Tileset(source="s"))
+    fast = list(pyramid.build(in_order, profile, 8, 14, 6))
+    calls = []
+    monkeypatch.setattr(pyramid, "_nondecreasing", lambda v: calls.append(len(v)) or False)
+    slow = list(pyramid.build(in_order, profile, 8, 14, 6))
+    assert calls == [len(points)]
+    assert all(a.equals(b) for a, b in zip(fast, slow, strict=True))
+
+
 # --- an independent brute-force twin, per profile ----------------------------
 
 
