@@ -38,7 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--config", help="config file (default: $HOTSPOTS_CONFIG or ./hotspots.yaml)")
     run.add_argument("--tileset", action="append", default=[], help="only this tileset (repeatable)")
     run.add_argument("--as-of", help="ISO 8601 time the run is computed at (default: now)")
-    run.add_argument("--full-refresh", action="store_true", help="database sources: read every row again")
+    run.add_argument(
+        "--full-refresh",
+        action="store_true",
+        help="read every file and every database row again (by default only new and changed ones)",
+    )
     run.add_argument(
         "--force",
         action="store_true",

@@ -24,7 +24,7 @@ class RunParams(dg.Config):
     # when neither as_of nor the tileset's YAML says: the extraction's time (default: the run's start)
     default_as_of: str | None = None
     tilesets: list[str] = []  # tilesets to build; empty: all of them
-    full_refresh: bool = False  # database sources: read everything, not only what changed
+    full_refresh: bool = False  # read every file and database row again, not only what changed
     force: bool = False  # publish even if a source or tileset lost its data (see pipeline.guard)
     # the build this run is part of (its plan, shard and publish runs): they hold the
     # tileset's lease under this name, so another build's runs wait; default: the plan run's id

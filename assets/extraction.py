@@ -28,15 +28,20 @@ def raw_reports(
     started = time.perf_counter()
     extract.preflight(cfg, sources)
     staged = extract.stage(cfg, sources, as_of, full_refresh=config.full_refresh, force=config.force)
-    rows = [[name, f.file, f.rows, f.error or ""] for name, files in staged.items() for f in files]
-    errors = [r for r in rows if r[3]]
-    for name, file, _, error in errors:
+    rows = [
+        [name, f.file, f.rows, "kept (unchanged)" if f.kept else "read", f.error or ""]
+        for name, files in staged.items()
+        for f in files
+    ]
+    errors = [r for r in rows if r[4]]
+    for name, file, _, _, error in errors:
         context.log.warning(f"source {name}: cannot read {file}: {error}")
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": sum(r[2] for r in rows),
             "as_of": as_of.isoformat(),
-            "files": markdown_table(["source", "file", "rows", "error"], rows),
+            "files": markdown_table(["source", "file", "rows", "staged", "error"], rows),
+            "files_kept": sum(f.kept for files in staged.values() for f in files),
             "unreadable_files": len(errors),
             "warehouse": dg.MetadataValue.path(str(cfg.warehouse_path)),
             "seconds": round(time.perf_counter() - started, 3),

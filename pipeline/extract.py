@@ -73,10 +73,12 @@ def stage(
                 if not force:
                     _fail_on_unreadable(name, cfg.sources[name], files)
                 con.execute("DELETE FROM source_files WHERE source = ?", [name])
-                con.executemany(
-                    "INSERT INTO source_files VALUES (?, ?, ?, ?, ?)",
-                    [[name, f.file, f.rows, f.error, as_of] for f in files],
-                )
+                if files:  # a glob may match none (yet)
+                    con.executemany(
+                        "INSERT INTO source_files (source, file, rows, error, extracted_at, size, mtime_ns, digest, "
+                        "reader) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [[name, f.file, f.rows, f.error, as_of, *(f.identity or (None,) * 4)] for f in files],
+                    )
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")

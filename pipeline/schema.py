@@ -66,6 +66,11 @@ SOURCE_FILES_COLUMNS: dict[str, str] = {
     "rows": "BIGINT",
     "error": "VARCHAR",  # why the file could not be read, else NULL
     "extracted_at": "TIMESTAMPTZ",
+    # what the next extraction compares (a file source's file): unchanged, its rows are kept
+    "size": "BIGINT",
+    "mtime_ns": "BIGINT",
+    "digest": "VARCHAR",  # BLAKE2b of the file's bytes
+    "reader": "VARCHAR",  # a digest of the settings the file was read with (format, columns, ...)
 }
 
 # The last watermark read per database source (incremental extraction).

@@ -32,7 +32,7 @@ def prefetch(
     batches into Parquet files."""
     src = cfg.sources[name]
     if isinstance(src, FileSource):
-        return fetch_files(con, name, src)
+        return fetch_files(con, name, src, full_refresh)
     if isinstance(src, SyntheticSource):
         return write_batches(src, as_of, paths.scratch(cfg.home))
     if not isinstance(src, PostgresSource):
@@ -50,7 +50,8 @@ def stage_source(
     fetched: Fetched | list[FetchedFile] | SyntheticFiles | None = None,
 ) -> list[FileResult]:
     """Replace the source's rows in ``raw_reports`` with a fresh read
-    (a database source: with what :func:`prefetch` read).
+    (a database source: with what :func:`prefetch` read; a file source:
+    the rows of its new and changed files, its unchanged files' rows kept).
 
     Returns one :class:`FileResult` per file (or synthetic source, or query).
     """
@@ -61,9 +62,11 @@ def stage_source(
         con.execute("INSERT INTO source_state VALUES (?, ?, ?)", [name, mark, as_of])
         con.execute(f"DROP TABLE {fetched.table}")
         return results
-    con.execute("DELETE FROM raw_reports WHERE source = ?", [name])
-    if isinstance(src, FileSource):
+    if isinstance(src, FileSource):  # the rows of files unchanged since the last extraction stay
+        kept = [f.path for f in fetched if f.kept_rows is not None]
+        con.execute("DELETE FROM raw_reports WHERE source = ? AND NOT list_contains(?, file)", [name, kept])
         return stage_files(con, name, src, fetched)
+    con.execute("DELETE FROM raw_reports WHERE source = ?", [name])
     if isinstance(src, SyntheticSource):
         batches_written = fetched if isinstance(fetched, SyntheticFiles) else write_batches(src, as_of, None)
         try:

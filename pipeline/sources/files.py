@@ -11,9 +11,11 @@ staged into ``raw_reports`` as text, exactly as given, for
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,7 +24,7 @@ import pyarrow as pa
 
 from ..config import FileSource
 from ..errors import ConfigError
-from .staging import FileResult, literal, numbered_table, quote, stage_relation
+from .staging import FileIdentity, FileResult, literal, numbered_table, quote, stage_relation
 
 SPATIAL_FORMATS = ("geojson", "gpkg", "shp", "fgb", "spatial")
 
@@ -222,6 +224,8 @@ class FetchedFile(NamedTuple):
 
     ``malformed`` says the table numbers its rows by line or feature in
     ``_row`` and flags records that did not parse in ``_malformed``.
+    ``kept_rows``: the file is unchanged since the last extraction; its
+    staged rows (this many) stay, and it was not read.
     """
 
     path: str
@@ -229,24 +233,96 @@ class FetchedFile(NamedTuple):
     error: str | None = None
     unreadable_lines: int = 0
     malformed: bool = False
+    identity: FileIdentity | None = None
+    kept_rows: int | None = None
 
 
-def fetch_files(con: duckdb.DuckDBPyConnection, name: str, src: FileSource) -> list[FetchedFile]:
-    """Read every file of a source into its own temporary table, before any write.
+READER_VERSION = 1  # bump when staging would stage a file's rows differently: every file is read again
+RACY_NS = 2_000_000_000  # a file modified this recently may change again within its timestamp: hash it
 
-    A file that cannot be read is a per-file error; it cannot abort the
-    warehouse's write transaction, which has not begun.
+
+def reader_digest(name: str, src: FileSource) -> str:
+    """A digest of what decides how a file's rows are staged: its rows, kept, are valid while this holds."""
+    settings = {
+        "version": READER_VERSION,
+        "format": src.format,
+        "delimiter": src.delimiter,
+        "columns": column_mapping(src),
+        "entity_type": src.entity_type or name,
+    }
+    return hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def file_digest(path: str) -> str:
+    """BLAKE2b of a file's bytes (streamed)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
+class _Known(NamedTuple):
+    identity: FileIdentity
+    rows: int
+
+
+def _known_files(con: duckdb.DuckDBPyConnection, name: str, reader: str) -> dict[str, _Known]:
+    """The source's files as its last extraction staged them, read with the same settings,
+    whose rows are all still staged (a count that does not match: read the file again)."""
+    rows = con.execute(
+        """
+        SELECT f.file, f.size, f.mtime_ns, f.digest, f.reader, f.rows
+        FROM source_files f
+        LEFT JOIN (SELECT file, count(*) AS n FROM raw_reports WHERE source = $s GROUP BY file) r USING (file)
+        WHERE f.source = $s AND f.error IS NULL AND f.digest IS NOT NULL AND f.reader = $reader
+          AND f.rows = coalesce(r.n, 0)
+        """,
+        {"s": name, "reader": reader},
+    ).fetchall()
+    return {file: _Known(FileIdentity(size, mtime, digest, rd), n) for file, size, mtime, digest, rd, n in rows}
+
+
+def _identify(path: str, reader: str, known: _Known | None) -> tuple[FileIdentity, int | None]:
+    """The file's identity, and its staged row count if it has not changed since (else None).
+
+    Size and modification time decide, as for ``make`` and ``rsync``; a file
+    whose time changed (or was modified within :data:`RACY_NS` of now) is
+    hashed, and one with the same bytes is unchanged all the same.
     """
+    st = os.stat(path)
+    if known is not None and (known.identity.size, known.identity.mtime_ns) == (st.st_size, st.st_mtime_ns):
+        if time.time_ns() - st.st_mtime_ns > RACY_NS:
+            return known.identity, known.rows
+    identity = FileIdentity(st.st_size, st.st_mtime_ns, file_digest(path), reader)
+    if known is not None and (known.identity.size, known.identity.digest) == (identity.size, identity.digest):
+        return identity, known.rows
+    return identity, None
+
+
+def fetch_files(
+    con: duckdb.DuckDBPyConnection, name: str, src: FileSource, full_refresh: bool = False
+) -> list[FetchedFile]:
+    """Read every new or changed file of a source into its own temporary table, before any write.
+
+    A file unchanged since the last extraction (same size and time, or same
+    bytes) is not read: its staged rows are kept. ``full_refresh`` reads
+    every file. A file that cannot be read is a per-file error; it cannot
+    abort the warehouse's write transaction, which has not begun.
+    """
+    reader = reader_digest(name, src)
+    known = {} if full_refresh else _known_files(con, name, reader)
     fetched = []
     for i, path in enumerate(list_files(src)):
         table = f"_file_{i}"
         try:
-            if os.path.getsize(path) == 0:  # an empty export: no rows, nothing wrong
-                fetched.append(FetchedFile(path, None))
+            identity, kept = _identify(path, reader, known.get(path))
+            if kept is not None:
+                fetched.append(FetchedFile(path, None, identity=identity, kept_rows=kept))
+                continue
+            if identity.size == 0:  # an empty export: no rows, nothing wrong
+                fetched.append(FetchedFile(path, None, identity=identity))
                 continue
             if src.format == "ndjson":
                 _fetch_ndjson(con, table, path, sorted(set(column_mapping(src).values())))
-                fetched.append(FetchedFile(path, table, malformed=True))
+                fetched.append(FetchedFile(path, table, malformed=True, identity=identity))
                 continue
             if src.format == "parquet":  # numbered by the reader
                 sql = "SELECT *, file_row_number + 1 AS _row FROM read_parquet($path, file_row_number = true)"
@@ -258,10 +334,10 @@ def fetch_files(con: duckdb.DuckDBPyConnection, name: str, src: FileSource) -> l
                 if src.format != "geojson":
                     raise
                 _fetch_geojson_features(con, table, path)  # GDAL refused it: feature by feature
-                fetched.append(FetchedFile(path, table, malformed=True))
+                fetched.append(FetchedFile(path, table, malformed=True, identity=identity))
                 continue
             lines = _unreadable_lines(con) if src.format == "csv" else 0
-            fetched.append(FetchedFile(path, table, None, lines))
+            fetched.append(FetchedFile(path, table, None, lines, identity=identity))
         except (duckdb.Error, OSError, UnicodeDecodeError, ValueError) as exc:
             con.execute(f"DROP TABLE IF EXISTS {table}")
             fetched.append(FetchedFile(path, None, _first_line(exc)))
@@ -275,8 +351,11 @@ def stage_files(
     mapping = column_mapping(src)
     results = []
     for f in fetched:
+        if f.kept_rows is not None:
+            results.append(FileResult(f.path, f.kept_rows, identity=f.identity, kept=True))
+            continue
         if f.table is None:
-            results.append(FileResult(f.path, 0, f.error))
+            results.append(FileResult(f.path, 0, f.error, f.identity if f.error is None else None))
             continue
         if f.malformed:  # numbered by line / feature; records that did not parse flagged
             relation = f"(SELECT * EXCLUDE (_malformed) FROM {f.table} WHERE NOT _malformed)"
@@ -285,6 +364,7 @@ def stage_files(
         else:
             relation = numbered_table(f.table)
         result = stage_relation(con, name, f.path, relation, mapping, src.entity_type or name)
+        result = result._replace(identity=f.identity) if result.error is None else result
         if f.malformed and result.error is None:
             [(bad,)] = con.execute(
                 "INSERT INTO raw_reports (source, file, row_number, issue) "

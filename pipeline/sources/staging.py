@@ -13,12 +13,27 @@ import duckdb
 from ..schema import RAW_COLUMNS
 
 
+class FileIdentity(NamedTuple):
+    """What the warehouse remembers of a file it staged, to know it unchanged next time."""
+
+    size: int
+    mtime_ns: int
+    digest: str  # BLAKE2b of the bytes
+    reader: str  # a digest of the settings it was read with (see files.reader_digest)
+
+
 class FileResult(NamedTuple):
-    """What reading one file (or one synthetic batch) gave."""
+    """What reading one file (or one synthetic batch) gave.
+
+    ``kept``: the file had not changed since the last extraction, and its
+    staged rows (``rows`` of them) were kept, not read again.
+    """
 
     file: str
     rows: int
     error: str | None = None
+    identity: FileIdentity | None = None
+    kept: bool = False
 
 
 def quote(identifier: str) -> str:

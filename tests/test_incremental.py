@@ -1,0 +1,147 @@
+"""Incremental extraction: a file source reads only its new and changed files, and ends where a full read would."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline import extract, warehouse
+from pipeline.config import load_config
+
+from .conftest import AS_OF
+
+HEADER = ["id", "lat", "lng", "t", "sev"]
+MAPPING = {"report_id": "id", "lat": "lat", "lng": "lng", "observed_at": "t", "severity": "sev"}
+TABLES = ("raw_reports", "reports", "rejected_reports")
+
+
+def _config(folder: Path, data: Path, **source) -> Path:
+    """A config in ``folder`` (its own warehouse) reading ``data/*.csv``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    src = {"kind": "file", "path": str(data / "*.csv"), "format": "csv", "columns": MAPPING, **source}
+    cfg = {"output": "output", "home": ".hotspots", "sources": {"s": src}, "tilesets": {"t": {"source": "s"}}}
+    (folder / "hotspots.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return folder / "hotspots.yaml"
+
+
+def _extract(config: Path, full_refresh: bool = False) -> dict[str, bool]:
+    """Stage and validate; which files were kept (True) or read (False), by name."""
+    cfg = load_config(config)
+    staged = extract.stage(cfg, ["s"], AS_OF, full_refresh=full_refresh)
+    extract.validate(cfg, ["s"], AS_OF)
+    return {Path(f.file).name: f.kept for f in staged["s"]}
+
+
+def _tables(config: Path) -> dict[str, list[tuple]]:
+    """The source's rows in each table, in the order the table holds them (reports: by tile key)."""
+    with warehouse.reader(load_config(config).warehouse_path) as con:
+        out = {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in TABLES}
+        out["reports in order"] = con.execute("SELECT report_id, tile_key FROM reports").fetchall()
+    return out
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, HEADER)
+        w.writeheader()
+        w.writerows(rows)
+
+
+row = st.fixed_dictionaries(
+    {
+        "id": st.sampled_from("abcdefgh"),  # ids repeat across files: the first (by file, line) is kept
+        "lat": st.sampled_from(["40.7", "40.71", "51.5", "x", ""]),  # and bad rows are rejected
+        "lng": st.sampled_from(["-73.9", "-0.1", "-73.95"]),
+        "t": st.sampled_from(["2026-10-30T10:00:00Z", "2026-10-31T08:30:00Z", "yesterday"]),
+        "sev": st.sampled_from(["1", "2", "3"]),
+    }
+)
+step = st.one_of(
+    st.tuples(st.just("write"), st.sampled_from("pqrs"), st.lists(row, max_size=5)),  # add or rewrite a file
+    st.tuples(st.just("touch"), st.sampled_from("pqrs"), st.just([])),  # a new time, the same bytes
+    st.tuples(st.just("remove"), st.sampled_from("pqrs"), st.just([])),
+)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(step, min_size=1, max_size=5))
+def test_an_incremental_extraction_ends_where_a_full_one_would(tmp_path_factory, steps):
+    """After any sequence of added, rewritten, touched and removed files, the warehouse of
+    incremental extractions holds exactly the rows of a fresh, full extraction; only new and
+    changed files were read."""
+    root = tmp_path_factory.mktemp("inc")
+    data = root / "data"
+    data.mkdir()
+    incremental = _config(root / "incremental", data)
+    _extract(incremental)
+    for i, (op, name, rows) in enumerate(steps):
+        path = data / f"{name}.csv"
+        before = {p.name: p.read_bytes() for p in data.glob("*.csv")}  # as the last extraction staged them
+        if op == "write":
+            _write(path, rows)
+        elif op == "touch" and path.exists():
+            os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+        elif op == "remove":
+            path.unlink(missing_ok=True)
+        now = {p.name: p.read_bytes() for p in data.glob("*.csv")}
+        assert _extract(incremental) == {n: before.get(n) == b for n, b in sorted(now.items())}, (i, op, name)
+        full = _config(root / f"full-{i}", data)
+        _extract(full)
+        assert _tables(incremental) == _tables(full), (i, op, name)
+
+
+def _prime(tmp_path: Path) -> tuple[Path, Path]:
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, ids in (("a", "ab"), ("b", "cd"), ("c", "ef")):
+        _write(
+            data / f"{name}.csv", [{"id": i, "lat": "40.7", "lng": "-73.9", "t": "2026-10-30", "sev": "2"} for i in ids]
+        )
+    config = _config(tmp_path / "w", data)
+    assert _extract(config) == {"a.csv": False, "b.csv": False, "c.csv": False}
+    return data, config
+
+
+def test_only_new_and_changed_files_are_read(tmp_path):
+    data, config = _prime(tmp_path)
+    old = (data / "b.csv").stat().st_mtime_ns
+    os.utime(data / "b.csv", ns=(old, old - 10**10))  # an older time, the same bytes: unchanged
+    _write(data / "c.csv", [{"id": "z", "lat": "51.5", "lng": "-0.1", "t": "2026-10-30", "sev": "1"}])
+    _write(data / "d.csv", [{"id": "y", "lat": "51.5", "lng": "-0.1", "t": "2026-10-30", "sev": "1"}])
+    (data / "a.csv").unlink()
+    assert _extract(config) == {"b.csv": True, "c.csv": False, "d.csv": False}
+    with warehouse.reader(load_config(config).warehouse_path) as con:
+        assert sorted(r for (r,) in con.execute("SELECT report_id FROM reports").fetchall()) == [
+            "s:c",
+            "s:d",
+            "s:y",
+            "s:z",
+        ]
+        files = con.execute("SELECT file, rows, digest IS NOT NULL FROM source_files ORDER BY file").fetchall()
+    assert [(Path(f).name, n, d) for f, n, d in files] == [("b.csv", 2, True), ("c.csv", 1, True), ("d.csv", 1, True)]
+    assert _extract(config) == {"b.csv": True, "c.csv": True, "d.csv": True}
+    assert _extract(config, full_refresh=True) == {"b.csv": False, "c.csv": False, "d.csv": False}
+
+
+def test_a_changed_mapping_reads_every_file_again(tmp_path):
+    """Rows kept were staged with the old settings: a new mapping (or format) reads every file."""
+    data, config = _prime(tmp_path)
+    _config(tmp_path / "w", data, entity_type="pothole")
+    assert _extract(config) == {"a.csv": False, "b.csv": False, "c.csv": False}
+    with warehouse.reader(load_config(config).warehouse_path) as con:
+        assert con.execute("SELECT DISTINCT entity_type FROM reports").fetchall() == [("pothole",)]
+
+
+def test_a_file_whose_staged_rows_went_missing_is_read_again(tmp_path):
+    """The record says a file was staged, but its rows are not there (all or some): it is read, not trusted."""
+    data, config = _prime(tmp_path)
+    with warehouse.writer(load_config(config).warehouse_path) as con:
+        con.execute("DELETE FROM raw_reports WHERE file LIKE '%a.csv' AND report_id = 'a'")
+    assert _extract(config) == {"a.csv": False, "b.csv": True, "c.csv": True}
+    with warehouse.reader(load_config(config).warehouse_path) as con:
+        assert con.execute("SELECT count(*) FROM reports").fetchone()[0] == 6
