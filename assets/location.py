@@ -98,7 +98,9 @@ def build_definitions(config_path: str | Path | None = None, executor_name: str 
         partitions_def=partitions,
         description="Merge one tileset's shards (a partition), select, tile and publish it.",
     )
-    schedules_sensors = schedules_and_sensors(extract_job, plan_job, shard_job, publish_job, partitions)
+    schedules_sensors = schedules_and_sensors(
+        extract_job, plan_job, shard_job, publish_job, partitions, cfg.freshness_interval_s
+    )
     return dg.Definitions(
         assets=[raw_reports, validated_reports, build_plan, shards, *per_tileset],
         asset_checks=[conservation, rejected_share, *per_tileset_checks],

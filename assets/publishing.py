@@ -3,11 +3,13 @@
 No ``from __future__ import annotations``: Dagster reads the ``config:`` annotation.
 """
 
+import json
 import time
 
 import dagster as dg
 
-from pipeline import publish, retention
+from pipeline import freshness, publish, retention
+from pipeline.errors import SourceError
 from resources import HotspotsResource
 
 from .common import markdown_table, planned_step, run_start, zooms_check
@@ -166,6 +168,9 @@ def _schedule(name: str, cron: str, job, description: str | None = None) -> dg.S
     )
 
 
+CHAIN_INTERVAL_S = 5  # the sensors that carry a build on look this often: a build waits at most this per step
+
+
 def _sensor(name: str, status: dg.DagsterRunStatus, watched, requested, description: str):
     """A sensor (on by default) that runs ``requested`` when a run of ``watched`` reaches ``status``."""
     return dg.run_status_sensor(
@@ -175,17 +180,75 @@ def _sensor(name: str, status: dg.DagsterRunStatus, watched, requested, descript
         name=name,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=description,
+        minimum_interval_seconds=CHAIN_INTERVAL_S,
     )
+
+
+FRESH_TAG = "hotspots/fresh"  # the sources an extraction launched by `fresh_sources` reads
+ACTIVE = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+def fresh_sources_sensor(extract_job, interval_s: int) -> dg.SensorDefinition:
+    """``fresh_sources``: every ``interval_s`` seconds, a token of each source (see
+    :mod:`pipeline.freshness`); an extraction of the tilesets of the sources whose token changed."""
+
+    @dg.sensor(
+        name="fresh_sources",
+        job=extract_job,
+        minimum_interval_seconds=interval_s,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"Every {interval_s} s (`freshness_interval_s`), look at each source (a file source's folder, a "
+        "database's max(watermark) and row count); when one has something new, extract it: "
+        "`publish_after_extract` then builds the tilesets that read it.",
+    )
+    def fresh_sources(context: dg.SensorEvaluationContext, hotspots: HotspotsResource):
+        if _active_fresh_runs(
+            context.instance, extract_job.name
+        ):  # the cursor stays: what changed meanwhile is seen once it is done
+            return dg.SkipReason("an extraction it launched is still running")
+        cfg = hotspots.load()
+        before = json.loads(context.cursor) if context.cursor else {}
+        now = {}
+        for name in sorted(cfg.sources):
+            try:
+                now[name] = freshness.token(cfg, name)
+            except SourceError as exc:  # looked at again next time
+                context.log.warning(str(exc))
+                now[name] = before.get(name)
+        changed = [n for n, t in now.items() if t is not None and t != before.get(n)]
+        context.update_cursor(json.dumps(now, sort_keys=True))
+        tilesets = sorted(t for t, ts in cfg.tilesets.items() if ts.source in changed)
+        if not tilesets:
+            return dg.SkipReason("no source a tileset reads has anything new")
+        job = context.repository_def.get_job(extract_job.name)  # its assets' and checks' ops take the same config
+        ops = [node.name for node in job.graph.node_defs if node.config_schema is not None]
+        return dg.RunRequest(
+            run_config={"ops": {op: {"config": {"tilesets": tilesets}} for op in ops}},
+            tags={FRESH_TAG: ",".join(sorted({cfg.tilesets[t].source for t in tilesets}))},
+        )
+
+    return fresh_sources
+
+
+def _active_fresh_runs(instance: dg.DagsterInstance, job_name: str) -> int:
+    runs = instance.get_runs(dg.RunsFilter(job_name=job_name, statuses=ACTIVE))
+    return sum(FRESH_TAG in run.tags for run in runs)
 
 
 BUILD_TAG, SHARDS_TAG, TILESET_TAG = "hotspots/build", "hotspots/shards", "hotspots/tileset"
 
 
 def schedules_and_sensors(
-    extract_job, plan_job, shard_job, publish_job, partitions: dg.StaticPartitionsDefinition
+    extract_job, plan_job, shard_job, publish_job, partitions: dg.StaticPartitionsDefinition, freshness_s: int
 ) -> list:
-    """``hourly_publish`` (seed 000's hourly snapshot), ``nightly_retention``, and the
-    sensors that carry a build on: extraction -> each tileset's plan -> its shards -> its publication."""
+    """``hourly_publish`` (seed 000's hourly snapshot), ``nightly_retention``, ``fresh_sources``
+    (an extraction when a source has something new), and the sensors that carry a build
+    on: extraction -> each tileset's plan -> its shards -> its publication."""
     hourly = _schedule(
         "hourly_publish",
         "0 * * * *",
@@ -286,6 +349,7 @@ def schedules_and_sensors(
     return [
         hourly,
         nightly,
+        fresh_sources_sensor(extract_job, freshness_s),
         publish_after_extract,
         publish_after_partial_extract,
         shards_after_plan,

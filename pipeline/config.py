@@ -358,6 +358,8 @@ class Config(_Strict):
     sources: dict[Name, Source]
     tilesets: dict[Name, Tileset]
     viewer: Viewer = Viewer()
+    # seconds between the `fresh_sources` sensor's looks at the sources
+    freshness_interval_s: int = Field(DEFAULTS.freshness_interval_s, ge=1)
     file: Path | None = Field(None, exclude=True)  # where it was loaded from
 
     @model_validator(mode="after")

@@ -70,6 +70,11 @@ class Defaults:
 
     # Seconds a writer waits for the warehouse lock before giving up.
     lock_timeout_s: float = 600.0
+    # Seconds between two looks of the `fresh_sources` sensor at each source
+    # (a file source's folder, a database's max(watermark)): something new
+    # launches an extraction, then the affected tilesets' builds. Maps poll
+    # every 90 s (seed 001), so a report should be published within that.
+    freshness_interval_s: int = 30
 
 
 DEFAULTS = Defaults()

@@ -124,3 +124,17 @@ def execute_build(defs, instance, tileset: str, params: dict | None = None, rais
         if not shard.success:
             return shard
     return run(PUBLISH_JOB, tileset)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A real PostgreSQL 15 + PostGIS for a module's tests (tests/pg.py); missing: fails in CI, else skips."""
+    from . import pg
+
+    why = pg.missing()
+    if why:
+        if IN_CI:
+            pytest.fail(f"CI must provide PostgreSQL + PostGIS: {why}")
+        pytest.skip(why)
+    with pg.server() as srv:
+        yield srv

@@ -97,6 +97,7 @@ def test_definitions_load(small_config):
         "nightly_retention": ("0 2 * * *", "UTC", "retention"),
     }
     assert [s.name for s in defs.sensors] == [
+        "fresh_sources",
         "publish_after_extract",
         "publish_after_partial_extract",
         "shards_after_plan",

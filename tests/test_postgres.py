@@ -20,23 +20,11 @@ from pipeline import extract, publish, warehouse
 from pipeline.config import load_config
 
 from . import pg
-from .conftest import IN_CI
 
 FIXTURES = Path(__file__).parent / "fixtures" / "postgres"
 HOTSPOTS = str(Path(sys.executable).parent / "hotspots")
 NOW = datetime.now(UTC).replace(microsecond=0)
 PW_ENV = "HOTSPOTS_TEST_PG_PASSWORD"
-
-
-@pytest.fixture(scope="module")
-def server():
-    why = pg.missing()
-    if why:
-        if IN_CI:
-            pytest.fail(f"CI must provide PostgreSQL + PostGIS: {why}")
-        pytest.skip(why)
-    with pg.server() as srv:
-        yield srv
 
 
 def _connect(srv, db):

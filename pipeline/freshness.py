@@ -1,0 +1,78 @@
+"""Whether a source has something new: a cheap token of its current state, compared between looks.
+
+The ``fresh_sources`` sensor takes a token per source every
+``freshness_interval_s`` seconds and launches an extraction of the sources
+whose token changed. A token is cheap to take, whatever the source's size:
+
+* a file source: its files' paths, sizes and modification times (a stat each,
+  no file opened; what extraction then reads is decided by content, see
+  :mod:`pipeline.sources.files`);
+* a PostgreSQL source: the largest watermark and the row count of the
+  source's query, computed on the server;
+* a synthetic source has no token: it changes only with ``as_of``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from datetime import UTC, datetime
+
+import duckdb
+
+from . import duck, paths
+from .config import Config, FileSource, PostgresSource
+from .errors import SourceError
+from .sources.files import list_files
+from .sources.postgres import dsn, explain, server_sql, where
+from .sources.staging import literal
+
+
+def token(cfg: Config, name: str) -> str | None:
+    """The state of source ``name`` now, as a short string; None: the source is not watched.
+
+    Raises
+    ------
+    SourceError
+        A database that cannot be reached or queried (one line, no password).
+    """
+    src = cfg.sources[name]
+    if isinstance(src, FileSource):
+        return _files_token(src)
+    if isinstance(src, PostgresSource):
+        return _server_token(cfg, name, src)
+    return None
+
+
+def _files_token(src: FileSource) -> str:
+    seen = []
+    for path in list_files(src):
+        try:
+            st = os.stat(path)
+        except OSError:  # gone since the listing: the next look sees the folder as it is then
+            continue
+        seen.append((path, st.st_size, st.st_mtime_ns))
+    return hashlib.blake2b(json.dumps(seen).encode(), digest_size=16).hexdigest()
+
+
+def _server_token(cfg: Config, name: str, src: PostgresSource) -> str:
+    conninfo, password = dsn(src)
+    alias = f"pg_{re.sub(r'[^a-z0-9_]', '_', name)}"
+    query = server_sql(src, None, datetime.now(UTC))
+    newest = "CAST(max(_watermark) AS text)" if src.adapter or src.watermark else "''"
+    sql = f"SELECT {newest} || ' ' || count(*) FROM ({query}) q"
+    con = duck.connect()
+    try:
+        duck.load_postgres(con, paths.duckdb_extensions(cfg.home))
+        con.execute(f"ATTACH {literal(conninfo)} AS {alias} (TYPE postgres, READ_ONLY)")
+        try:
+            [(state,)] = con.execute(f"SELECT * FROM postgres_query({literal(alias)}, {literal(sql)})").fetchall()
+        finally:
+            con.execute(f"DETACH {alias}")
+    except duckdb.Error as exc:
+        raise SourceError(f"source {name}: cannot look at {where(src)}: {explain(exc, password)}") from None
+    finally:
+        con.close()
+    return state or ""
