@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from . import load, postgres, pyramid, retention, shards, snapshot, ui
+from . import freshness, load, postgres, pyramid, refresh, retention, shards, snapshot, ui
 
 BENCHES = {
     "load": load.main,
@@ -13,6 +13,8 @@ BENCHES = {
     "snapshot": snapshot.main,
     "shards": shards.main,
     "large": shards.large,
+    "refresh": refresh.main,
+    "freshness": freshness.main,
     "retention": retention.main,
     "ui": ui.main,
 }

@@ -53,6 +53,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def dagster_dev(folder: Path, env: dict, port: int) -> subprocess.Popen:
+    """``dagster dev`` (webserver and daemon, as ``make dev``) in its own session: end it with ``os.killpg``."""
+    return subprocess.Popen(
+        [BIN / "dagster", "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
     body = json.dumps({"query": query, "variables": variables or {}}).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", body, {"Content-Type": "application/json"})
@@ -82,14 +94,7 @@ def ui(folder: Path) -> tuple[float, float, float, list[str]]:
     subprocess.run([BIN / "hotspots", "run", "--config", str(config)], check=True, capture_output=True, env=env)
     latest = {p: p.stat().st_mtime for p in (folder / "output").glob("*/latest.json")}
     port = _free_port()
-    server = subprocess.Popen(
-        [BIN / "dagster", "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
-        cwd=folder,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    server = dagster_dev(folder, env, port)
     try:
         deadline = time.monotonic() + 180
         while True:
