@@ -207,16 +207,15 @@ def fresh_sources_sensor(extract_job, interval_s: int) -> dg.SensorDefinition:
         "`publish_after_extract` then builds the tilesets that read it.",
     )
     def fresh_sources(context: dg.SensorEvaluationContext, hotspots: HotspotsResource):
-        if _active_fresh_runs(
-            context.instance, extract_job.name
-        ):  # the cursor stays: what changed meanwhile is seen once it is done
+        if _active_fresh_runs(context.instance, extract_job.name):
+            # the cursor stays: what changed meanwhile is seen once it is done
             return dg.SkipReason("an extraction it launched is still running")
         cfg = hotspots.load()
         before = json.loads(context.cursor) if context.cursor else {}
         now = {}
         for name in sorted(cfg.sources):
             try:
-                now[name] = freshness.token(cfg, name)
+                now[name] = freshness.token(cfg, name, before.get(name))
             except SourceError as exc:  # looked at again next time
                 context.log.warning(str(exc))
                 now[name] = before.get(name)

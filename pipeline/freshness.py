@@ -7,8 +7,9 @@ whose token changed. A token is cheap to take, whatever the source's size:
 * a file source: its files' paths, sizes and modification times (a stat each,
   no file opened; what extraction then reads is decided by content, see
   :mod:`pipeline.sources.files`);
-* a PostgreSQL source: the largest watermark and the row count of the
-  source's query, computed on the server;
+* a PostgreSQL source: the largest watermark and how many rows have it
+  (without a watermark: the row count), computed on the server over the rows
+  at or after the previous look's largest, through the watermark's index;
 * a synthetic source has no token: it changes only with ``as_of``.
 """
 
@@ -30,8 +31,11 @@ from .sources.postgres import dsn, explain, server_sql, where
 from .sources.staging import literal
 
 
-def token(cfg: Config, name: str) -> str | None:
+def token(cfg: Config, name: str, previous: str | None = None) -> str | None:
     """The state of source ``name`` now, as a short string; None: the source is not watched.
+
+    ``previous`` is the last look's token: a database then reads only the
+    rows at or after the largest watermark it saw.
 
     Raises
     ------
@@ -42,7 +46,7 @@ def token(cfg: Config, name: str) -> str | None:
     if isinstance(src, FileSource):
         return _files_token(src)
     if isinstance(src, PostgresSource):
-        return _server_token(cfg, name, src)
+        return _server_token(cfg, name, src, previous)
     return None
 
 
@@ -57,12 +61,23 @@ def _files_token(src: FileSource) -> str:
     return hashlib.blake2b(json.dumps(seen).encode(), digest_size=16).hexdigest()
 
 
-def _server_token(cfg: Config, name: str, src: PostgresSource) -> str:
+SEP = "\t"  # between the token's largest watermark and its count
+
+
+def _server_token(cfg: Config, name: str, src: PostgresSource, previous: str | None) -> str:
     conninfo, password = dsn(src)
     alias = f"pg_{re.sub(r'[^a-z0-9_]', '_', name)}"
-    query = server_sql(src, None, datetime.now(UTC))
-    newest = "CAST(max(_watermark) AS text)" if src.adapter or src.watermark else "''"
-    sql = f"SELECT {newest} || ' ' || count(*) FROM ({query}) q"
+    marked = bool(src.adapter or src.watermark)
+    since = previous.split(SEP)[0] if marked and previous and previous.split(SEP)[0] else None
+    query = server_sql(src, since, datetime.now(UTC))
+    sep = literal(SEP)
+    if marked:  # the largest watermark and how many rows have it: the same token whatever `since` was
+        sql = (
+            f"WITH q AS ({query}) SELECT coalesce(CAST(m AS text), '') || {sep} || "
+            "(SELECT count(*) FROM q WHERE _watermark >= m) FROM (SELECT max(_watermark) AS m FROM q) t"
+        )
+    else:  # no watermark: the row count
+        sql = f"SELECT {sep} || count(*) FROM ({query}) q"
     con = duck.connect()
     try:
         duck.load_postgres(con, paths.duckdb_extensions(cfg.home))

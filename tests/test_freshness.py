@@ -13,7 +13,7 @@ import yaml
 
 from assets.location import EXTRACT_JOB, PLAN_JOB, PUBLISH_JOB, SHARD_JOB, build_definitions
 from assets.publishing import CHAIN_INTERVAL_S, FRESH_TAG
-from pipeline import publish
+from pipeline import freshness, publish
 from pipeline.config import load_config
 from resources import HotspotsResource
 
@@ -165,6 +165,8 @@ def test_a_new_road_report_is_on_the_map_within_90_seconds(server, tmp_path, mon
     daemon = Daemon(config, dg.DagsterInstance.local_temp(str(tmp_path / "dagster")))
     assert daemon.refresh() == ["roads"]  # the first look: everything, the live snapshot
     before = publish.read_latest(cfg.published("roads"))
+    whole = freshness.token(cfg, "roads")  # over every row
+    assert freshness.token(cfg, "roads", whole) == whole  # over the rows from the last look's watermark on
     daemon.tick(cfg.freshness_interval_s)
     assert daemon.refresh() == []  # a look: nothing new
 
