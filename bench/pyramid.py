@@ -41,12 +41,9 @@ RUNS = {"hotspots_side": 3, "naive_side": 2, "sharded": 3}
 AS_OF = datetime(2026, 11, 1, tzinfo=UTC)
 
 
-def make_reports(rows: int, seed: int = 0, spread: str = "city", in_key_order: bool = True) -> pl.DataFrame:
-    """Canonical road-condition reports, typed as the warehouse holds them: in a city, or spread like a world's.
-
-    By default in tile-key order, as validation inserts them and a shard reads them
-    back (``in_key_order=False``: in the order they were generated).
-    """
+def make_reports(rows: int, seed: int = 0, spread: str = "city") -> pl.DataFrame:
+    """Canonical road-condition reports, typed and ordered as the warehouse holds them (by tile key, as
+    validation inserts them and a shard reads them back): in a city, or spread like a world's."""
     from pipeline.sources.synthetic import ROAD_CONDITIONS, positions, world_positions
     from pipeline.tilemath import tile_key
 
@@ -70,7 +67,7 @@ def make_reports(rows: int, seed: int = 0, spread: str = "city", in_key_order: b
             "is_public": np.ones(rows, bool),
         }
     ).with_columns(tile_key(pl.col("lng"), pl.col("lat")).alias("tile_key"))  # as validation stores it
-    return reports.sort("tile_key", maintain_order=True) if in_key_order else reports
+    return reports.sort("tile_key", maintain_order=True)
 
 
 def hotspots_side(path: str) -> dict:
