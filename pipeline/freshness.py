@@ -18,16 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from datetime import UTC, datetime
-
-import duckdb
 
 from . import duck, paths
 from .config import Config, FileSource, PostgresSource
-from .errors import SourceError
 from .sources.files import list_files
-from .sources.postgres import dsn, explain, server_sql, where
+from .sources.postgres import query, server_sql
 from .sources.staging import literal
 
 
@@ -65,29 +61,21 @@ SEP = "\t"  # between the token's largest watermark and its count
 
 
 def _server_token(cfg: Config, name: str, src: PostgresSource, previous: str | None) -> str:
-    conninfo, password = dsn(src)
-    alias = f"pg_{re.sub(r'[^a-z0-9_]', '_', name)}"
     marked = bool(src.adapter or src.watermark)
-    since = previous.split(SEP)[0] if marked and previous and previous.split(SEP)[0] else None
-    query = server_sql(src, since, datetime.now(UTC))
+    since = ((previous or "").split(SEP)[0] or None) if marked else None  # the last look's largest watermark
+    rows = server_sql(src, since, datetime.now(UTC))
     sep = literal(SEP)
     if marked:  # the largest watermark and how many rows have it: the same token whatever `since` was
         sql = (
-            f"WITH q AS ({query}) SELECT coalesce(CAST(m AS text), '') || {sep} || "
+            f"WITH q AS ({rows}) SELECT coalesce(CAST(m AS text), '') || {sep} || "
             "(SELECT count(*) FROM q WHERE _watermark >= m) FROM (SELECT max(_watermark) AS m FROM q) t"
         )
     else:  # no watermark: the row count
-        sql = f"SELECT {sep} || count(*) FROM ({query}) q"
+        sql = f"SELECT {sep} || count(*) FROM ({rows}) q"
     con = duck.connect()
     try:
         duck.load_postgres(con, paths.duckdb_extensions(cfg.home))
-        con.execute(f"ATTACH {literal(conninfo)} AS {alias} (TYPE postgres, READ_ONLY)")
-        try:
-            [(state,)] = con.execute(f"SELECT * FROM postgres_query({literal(alias)}, {literal(sql)})").fetchall()
-        finally:
-            con.execute(f"DETACH {alias}")
-    except duckdb.Error as exc:
-        raise SourceError(f"source {name}: cannot look at {where(src)}: {explain(exc, password)}") from None
+        [(state,)] = query(con, name, src, sql)
     finally:
         con.close()
     return state or ""

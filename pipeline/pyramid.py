@@ -357,8 +357,9 @@ def _frame(cells: Level, z: int, detail: int, profile: Profile) -> pl.DataFrame:
     n = cells.sums["report_count"]
     x, y = cells.x, cells.y
     west, south, east, north = cell_bounds(x, y, level)
-    top_code = _top_category(cells.category_counts, len(categories), n)
-    top = pl.Series([*categories, None], dtype=pl.String).gather(np.where(top_code < 0, len(categories), top_code))
+    top = pl.Series([*categories, None], dtype=pl.String).gather(
+        _top_category(cells.category_counts, len(categories), n)
+    )
     boosted = {c: cells.sums[c] for c in ("severity_boost_sum", "decay_sum") if c in cells.sums}
     frame = pl.DataFrame(
         {
@@ -400,7 +401,7 @@ def _lane_type(report_count: np.ndarray, at_least: np.dtype = np.uint8) -> np.dt
 
 
 def _top_category(counts: np.ndarray, categories: int, report_count: np.ndarray) -> np.ndarray:
-    """Per cell, the category with most reports, ties to the first name; -1 for none."""
+    """Per cell, the category with most reports, ties to the first name; ``categories`` for none."""
     named = report_count > counts[:, categories]  # not every report without a category
     top = np.argmax(counts[:, :categories], axis=1) if categories else 0  # argmax: the first of equals
-    return np.where(named, top, -1)
+    return np.where(named, top, categories)

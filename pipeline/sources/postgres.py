@@ -213,23 +213,9 @@ def fetch(
         One line naming the source and what failed: connection, password,
         table or column. The password never appears in it.
     """
-    conninfo, password = dsn(src)
-    alias = f"pg_{re.sub(r'[^a-z0-9_]', '_', name)}"
     incremental = src.incremental and not full_refresh and since is not None
-    sql = server_sql(src, since if incremental else None, as_of)
-    try:
-        con.execute(f"ATTACH {literal(conninfo)} AS {alias} (TYPE postgres, READ_ONLY)")
-    except duckdb.Error as exc:
-        raise SourceError(f"source {name}: cannot connect to {where(src)}: {explain(exc, password)}") from None
-    table = f"_{alias}"
-    try:
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT * FROM postgres_query({literal(alias)}, {literal(sql)})"
-        )
-    except duckdb.Error as exc:
-        raise SourceError(f"source {name}: query failed on {where(src)}: {explain(exc, password)}") from None
-    finally:
-        con.execute(f"DETACH {alias}")
+    table = f"_pg_{re.sub(r'[^a-z0-9_]', '_', name)}"
+    query(con, name, src, server_sql(src, since if incremental else None, as_of), into=table)
     mapping = column_mapping(src)
     have = {c.lower() for c, *_ in con.execute(f"DESCRIBE {table}").fetchall()}
     missing = [c for c in mapping.values() if c.lower() not in have]
@@ -237,6 +223,35 @@ def fetch(
         raise SourceError(f"source {name}: {where(src)} returned no column(s) {', '.join(missing)}")
     label = f"{where(src)} ({'incremental since ' + since if incremental else 'full refresh'})"
     return Fetched(table, incremental, since, label)
+
+
+def query(
+    con: duckdb.DuckDBPyConnection, name: str, src: PostgresSource, sql: str, into: str | None = None
+) -> list[tuple]:
+    """Run ``sql`` on the source's server (attached to ``con`` read-only, detached after): its rows,
+    or, given ``into``, none and a temporary table of them by that name.
+
+    Raises
+    ------
+    SourceError
+        One line naming the source and what failed (connection or query); never the password.
+    """
+    conninfo, password = dsn(src)
+    alias = f"pg_{re.sub(r'[^a-z0-9_]', '_', name)}"
+    try:
+        con.execute(f"ATTACH {literal(conninfo)} AS {alias} (TYPE postgres, READ_ONLY)")
+    except duckdb.Error as exc:
+        raise SourceError(f"source {name}: cannot connect to {where(src)}: {explain(exc, password)}") from None
+    rows = f"SELECT * FROM postgres_query({literal(alias)}, {literal(sql)})"
+    try:
+        if into is None:
+            return con.execute(rows).fetchall()
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {into} AS {rows}")
+        return []
+    except duckdb.Error as exc:
+        raise SourceError(f"source {name}: query failed on {where(src)}: {explain(exc, password)}") from None
+    finally:
+        con.execute(f"DETACH {alias}")
 
 
 def stage_fetched(
