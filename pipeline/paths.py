@@ -66,6 +66,7 @@ class Work:
     selected_root = _in_root("selected")
     selected_summary = _in_root("selected.json")
     staged = _in_root("staged.json")
+    tile_cache = _in_root("tile-cache")  # the last build's MVT tiles (vector.TileCache)
 
     @classmethod
     def of(cls, home: Path, key: str) -> Work:

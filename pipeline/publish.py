@@ -447,8 +447,9 @@ def _stage_into(plan: Plan, folder: SnapshotFolder) -> dict:
     # while a part's tiles are encoded (DuckDB and zlib, every core), its
     # files are written and the part before it goes into the archive. At
     # most two parts' features and tiles are held at once.
+    cache = vector.TileCache(plan.work.tile_cache)
     try:
-        with vector.Encoder() as encoder:
+        with vector.Encoder(cache=cache) as encoder:
             before = None
             for s in selection:
                 zoom = zoom_files(s)
@@ -464,7 +465,9 @@ def _stage_into(plan: Plan, folder: SnapshotFolder) -> dict:
                 add_tiles(*before)
     except BaseException:
         archive.discard()
+        cache.discard()
         raise
+    cache.commit()
     if extent and (extent[0] >= extent[2] or extent[1] >= extent[3]):  # one point: bounds need an area
         extent = [extent[0] - POINT_PAD, extent[1] - POINT_PAD, extent[2] + POINT_PAD, extent[3] + POINT_PAD]
     if not zooms:  # no reports: still a complete snapshot, with empty overviews and archive
@@ -494,6 +497,7 @@ def _stage_into(plan: Plan, folder: SnapshotFolder) -> dict:
         "max_features_per_tile": ts.max_features_per_tile,
         "folders": published,
         "shared": {"files": folder.shared, "bytes": folder.shared_bytes},
+        "mvt": {"encoded": cache.encoded, "reused": cache.reused},
     }
     _write_json(plan.work.staged, staged)
     return staged

@@ -8,6 +8,8 @@ with the neighbours' features that reach into it), in chunks of whole tiles
 on every core (no Python object per feature; see :class:`Encoder`),
 gzip-compressed deterministically, and streamed into the archive
 (:class:`Archive`), which writes them in tile-id order whatever order they came in.
+A tile whose rows are those it had in the last build is not encoded again:
+its bytes come from the last build's :class:`TileCache`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import gzip
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import threading
 from array import array
@@ -31,8 +34,9 @@ import polars as pl
 import pyarrow as pa
 from pmtiles.tile import Compression, TileType, serialize_header, tileid_to_zxy
 from zlib_ng import gzip_ng
+from zlib_ng import zlib_ng as _zlib_ng
 
-from . import duck, tilemath
+from . import atomic, duck, tilemath
 from .geojson import METRICS
 from .geoparquet import plain_strings
 
@@ -203,8 +207,9 @@ class Encoder:
     CHUNK_ROWS = 50_000
     ROWS_IN_FLIGHT = 1_000_000  # features being encoded at once: the next zoom starts when it fits
 
-    def __init__(self, workers: int | None = None) -> None:
+    def __init__(self, workers: int | None = None, cache: TileCache | None = None) -> None:
         self.workers = workers or os.cpu_count() or 1
+        self.cache = cache
         self._planner = ThreadPoolExecutor(max_workers=1)  # cuts one zoom at a time into chunks
         self._pool = ThreadPoolExecutor(max_workers=self.workers)  # encodes the chunks
         self._free: list[duckdb.DuckDBPyConnection] = []
@@ -226,11 +231,12 @@ class Encoder:
         """Start encoding a zoom's selected features (or a :class:`Part` of them); ``.result()`` gives
         its :class:`Encoded`.
         """
-        return Pending(z, self._planner.submit(self._plan, features, z, part), self._budget)
+        return Pending(z, self._planner.submit(self._plan, features, z, part), self._budget, self.cache)
 
-    def _plan(self, features: pl.DataFrame, z: int, part: Part | None) -> tuple[int, list[Future]]:
+    def _plan(self, features: pl.DataFrame, z: int, part: Part | None) -> Planned:
+        bounds = (part.lo, part.hi) if part is not None else (0, 4**z)
         if features.height == 0 and (part is None or part.strays is None or part.strays.height == 0):
-            return 0, []
+            return Planned(0, [], None, None)
         held = self._budget.acquire(features.height)  # released by Pending.result
         if part is None:
             rows = with_buffer(_wanted(features), z)
@@ -244,9 +250,19 @@ class Encoder:
         )
         rows = rows.sort("tile_id", "_order")
         columns = [c for _, c in PROPERTIES.values() if c in rows.columns]
+        ids = rows.get_column("tile_id").to_numpy()
+        cached = inputs = None
+        if self.cache is not None:
+            starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.empty(0, np.int64)
+            x, y = (rows.get_column(c).to_numpy()[starts].astype(np.int64) for c in ("tx", "ty"))
+            digests = tile_digests(rows, ["gx", "gy", *columns], starts)
+            inputs = Inputs(z, bounds, tuple(columns), x, y, ids[starts], digests)
+            hit, cached = self.cache.lookup(inputs)
+            if hit.any():  # only the tiles whose rows changed are encoded
+                rows = rows.filter(pl.Series(np.repeat(~hit, np.diff(np.r_[starts, len(ids)]))))
+                ids = rows.get_column("tile_id").to_numpy()
         table = plain_strings(rows.select("tile_id", "tx", "ty", "gx", "gy", *columns).to_arrow())
         del rows
-        ids = table.column("tile_id").to_numpy()
         cuts = [0]
         while cuts[-1] < len(ids):  # chunk ends on a tile boundary
             end = min(cuts[-1] + self.CHUNK_ROWS, len(ids))
@@ -259,7 +275,8 @@ class Encoder:
                    ST_AsMVT({{'geometry': ST_Point(gx, gy), {props}}}, '{LAYER}', {EXTENT}, 'geometry') AS mvt
             FROM features GROUP BY tile_id ORDER BY tile_id
         """
-        return held, [self._pool.submit(self._chunk, table.slice(a, b - a), sql, z) for a, b in zip(cuts, cuts[1:])]
+        chunks = [self._pool.submit(self._chunk, table.slice(a, b - a), sql, z) for a, b in zip(cuts, cuts[1:])]
+        return Planned(held, chunks, cached, inputs)
 
     def _chunk(self, table: pa.Table, sql: str, z: int) -> Encoded:
         try:
@@ -283,27 +300,220 @@ class Encoder:
         )
 
 
+class Inputs(NamedTuple):
+    """What went into a zoom's (or a part's) tiles: each tile's id and a digest of its rows."""
+
+    z: int
+    bounds: tuple[int, int]  # the tile keys [lo, hi) it encodes (a part's; a whole zoom's)
+    columns: tuple[str, ...]  # the properties its rows have
+    x: np.ndarray  # each tile's column and row
+    y: np.ndarray
+    tile_id: np.ndarray  # in order
+    digest: np.ndarray  # uint64, one per tile
+
+
+class Planned(NamedTuple):
+    held: int  # rows of the budget held until the result is taken
+    chunks: list[Future]  # each gives an Encoded
+    cached: Encoded | None  # the tiles found in the cache
+    inputs: Inputs | None  # None: no cache (or no tiles)
+
+
 class Pending(NamedTuple):
     """A zoom being encoded."""
 
     z: int
     plan: Future
     budget: Budget
+    cache: TileCache | None = None
 
     def result(self) -> Encoded:
-        held, chunks = self.plan.result()
+        held, chunks, cached, inputs = self.plan.result()
         try:
             parts = [chunk.result() for chunk in chunks]
         finally:
             self.budget.release(held)
-        if not parts:
-            return Encoded(self.z, *(np.empty(0, np.int64),) * 3, [], [])
-        return Encoded(
-            self.z,
-            *(np.concatenate([getattr(p, k) for p in parts]) for k in ("x", "y", "tile_id")),
-            [d for p in parts for d in p.data],
-            [h for p in parts for h in p.digest],
+        if cached is not None:
+            parts.append(cached)
+        encoded = _concat(self.z, parts)
+        if self.cache is not None and inputs is not None:
+            self.cache.add(inputs, encoded)
+        return encoded
+
+
+def _concat(z: int, parts: list[Encoded]) -> Encoded:
+    """Encoded tiles of one zoom, in tile-id order."""
+    if not parts:
+        return Encoded(z, *(np.empty(0, np.int64),) * 3, [], [])
+    ids = np.concatenate([p.tile_id for p in parts])
+    order = np.argsort(ids, kind="stable")
+    data, digests = [d for p in parts for d in p.data], [h for p in parts for h in p.digest]
+    if len(parts) > 1:
+        data, digests = [data[i] for i in order], [digests[i] for i in order]
+    return Encoded(
+        z, *(np.concatenate([getattr(p, k) for p in parts])[order] for k in ("x", "y")), ids[order], data, digests
+    )
+
+
+_M1, _M2, _STEP = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(v: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: every input bit moves every output bit."""
+    v = (v ^ (v >> np.uint64(30))) * _M1
+    v = (v ^ (v >> np.uint64(27))) * _M2
+    return v ^ (v >> np.uint64(31))
+
+
+def tile_digests(rows: pl.DataFrame, columns: list[str], starts: np.ndarray) -> np.ndarray:
+    """A 64-bit digest of each tile's rows, in order (rows sorted by tile; ``starts``: where each tile's begin).
+
+    Numbers are taken by their bits (0.0 and -0.0 differ, as they do in a
+    tile), text by polars' hash, nulls apart from every value. A row's
+    digest folds its columns; a tile's sums its rows', each mixed with its
+    place in the tile, so the same rows in another order differ. Not
+    cryptographic: two different tiles collide by accident with chance 2**-64.
+    """
+    n = rows.height
+    if not n:
+        return np.empty(0, np.uint64)
+    h = np.full(n, len(columns), np.uint64)
+    with np.errstate(over="ignore"):
+        for name in columns:
+            column = rows.get_column(name)
+            if column.dtype == pl.String:
+                word = column.hash(seed=len(name)).to_numpy()
+            elif column.dtype.is_float():
+                word = column.cast(pl.Float64).fill_null(0.0).to_numpy().view(np.uint64)
+            else:
+                word = column.cast(pl.Int64).fill_null(0).to_numpy().view(np.uint64)
+            if column.dtype != pl.String and column.null_count():
+                word = word ^ _mix(column.is_null().to_numpy().astype(np.uint64) * _STEP)
+            h = _mix(h * _STEP + word)
+        place = np.arange(n, dtype=np.uint64) - np.repeat(starts, np.diff(np.r_[starts, n])).astype(np.uint64)
+        return np.add.reduceat(_mix(h ^ (place * _STEP)), starts)
+
+
+class TileCache:
+    """The last build's MVT tiles, by what went into them: a tile whose rows are unchanged is not encoded.
+
+    Private, in the work folder. Per zoom, an Arrow IPC file with a record
+    batch per part encoded (each tile's id, the digest of its rows, its
+    gzip bytes) and, in ``index.json``, each batch's tile-key bounds, the
+    properties its rows had and :data:`CACHE_SALT` (what else makes the
+    bytes: the encoder's settings and libraries). A build reads the last
+    one's cache and writes its own beside it; :meth:`commit` puts it in
+    place. Anything missing, unreadable or made otherwise is a miss, never
+    an error: the tile is encoded.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.next = root / "current", root / "next"
+        shutil.rmtree(self.next, ignore_errors=True)
+        self.next.mkdir(parents=True)
+        try:
+            index = json.loads((self.root / "index.json").read_text())
+            self._old = index["batches"] if index["salt"] == CACHE_SALT else {}
+        except (OSError, ValueError, KeyError, TypeError):
+            self._old = {}
+        self._new: dict[str, list] = {}
+        self._writer: tuple[int, pa.ipc.RecordBatchFileWriter, pa.OSFile] | None = None
+        self.reused = self.encoded = 0
+
+    def lookup(self, inputs: Inputs) -> tuple[np.ndarray, Encoded | None]:
+        """Which of the tiles are in the cache with the same rows (a mask), and their tiles."""
+        hit = np.zeros(len(inputs.tile_id), bool)
+        self.encoded += len(hit)  # less those found
+        try:
+            old = self._read(inputs)
+        except (OSError, ValueError, KeyError, pa.ArrowException):
+            old = None
+        if old is None or not len(inputs.tile_id):
+            return hit, None
+        ids, digests = old.column("tile_id").to_numpy(), old.column("digest").to_numpy()
+        order = np.argsort(ids, kind="stable")
+        at = np.minimum(np.searchsorted(ids, inputs.tile_id, sorter=order), len(ids) - 1)
+        found = order[at]
+        hit = (ids[found] == inputs.tile_id) & (digests[found] == inputs.digest)
+        self.reused += int(hit.sum())
+        self.encoded -= int(hit.sum())
+        if not hit.any():
+            return hit, None
+        data = old.column("data").take(pa.array(found[hit])).to_pylist()
+        x, y, tile_id = inputs.x[hit], inputs.y[hit], inputs.tile_id[hit]
+        return hit, Encoded(inputs.z, x, y, tile_id, data, [digest(d) for d in data])
+
+    def _read(self, inputs: Inputs) -> pa.Table | None:
+        """The old batches of the zoom whose bounds meet ``inputs``' (with the same properties)."""
+        lo, hi = inputs.bounds
+        wanted = [
+            i
+            for i, (a, b, columns) in enumerate(self._old.get(str(inputs.z), []))
+            if a < hi and lo < b and tuple(columns) == inputs.columns
+        ]
+        if not wanted:
+            return None
+        with pa.OSFile(str(self.root / f"zoom={inputs.z}.arrow")) as source:
+            reader = pa.ipc.open_file(source)
+            return pa.Table.from_batches([reader.get_batch(i) for i in wanted])
+
+    def add(self, inputs: Inputs, encoded: Encoded) -> None:
+        """Keep a part's tiles for the next build (parts of a zoom in turn, zoom after zoom)."""
+        if not np.array_equal(inputs.tile_id, encoded.tile_id):
+            raise ValueError(f"zoom {inputs.z}: the encoded tiles are not the tiles planned")
+        if self._writer is None or self._writer[0] != inputs.z:
+            self._close_writer()
+            sink = pa.OSFile(str(self.next / f"zoom={inputs.z}.arrow"), "wb")
+            self._writer = (inputs.z, pa.ipc.new_file(sink, _CACHE_SCHEMA), sink)
+        batch = pa.record_batch(
+            [
+                pa.array(encoded.tile_id, pa.int64()),
+                pa.array(inputs.digest, pa.uint64()),
+                pa.array(encoded.data, pa.binary()),
+            ],
+            schema=_CACHE_SCHEMA,
         )
+        self._writer[1].write_batch(batch)
+        self._new.setdefault(str(inputs.z), []).append([*inputs.bounds, list(inputs.columns)])
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer[1].close()
+            self._writer[2].close()
+            self._writer = None
+
+    def commit(self) -> None:
+        """This build's tiles become the cache (the last build's are gone)."""
+        self._close_writer()
+        atomic.write_bytes(self.next / "index.json", json.dumps({"salt": CACHE_SALT, "batches": self._new}).encode())
+        old = self.root.with_name(f"old-{secrets.token_hex(3)}")
+        if self.root.exists():
+            os.rename(self.root, old)
+        os.rename(self.next, self.root)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def discard(self) -> None:
+        self._close_writer()
+        shutil.rmtree(self.next, ignore_errors=True)
+
+
+CACHE_VERSION = 1  # a change to how tiles are made that the settings below do not show: add one
+CACHE_SALT = digest(
+    json.dumps(
+        [
+            CACHE_VERSION,
+            LAYER,
+            EXTENT,
+            BUFFER,
+            GZIP_LEVEL,
+            PROPERTIES,
+            pl.__version__,
+            duckdb.__version__,
+            _zlib_ng.ZLIBNG_VERSION,
+        ]
+    ).encode()
+).hex()
+_CACHE_SCHEMA = pa.schema([("tile_id", pa.int64()), ("digest", pa.uint64()), ("data", pa.binary())])
 
 
 def _single_threaded() -> duckdb.DuckDBPyConnection:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -10,10 +11,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import extract, warehouse
+from pipeline import extract, publish, warehouse
 from pipeline.config import load_config
 
-from .conftest import AS_OF
+from .conftest import AS_OF, publish_tileset
 
 HEADER = ["id", "lat", "lng", "t", "sev"]
 MAPPING = {"report_id": "id", "lat": "lat", "lng": "lng", "observed_at": "t", "severity": "sev"}
@@ -145,3 +146,87 @@ def test_a_file_whose_staged_rows_went_missing_is_read_again(tmp_path):
     assert _extract(config) == {"a.csv": False, "b.csv": True, "c.csv": True}
     with warehouse.reader(load_config(config).warehouse_path) as con:
         assert con.execute("SELECT count(*) FROM reports").fetchone()[0] == 6
+
+
+# --- an incremental run publishes what a run from scratch would -----------------------------
+
+PLACES = [(40.7, -73.9), (40.71, -73.95), (51.5, -0.1), (51.52, -0.12), (-33.9, 151.2), (35.7, 139.7), (48.85, 2.35)]
+placed = st.fixed_dictionaries(
+    {
+        "id": st.integers(0, 40).map(str),  # repeats: duplicates across files
+        "place": st.sampled_from(PLACES),
+        "jitter": st.integers(0, 50),  # about 0-5 km: a few cells and tiles per place
+        "t": st.sampled_from(["2026-10-30T10:00:00Z", "2026-10-31T08:30:00Z", "2026-09-01T00:00:00Z"]),
+        "sev": st.sampled_from(["1", "2", "3", "x"]),  # and a rejected severity now and then
+    }
+).map(
+    lambda r: {
+        "id": r["id"],
+        "lat": f"{r['place'][0] + r['jitter'] * 0.001:.4f}",
+        "lng": f"{r['place'][1] - r['jitter'] * 0.0007:.4f}",
+        "t": r["t"],
+        "sev": r["sev"],
+    }
+)
+change = st.one_of(
+    st.tuples(st.just("write"), st.sampled_from("pqr"), st.lists(placed, max_size=12)),  # insert, update
+    st.tuples(st.just("remove"), st.sampled_from("pqr"), st.just([])),  # delete
+)
+
+
+def _publish(config: Path, part_cells: int) -> tuple[str, dict]:
+    """Extract, build and publish the config's tileset, zooms in parts of about ``part_cells`` cells;
+    the snapshot's id (its content hash) and the staging summary."""
+    cfg = load_config(config)
+    extract.stage(cfg, ["s"], AS_OF)
+    extract.validate(cfg, ["s"], AS_OF)
+    default = publish.SELECT_PART_CELLS
+    publish.SELECT_PART_CELLS = part_cells
+    try:
+        snapshot = publish_tileset(cfg, "t", AS_OF)
+    finally:
+        publish.SELECT_PART_CELLS = default
+    return snapshot.snapshot_id, json.loads(cfg.work("t").staged.read_text())
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(change, min_size=1, max_size=4), st.sampled_from([4, 1000]))
+def test_an_incremental_run_publishes_the_bytes_of_a_run_from_scratch(tmp_path_factory, changes, part_cells):
+    """Inserts, updates and deletes in any order: each run over the live home (its warehouse, its
+    work and tile cache, its live snapshot) publishes the snapshot a run in a new home would, to
+    the byte (the snapshot id is the hash of every file). Zooms come whole or in parts."""
+    root = tmp_path_factory.mktemp("equal")
+    data = root / "data"
+    data.mkdir()
+    live = _config(root / "live", data)
+    for i, (op, name, rows) in enumerate(changes):
+        path = data / f"{name}.csv"
+        if op == "write":
+            _write(path, rows)
+        else:
+            path.unlink(missing_ok=True)
+        incremental, _ = _publish(live, part_cells)
+        scratch, _ = _publish(_config(root / f"scratch-{i}", data), part_cells)
+        assert incremental == scratch, (i, op, name)
+
+
+def test_a_refresh_encodes_only_the_tiles_its_new_reports_touch(tmp_path):
+    """A new report in Tokyo, scored like New York's: tiles elsewhere come from the last build's
+    cache, and the snapshot is the one a run from scratch publishes."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [
+        {"id": str(i), "lat": f"{40.7 + i * 0.002:.4f}", "lng": "-73.9", "t": "2026-10-30", "sev": "2"}
+        for i in range(30)
+    ]
+    _write(data / "a.csv", rows)
+    live = _config(tmp_path / "live", data)
+    _, first = _publish(live, 1000)
+    assert first["mvt"]["reused"] == 0 and first["mvt"]["encoded"] > 15
+    _write(data / "b.csv", [{"id": "t1", "lat": "35.7", "lng": "139.7", "t": "2026-10-30", "sev": "2"}])
+    refreshed, second = _publish(live, 1000)
+    scratch, third = _publish(_config(tmp_path / "scratch", data), 1000)
+    assert refreshed == scratch and third["mvt"]["reused"] == 0
+    # only z0's tile holds both cities; no zoom's highest score moves (intensity is score / max)
+    assert second["mvt"]["reused"] == first["mvt"]["encoded"] - 1
+    assert second["mvt"]["encoded"] + second["mvt"]["reused"] == third["mvt"]["encoded"]
