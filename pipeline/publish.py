@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from . import atomic, geojson, geoparquet, privacy, pyramid, site, strictjson, tilemath, vector
 from .build import parquet_parts, parquet_rows, read_cells, read_scoring
 from .config import Tileset
+from .digests import tile_digests
 from .errors import PublishError
 from .geoparquet import plain_strings
 from .paths import SNAPSHOTS, Published, Work
@@ -59,6 +60,7 @@ class ZoomSelection(NamedTuple):
     overview_stratum_zoom: int | None
     tile_span: tuple[float, float] | None  # the tile features' scores: their intensity's scale
     parts: tuple[int, ...]  # cells per part (each part is a batch of tile_features.arrow)
+    reused: int = 0  # tiles whose selection was the last build's (their cells unchanged)
 
 
 SELECT_CELLS_IN_FLIGHT = 1_000_000  # cells selected at once (about 0.75 KB of memory each while selected)
@@ -72,14 +74,24 @@ def select_tileset(plan: Plan) -> list[ZoomSelection]:
     A zoom is read in parts of whole tiles: tiles choose their features on
     their own, and an overview zoom's one overview among all of its parts
     (:class:`pipeline.select.Overview`, which reads them three times).
+
+    A tile finer than the overviews' whose cells are the cells it had in the
+    last build takes its published rows and features from that build
+    (:class:`_Previous`) instead of choosing them again.
     """
-    shutil.rmtree(plan.work.selected_root, ignore_errors=True)
-    sizes = {c["z"]: c["cells"] for c in read_cells(plan.work)}
+    work = plan.work
+    previous = work.root / "selected-previous"  # the last build's: its unchanged tiles are taken
+    shutil.rmtree(previous, ignore_errors=True)
+    if work.selected_root.exists():
+        os.rename(work.selected_root, previous)
+    sizes = {c["z"]: c["cells"] for c in read_cells(work)}
     budget = vector.Budget(SELECT_CELLS_IN_FLIGHT)
+    salt = _selection_salt(plan)
 
     def select(z: int) -> ZoomSelection | None:
         with budget.hold(min(sizes.get(z, 0), SELECT_PART_CELLS)):
-            return _select_zoom(plan, z)
+            last = _Previous.open(previous / f"zoom={z}", salt) if z > plan.settings.overview_maxzoom else None
+            return _select_zoom(plan, z, last, salt)
 
     # largest and smallest zooms alternate, so a large zoom waiting for room
     # leaves the other worker small ones to do
@@ -87,7 +99,8 @@ def select_tileset(plan: Plan) -> list[ZoomSelection]:
     order = [by_size[i // 2] if i % 2 == 0 else by_size[-1 - i // 2] for i in range(len(by_size))]
     with ThreadPoolExecutor(max_workers=2) as pool:
         summary = sorted((s for s in pool.map(select, order) if s is not None), key=lambda s: s.z)
-    _write_json(plan.work.selected_summary, [s._asdict() for s in summary])
+    _write_json(work.selected_summary, [s._asdict() for s in summary])
+    shutil.rmtree(previous, ignore_errors=True)
     return summary
 
 
@@ -114,7 +127,8 @@ def cell_parts(path: Path, detail: int, limit: int | None, columns: list[str] | 
         yield pl.concat(held)
 
 
-def _select_zoom(plan: Plan, z: int) -> ZoomSelection | None:
+def _select_zoom(plan: Plan, z: int, last: _Previous | None, salt: str) -> ZoomSelection | None:
+    """One zoom's selection; ``last``: the last build's of this zoom, whose unchanged tiles are taken."""
     ts, profile, path = plan.settings, plan.profile, plan.work.cells(z)
     if not path.exists() or parquet_rows(path) == 0:
         return None
@@ -142,25 +156,46 @@ def _select_zoom(plan: Plan, z: int) -> ZoomSelection | None:
     coarsest = z + ts.strata_detail
     span: pyramid.Span | None = None
     over_choice = None
+    known: list[tuple[np.ndarray, np.ndarray]] = []  # each part's tile keys and digests
+    reused_tiles = 0
     with (
         geoparquet.writing(out / "cells.parquet", extent) as published,
         _IpcParts(out / "tile_features.arrow") as feats,
     ):
-        for cells in cell_parts(path, ts.cell_detail, SELECT_PART_CELLS):
-            cells = privacy.coarsen(cells.drop("geometry"), **hide)
-            tile_choice = choose(cells, budget=ts.max_features_per_tile, group_zoom=z, **common)
-            tile_features = features(cells, tile_choice, profile)
-            if overview:
-                over_choice = overview.choice(cells)
-                overview.add(cells, over_choice)
-            published.write(_annotated(cells, tile_choice, over_choice))  # published as is
+        plain = [c for c in pq.read_schema(path).names if c != "geometry"]  # written again from lng, lat
+        for cells in cell_parts(path, ts.cell_detail, SELECT_PART_CELLS, plain):
+            cells = privacy.coarsen(cells, **hide)
+            fresh, reused = cells, np.zeros(0, bool)
+            if not overview:  # a tile's selection depends on its cells alone: unchanged ones are reused
+                keys = cells.select(_tile_key()).to_series().to_numpy()
+                starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+                digests = tile_digests(cells, cells.columns, starts)
+                known.append((keys[starts], digests))
+                reused = last.hits(keys[starts], digests) if last else np.zeros(len(starts), bool)
+                if reused.any():
+                    fresh = cells.filter(pl.Series(np.repeat(~reused, np.diff(np.r_[starts, cells.height]))))
+            annotated = tile_features = None
+            if fresh.height:
+                tile_choice = choose(fresh, budget=ts.max_features_per_tile, group_zoom=z, **common)
+                tile_features = features(fresh, tile_choice, profile)
+                if overview:
+                    over_choice = overview.choice(fresh)
+                    overview.add(fresh, over_choice)
+                annotated = _annotated(fresh, tile_choice, over_choice)
+            if reused.any():
+                old_cells, old_features = last.take(int(keys[-1]) + 1, keys[starts][reused])
+                annotated, tile_features = _merge(old_cells, annotated), _merge(old_features, tile_features)
+            published.write(annotated)  # published as is
             feats.write(tile_features)  # private, read once: LZ4 Arrow, a batch per part
             found = pyramid.Span.of(tile_features.get_column("score"))
             span = found.join(span) if found else span
             parts.append(cells.height)
             tiles += tile_features.select(pl.struct("tile_x", "tile_y").n_unique()).item()
             selected += tile_features.height
-            coarsest = min(coarsest, int(tile_choice.get_column("stratum_zoom").min()))
+            coarsest = min(coarsest, int(annotated.get_column("tile_stratum_zoom").min()))
+            reused_tiles += int(reused.sum())
+    if not overview:  # the next build's record of this one's tiles
+        _write_tiles(out / "tiles.arrow", known, salt)
     over_features = None
     if overview:
         chosen = overview.features(profile)
@@ -177,7 +212,103 @@ def _select_zoom(plan: Plan, z: int) -> ZoomSelection | None:
         overview.stratum_zoom if overview else None,
         tuple(span) if span else None,
         tuple(parts),
+        reused_tiles,
     )
+
+
+SELECTION_CACHE_VERSION = 1  # a change to what selection makes of the same cells: add one
+PREVIOUS_BATCH_ROWS = 1 << 17  # the last build's published cells, read this many at a time
+
+
+def _selection_salt(plan: Plan) -> str:
+    """What besides a tile's cells decides its selection: the settings, profile, filters, polars."""
+    public = plan.public()
+    doc = [SELECTION_CACHE_VERSION, public["config"], public["profile"], public["filters"], pl.__version__]
+    return hashlib.sha256(strictjson.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _tile_key() -> pl.Expr:
+    """The Morton key of a row's tile (``tile_x``, ``tile_y``), as ``_tile``."""
+    return tilemath.morton(pl.col("tile_x").cast(pl.UInt64), pl.col("tile_y").cast(pl.UInt64)).alias("_tile")
+
+
+def _write_tiles(path: Path, known: list[tuple[np.ndarray, np.ndarray]], salt: str) -> None:
+    keys = np.concatenate([k for k, _ in known]) if known else np.empty(0, np.uint64)
+    digests = np.concatenate([d for _, d in known]) if known else np.empty(0, np.uint64)
+    table = pa.table({"tile": pa.array(keys, pa.uint64()), "digest": pa.array(digests, pa.uint64())})
+    with atomic.replacing(path) as tmp, pa.OSFile(str(tmp), "wb") as sink:
+        with pa.ipc.new_file(sink, table.schema.with_metadata({"salt": salt})) as writer:
+            writer.write_table(table)
+
+
+def _merge(old: pl.DataFrame, new: pl.DataFrame | None) -> pl.DataFrame:
+    """Rows of reused tiles (with ``_tile``) and of tiles chosen again, tile after tile in key order."""
+    if new is None:
+        return old.drop("_tile")
+    both = pl.concat([old.select(*new.columns, "_tile"), new.with_columns(_tile_key())])
+    return both.sort("_tile", maintain_order=True).drop("_tile")
+
+
+class _Previous:
+    """One zoom of the last build's selection: its tiles' digests, and its rows, read in key order
+    as this build's parts come (parts are whole tiles in key order, so one pass reads each file once).
+    """
+
+    def __init__(self, folder: Path, tiles: pa.Table) -> None:
+        self._keys = tiles.column("tile").to_numpy()
+        self._digests = tiles.column("digest").to_numpy()
+        cells = folder / "cells.parquet"
+        columns = [c for c in pq.read_schema(cells).names if c != "geometry"]
+        self._cells = _Cursor(parquet_parts(cells, columns, rows=PREVIOUS_BATCH_ROWS))
+        self._features = _Cursor(read_parts(folder / "tile_features.arrow"))
+
+    @classmethod
+    def open(cls, folder: Path, salt: str) -> _Previous | None:
+        """The last build's zoom in ``folder``, or None: none, unfinished, or made with other settings."""
+        try:
+            with pa.OSFile(str(folder / "tiles.arrow")) as source:
+                reader = pa.ipc.open_file(source)
+                if (reader.schema.metadata or {}).get(b"salt") != salt.encode():
+                    return None
+                tiles = reader.read_all()
+            return cls(folder, tiles)
+        except (OSError, pa.ArrowException):
+            return None
+
+    def hits(self, keys: np.ndarray, digests: np.ndarray) -> np.ndarray:
+        """Which of the tiles (keys ascending) had these digests in the last build."""
+        if not len(self._keys):
+            return np.zeros(len(keys), bool)
+        at = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
+        return (self._keys[at] == keys) & (self._digests[at] == digests)
+
+    def take(self, end: int, wanted: np.ndarray) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """The published rows and features of the ``wanted`` tiles, all before key ``end`` (with ``_tile``)."""
+        return self._cells.take(end, wanted), self._features.take(end, wanted)
+
+
+class _Cursor:
+    """Frames of rows in tile-key order, taken up to a key at a time."""
+
+    def __init__(self, frames: Iterator[pl.DataFrame]) -> None:
+        self._frames = frames
+        self._held: pl.DataFrame | None = None
+
+    def take(self, end: int, wanted: np.ndarray) -> pl.DataFrame:
+        """The rows before tile key ``end`` whose tile is ``wanted``; the rest before it are passed."""
+        out = []
+        while True:
+            if self._held is None or self._held.height == 0:
+                frame = next(self._frames, None)
+                if frame is None:
+                    break
+                self._held = frame.with_columns(_tile_key())
+            cut = int(np.searchsorted(self._held.get_column("_tile").to_numpy(), end))
+            piece, self._held = self._held.slice(0, cut), self._held.slice(cut)
+            out.append(piece.filter(pl.col("_tile").is_in(pl.Series(wanted).implode())))
+            if self._held.height:
+                break
+        return pl.concat(out)
 
 
 def _annotated(cells: pl.DataFrame, tile_choice: pl.DataFrame, over_choice: pl.DataFrame | None) -> pl.DataFrame:

@@ -37,6 +37,7 @@ from zlib_ng import gzip_ng
 from zlib_ng import zlib_ng as _zlib_ng
 
 from . import atomic, duck, tilemath
+from .digests import tile_digests
 from .geojson import METRICS
 from .geoparquet import plain_strings
 
@@ -353,45 +354,6 @@ def _concat(z: int, parts: list[Encoded]) -> Encoded:
     return Encoded(
         z, *(np.concatenate([getattr(p, k) for p in parts])[order] for k in ("x", "y")), ids[order], data, digests
     )
-
-
-_M1, _M2, _STEP = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix(v: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser: every input bit moves every output bit."""
-    v = (v ^ (v >> np.uint64(30))) * _M1
-    v = (v ^ (v >> np.uint64(27))) * _M2
-    return v ^ (v >> np.uint64(31))
-
-
-def tile_digests(rows: pl.DataFrame, columns: list[str], starts: np.ndarray) -> np.ndarray:
-    """A 64-bit digest of each tile's rows, in order (rows sorted by tile; ``starts``: where each tile's begin).
-
-    Numbers are taken by their bits (0.0 and -0.0 differ, as they do in a
-    tile), text by polars' hash, nulls apart from every value. A row's
-    digest folds its columns; a tile's sums its rows', each mixed with its
-    place in the tile, so the same rows in another order differ. Not
-    cryptographic: two different tiles collide by accident with chance 2**-64.
-    """
-    n = rows.height
-    if not n:
-        return np.empty(0, np.uint64)
-    h = np.full(n, len(columns), np.uint64)
-    with np.errstate(over="ignore"):
-        for name in columns:
-            column = rows.get_column(name)
-            if column.dtype == pl.String:
-                word = column.hash(seed=len(name)).to_numpy()
-            elif column.dtype.is_float():
-                word = column.cast(pl.Float64).fill_null(0.0).to_numpy().view(np.uint64)
-            else:
-                word = column.cast(pl.Int64).fill_null(0).to_numpy().view(np.uint64)
-            if column.dtype != pl.String and column.null_count():
-                word = word ^ _mix(column.is_null().to_numpy().astype(np.uint64) * _STEP)
-            h = _mix(h * _STEP + word)
-        place = np.arange(n, dtype=np.uint64) - np.repeat(starts, np.diff(np.r_[starts, n])).astype(np.uint64)
-        return np.add.reduceat(_mix(h ^ (place * _STEP)), starts)
 
 
 class TileCache:

@@ -176,7 +176,7 @@ change = st.one_of(
 
 def _publish(config: Path, part_cells: int) -> tuple[str, dict]:
     """Extract, build and publish the config's tileset, zooms in parts of about ``part_cells`` cells;
-    the snapshot's id (its content hash) and the staging summary."""
+    the snapshot's id (its content hash) and the staging summary (with the selection's, ``zooms``)."""
     cfg = load_config(config)
     extract.stage(cfg, ["s"], AS_OF)
     extract.validate(cfg, ["s"], AS_OF)
@@ -186,11 +186,12 @@ def _publish(config: Path, part_cells: int) -> tuple[str, dict]:
         snapshot = publish_tileset(cfg, "t", AS_OF)
     finally:
         publish.SELECT_PART_CELLS = default
-    return snapshot.snapshot_id, json.loads(cfg.work("t").staged.read_text())
+    staged = json.loads(cfg.work("t").staged.read_text())
+    return snapshot.snapshot_id, {**staged, "zooms": publish.read_selection(cfg.work("t"))}
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(change, min_size=1, max_size=4), st.sampled_from([4, 1000]))
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(change, min_size=2, max_size=4), st.sampled_from([4, 1000]))
 def test_an_incremental_run_publishes_the_bytes_of_a_run_from_scratch(tmp_path_factory, changes, part_cells):
     """Inserts, updates and deletes in any order: each run over the live home (its warehouse, its
     work and tile cache, its live snapshot) publishes the snapshot a run in a new home would, to
@@ -229,4 +230,14 @@ def test_a_refresh_encodes_only_the_tiles_its_new_reports_touch(tmp_path):
     assert refreshed == scratch and third["mvt"]["reused"] == 0
     # only z0's tile holds both cities; no zoom's highest score moves (intensity is score / max)
     assert second["mvt"]["reused"] == first["mvt"]["encoded"] - 1
+    # below the overviews' zooms (each chosen whole), every New York tile keeps its selection
+    overviews = load_config(live).tilesets["t"].overview_maxzoom
+    assert [z["reused"] for z in second["zooms"]] == [z["tiles"] if z["z"] > overviews else 0 for z in first["zooms"]]
+    assert sum(z["reused"] for z in second["zooms"]) > 0
+    # a report in New York changes: its tiles are chosen and encoded again, the others reused
+    rows[7]["sev"] = "1"  # below the highest scores: intensity elsewhere stays
+    _write(data / "a.csv", rows)
+    changed, fourth = _publish(live, 1000)
+    assert changed == _publish(_config(tmp_path / "scratch-2", data), 1000)[0] != refreshed
+    assert 0 < sum(z["reused"] for z in fourth["zooms"]) < sum(z["reused"] for z in second["zooms"])
     assert second["mvt"]["encoded"] + second["mvt"]["reused"] == third["mvt"]["encoded"]
