@@ -63,7 +63,7 @@ def validated_reports(context: dg.AssetExecutionContext, config: RunParams, hots
     sources = selected_sources(cfg, config)
     as_of = resolve_as_of(context, config)
     started = time.perf_counter()
-    results = extract.validate(cfg, sources, as_of)
+    results = extract.validate(cfg, sources, as_of, full_refresh=config.full_refresh)
     seconds = round(time.perf_counter() - started, 3)
     warehouse = dg.MetadataValue.path(str(cfg.warehouse_path))
     yield dg.MaterializeResult(

@@ -7,7 +7,7 @@ run`` in its own process:
 
 * the full run, into a fresh home and output;
 * the refresh: an eleventh file of 10,000 new reports (1%), the same command
-  again. Extraction reads only the new file; the build takes the selection
+  again. Extraction reads and checks only the new file; the build takes the selection
   of tiles whose cells did not change, and the MVT tiles whose rows did not
   change, from the last build, and does the rest again;
 * a from-scratch run over the eleven files, whose snapshot must be the

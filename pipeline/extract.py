@@ -21,7 +21,7 @@ from . import duck, warehouse
 from .config import Config, FileSource
 from .errors import SourceError
 from .sources import FileResult, check_source_columns, prefetch, stage_source
-from .validate import ValidationResult, source_flags, validate_source
+from .validate import CHECKED_TABLES, ValidationResult, source_flags, validate_source
 
 
 class Conservation(NamedTuple):
@@ -99,14 +99,22 @@ def _fail_on_unreadable(name: str, src, files: list[FileResult]) -> None:
     )
 
 
-def validate(cfg: Config, sources: list[str], as_of: datetime) -> dict[str, ValidationResult]:
-    """Validate each source's staged rows into ``reports`` / ``rejected_reports``."""
+def validate(
+    cfg: Config, sources: list[str], as_of: datetime, full_refresh: bool = False
+) -> dict[str, ValidationResult]:
+    """Validate each source's staged rows into ``reports`` / ``rejected_reports``.
+
+    ``full_refresh``: every row is checked again (not only new files' rows).
+    """
     results = {}
     with warehouse.writer(cfg.warehouse_path) as con:
+        if full_refresh:
+            _forget_checked(con, sources)
         for name in sources:
             src = cfg.sources[name]
             formats = src.formats() if isinstance(src, FileSource) else []
-            results[name] = validate_source(con, name, src.rules, formats, as_of, **source_flags(src))
+            files = isinstance(src, FileSource)
+            results[name] = validate_source(con, name, src.rules, formats, as_of, **source_flags(src), files=files)
     return results
 
 
@@ -147,6 +155,21 @@ def _forget_removed_sources(con, cfg: Config) -> None:
     keep = list(cfg.sources)
     for table in ("raw_reports", "reports", "rejected_reports", "source_files", "source_state"):
         con.execute(f"DELETE FROM {table} WHERE NOT list_contains($keep, source)", {"keep": keep})
+    _forget_checked(con, [s for s in _checked_sources(con) if s not in keep])
+
+
+def _checked_sources(con) -> list[str]:
+    if not con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'checked_files'").fetchone()[0]:
+        return []
+    return [s for (s,) in con.execute("SELECT DISTINCT source FROM checked_files").fetchall()]
+
+
+def _forget_checked(con, sources: list[str]) -> None:
+    """What validation kept of these sources' rows (see ``validate._check_new_files``) is gone."""
+    if not _checked_sources(con):
+        return
+    for table in CHECKED_TABLES:
+        con.execute(f"DELETE FROM {table} WHERE list_contains($sources, source)", {"sources": sources})
 
 
 class RejectedRow(NamedTuple):

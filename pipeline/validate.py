@@ -40,6 +40,7 @@ scoring time, per tileset.
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from datetime import datetime, timedelta
 from typing import NamedTuple
@@ -156,7 +157,9 @@ def _typed_select(formats: list[str], time_mapped: bool) -> str:
     return ", ".join(f"{sql} AS {name}" for name, sql in exprs.items())
 
 
-def _reason_case(id_mapped: bool, severity_mapped: bool, time_mapped: bool) -> str:
+def _reason_case(id_mapped: bool, severity_mapped: bool, time_mapped: bool, part: str = "all") -> str:
+    """The first rule a row fails, as SQL: of all rules, or of those ``before`` or ``after`` the one
+    that depends on the run's time (``future_timestamp``)."""
     metric_bad = " OR ".join(f"(NOT {_blank(m)} AND (_{m} IS NULL OR NOT isfinite(_{m}) OR _{m} < 0))" for m in METRICS)
     rules = [
         ("issue IS NOT NULL", "issue"),
@@ -189,6 +192,8 @@ def _reason_case(id_mapped: bool, severity_mapped: bool, time_mapped: bool) -> s
         (f"NOT {_blank('is_public')} AND _is_public IS NULL", "'invalid_is_public'"),
         ("length(description) > $max_description", "'description_too_long'"),
     ]
+    at = next(i for i, (_, reason) in enumerate(rules) if reason == "'future_timestamp'")
+    rules = {"all": rules, "before": rules[:at], "after": rules[at + 1 :]}[part]
     whens = " ".join(f"WHEN {cond} THEN {reason}" for cond, reason in rules)
     return f"CASE {whens} END"
 
@@ -223,6 +228,7 @@ def validate_source(
     id_mapped: bool,
     severity_mapped: bool,
     time_mapped: bool = True,
+    files: bool = False,
 ) -> ValidationResult:
     """Replace a source's ``reports`` and ``rejected_reports`` rows from ``raw_reports``.
 
@@ -242,6 +248,11 @@ def validate_source(
         Whether the source maps these columns (a blank value is then a reason).
     time_mapped : bool
         Whether it maps ``observed_at``; if not, every report is dated ``as_of``.
+    files : bool
+        A file source: each file's checked rows are kept (``checked_rows``)
+        while the file is unchanged, and only new files' rows are checked;
+        the rules that depend on other rows (duplicates, rate limits) and on
+        the run's time (future timestamps) still run over every row.
 
     Returns
     -------
@@ -262,26 +273,54 @@ def validate_source(
     # temporary table of 100M rows spilled uncompressed (tens of GB). Only valid rows
     # have a tile key (the projection of a rejected latitude may not be defined).
     x, y, tile_key = tilemath.tile_key_sql("_lng", "_lat")
+    flags = (id_mapped, severity_mapped, time_mapped)
+    con.execute("DROP TABLE IF EXISTS _checked")  # a table of older versions, left by a crash
     try:
+        # _base: every row with the first per-row rule it fails; _checked: with the rules that
+        # weigh rows against each other (duplicates, rate limits: rows in _overrides) on top
+        if files and time_mapped:  # each unchanged file's checked rows are kept: only new ones are checked
+            _check_new_files(con, name, key, formats, flags, rules)
+            limit = literal(params["future_limit"].isoformat())
+            con.execute(
+                f"""
+                CREATE OR REPLACE TEMP VIEW _base AS
+                SELECT * EXCLUDE (reason_before, reason_after, digest, reader),
+                       COALESCE(reason_before,
+                                CASE WHEN _observed_at > CAST({limit} AS TIMESTAMPTZ) THEN 'future_timestamp' END,
+                                reason_after) AS reason
+                FROM checked_rows WHERE source = {literal(name)}
+                """
+            )
+        else:
+            con.execute(
+                f"""
+                CREATE OR REPLACE TABLE _base AS
+                SELECT *, CASE WHEN reason IS NULL THEN {tile_key} END AS tile_key
+                FROM (SELECT *, CASE WHEN reason IS NULL THEN {x} END AS _x, CASE WHEN reason IS NULL THEN {y} END AS _y
+                      FROM (SELECT *, {_reason_case(*flags)} AS reason
+                            FROM (SELECT *, {key} AS _key, {_typed_select(formats, time_mapped)}
+                                  FROM raw_reports WHERE source = $source)))
+                """,
+                params,
+            )
+        con.execute("CREATE OR REPLACE TEMP TABLE _overrides (file VARCHAR, row_number BIGINT, reason VARCHAR)")
         con.execute(
-            f"""
-            CREATE OR REPLACE TABLE _checked AS
-            SELECT *, CASE WHEN reason IS NULL THEN {tile_key} END AS tile_key
-            FROM (SELECT *, CASE WHEN reason IS NULL THEN {x} END AS _x, CASE WHEN reason IS NULL THEN {y} END AS _y
-                  FROM (SELECT *, {_reason_case(id_mapped, severity_mapped, time_mapped)} AS reason
-                        FROM (SELECT *, {key} AS _key, {_typed_select(formats, time_mapped)}
-                              FROM raw_reports WHERE source = $source)))
-            """,
-            params,
+            """
+            CREATE OR REPLACE TEMP VIEW _checked AS
+            SELECT * EXCLUDE (reason, _x, _y, tile_key, _override), _override AS reason,
+                   CASE WHEN _override IS NULL THEN _x END AS _x, CASE WHEN _override IS NULL THEN _y END AS _y,
+                   CASE WHEN _override IS NULL THEN tile_key END AS tile_key
+            FROM (SELECT b.*, COALESCE(o.reason, b.reason) AS _override
+                  FROM _base b LEFT JOIN _overrides o ON o.file = b.file AND o.row_number = b.row_number)
+            """
         )
         con.execute(
             """
-            UPDATE _checked SET reason = 'duplicate_report_id'
-            FROM (SELECT file AS f, row_number AS r FROM (
-                    SELECT file, row_number, row_number() OVER (
-                        PARTITION BY _key ORDER BY file, row_number) AS nth
-                    FROM _checked WHERE reason IS NULL) WHERE nth > 1) AS d
-            WHERE _checked.file = d.f AND _checked.row_number = d.r
+            INSERT INTO _overrides
+            SELECT file, row_number, 'duplicate_report_id' FROM (
+                SELECT file, row_number, row_number() OVER (PARTITION BY _key ORDER BY file, row_number) AS nth
+                FROM _checked WHERE reason IS NULL)
+            WHERE nth > 1
             """
         )
         if rules.rate_limit_per_hour is not None:
@@ -322,8 +361,83 @@ def validate_source(
             ).fetchall()
         )
     finally:
-        con.execute("DROP TABLE IF EXISTS _checked")
+        con.execute("DROP VIEW IF EXISTS _checked")
+        con.execute("DROP TABLE IF EXISTS _overrides")
+        if con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = '_base'").fetchone()[0]:
+            con.execute("DROP VIEW _base")
+        con.execute("DROP TABLE IF EXISTS _base")
     return ValidationResult(name, read, valid, rejected)
+
+
+CHECK_VERSION = 1  # a change to what a row's checks give: add one (every file's rows are checked again)
+CHECKED_TABLES = ("checked_rows", "checked_files")  # made by the first validation of a file source
+
+
+def _check_new_files(
+    con: duckdb.DuckDBPyConnection,
+    name: str,
+    key: str,
+    formats: list[str],
+    flags: tuple[bool, bool, bool],
+    rules: Rules,
+) -> None:
+    """Bring ``checked_rows`` up to the source's staged files: rows of a file version (its digest and
+    reader) already checked with the same settings stay; a removed or changed file's rows leave; new
+    files' rows are typed and checked. Every check but ``future_timestamp`` (which depends on the
+    run's time) is in ``reason_before`` / ``reason_after``, and a valid position's tile key is kept.
+    """
+    salt = json.dumps([CHECK_VERSION, formats, flags, rules.max_description_chars, key])
+    x, y, tile_key = tilemath.tile_key_sql("_lng", "_lat")
+    select = f"""
+        SELECT *, CASE WHEN reason_before IS NULL THEN {tile_key} END AS tile_key
+        FROM (SELECT *, CASE WHEN reason_before IS NULL THEN {x} END AS _x,
+                     CASE WHEN reason_before IS NULL THEN {y} END AS _y
+              FROM (SELECT *, {_reason_case(*flags, "before")} AS reason_before,
+                           {_reason_case(*flags, "after")} AS reason_after
+                    FROM (SELECT *, {key} AS _key, {_typed_select(formats, True)}
+                          FROM (SELECT r.*, f.digest, f.reader
+                                FROM raw_reports r JOIN source_files f ON f.source = r.source AND f.file = r.file
+                                WHERE r.source = $source AND f.file IN (SELECT file FROM _new_files)))))
+    """
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS checked_files (source VARCHAR, file VARCHAR, digest VARCHAR, "
+        "reader VARCHAR, salt VARCHAR)"
+    )
+    con.execute("CREATE OR REPLACE TEMP TABLE _new_files (file VARCHAR)")
+    sample = {"source": name, "max_description": rules.max_description_chars}
+    wanted = [d[0] for d in con.execute(f"{select} LIMIT 0", sample).description]
+    have = [
+        c
+        for (c,) in con.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE table_name = 'checked_rows' "
+            "AND database_name = current_database() AND schema_name = 'main' "
+            "ORDER BY column_index"
+        ).fetchall()
+    ]
+    if have and have != wanted:  # written by another version: every file is checked again
+        con.execute("DROP TABLE checked_rows")
+        con.execute("DELETE FROM checked_files")
+    if have != wanted:
+        con.execute(f"CREATE TABLE checked_rows AS {select} LIMIT 0", sample)
+    params = {"source": name, "salt": salt}
+    # the file versions already checked, with these settings
+    kept = """SELECT c.file FROM checked_files c JOIN source_files f
+              ON f.source = c.source AND f.file = c.file AND f.digest = c.digest AND f.reader = c.reader
+              WHERE c.source = $source AND c.salt = $salt"""
+    con.execute(f"DELETE FROM checked_rows WHERE source = $source AND file NOT IN ({kept})", params)
+    con.execute(f"DELETE FROM checked_files WHERE source = $source AND file NOT IN ({kept})", params)
+    con.execute(
+        "INSERT INTO _new_files SELECT file FROM source_files WHERE source = $source AND file NOT IN "
+        "(SELECT file FROM checked_files WHERE source = $source)",
+        {"source": name},
+    )
+    con.execute(f"INSERT INTO checked_rows {select}", sample)
+    con.execute(
+        "INSERT INTO checked_files SELECT source, file, digest, reader, $salt FROM source_files "
+        "WHERE source = $source AND file IN (SELECT file FROM _new_files)",
+        params,
+    )
+    con.execute("DROP TABLE _new_files")
 
 
 def _key_ranges(con: duckdb.DuckDBPyConnection) -> list[str]:
@@ -368,10 +482,7 @@ def _apply_rate_limit(con: duckdb.DuckDBPyConnection, limit: int) -> None:
     excess = rate_limit_excess(tokens, suspects["t"].to_numpy(), limit, 3600 * 10**6)
     con.register("_excess", suspects.filter(pa.array(excess)).select(["file", "row_number"]))
     try:
-        con.execute(
-            "UPDATE _checked SET reason = 'rate_limited' FROM _excess AS e "
-            "WHERE _checked.file = e.file AND _checked.row_number = e.row_number"
-        )
+        con.execute("INSERT INTO _overrides SELECT file, row_number, 'rate_limited' FROM _excess")
     finally:
         con.unregister("_excess")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import yaml
@@ -30,11 +31,11 @@ def _config(folder: Path, data: Path, **source) -> Path:
     return folder / "hotspots.yaml"
 
 
-def _extract(config: Path, full_refresh: bool = False) -> dict[str, bool]:
+def _extract(config: Path, full_refresh: bool = False, as_of: datetime = AS_OF) -> dict[str, bool]:
     """Stage and validate; which files were kept (True) or read (False), by name."""
     cfg = load_config(config)
-    staged = extract.stage(cfg, ["s"], AS_OF, full_refresh=full_refresh)
-    extract.validate(cfg, ["s"], AS_OF)
+    staged = extract.stage(cfg, ["s"], as_of, full_refresh=full_refresh)
+    extract.validate(cfg, ["s"], as_of, full_refresh=full_refresh)
     return {Path(f.file).name: f.kept for f in staged["s"]}
 
 
@@ -146,6 +147,46 @@ def test_a_file_whose_staged_rows_went_missing_is_read_again(tmp_path):
     assert _extract(config) == {"a.csv": False, "b.csv": True, "c.csv": True}
     with warehouse.reader(load_config(config).warehouse_path) as con:
         assert con.execute("SELECT count(*) FROM reports").fetchone()[0] == 6
+
+
+def test_a_kept_files_rows_are_not_checked_again_but_the_time_rule_is(tmp_path):
+    """Validation keeps each unchanged file's checked rows; what depends on the run's time
+    (future timestamps) and on other rows (duplicates) is decided again over all of them."""
+    data, config = _prime(tmp_path)
+    soon = (AS_OF + timedelta(hours=30)).isoformat()  # beyond the 24 h tolerance, until the run moves on
+    _write(data / "d.csv", [{"id": "a", "lat": "51.5", "lng": "-0.1", "t": soon, "sev": "1"}])
+    _extract(config)
+    now = _config(tmp_path / "now", data)
+    _extract(now)
+    assert _tables(config) == _tables(now)
+    assert ("s", "future_timestamp") in {(r[0], r[4]) for r in _tables(config)["rejected_reports"]}
+    later = AS_OF + timedelta(days=1)
+    assert _extract(config, as_of=later) == {"a.csv": True, "b.csv": True, "c.csv": True, "d.csv": True}
+    fresh = _config(tmp_path / "fresh", data)
+    _extract(fresh, as_of=later)
+    assert _tables(config) == _tables(fresh)
+    with warehouse.reader(load_config(config).warehouse_path) as con:
+        reasons = dict(con.execute("SELECT file, reason FROM rejected_reports").fetchall())
+    assert {Path(f).name: r for f, r in reasons.items()} == {"d.csv": "duplicate_report_id"}  # no longer future
+
+    # the checked rows of a kept file are taken as they are (here: made wrong on purpose) ...
+    with warehouse.writer(load_config(config).warehouse_path) as con:
+        con.execute("UPDATE checked_rows SET reason_after = 'invalid_is_public' WHERE file LIKE '%a.csv'")
+    _write(data / "c.csv", [{"id": "z", "lat": "51.5", "lng": "-0.1", "t": "2026-10-30", "sev": "1"}])
+    _extract(config, as_of=later)
+    wrong = "SELECT count(*) FROM rejected_reports WHERE reason = 'invalid_is_public'"
+    with warehouse.reader(load_config(config).warehouse_path) as con:
+        assert con.execute(wrong).fetchone() == (2,)
+    # ... until a full refresh, or the rules change: then every file's rows are checked again
+    _extract(config, full_refresh=True, as_of=later)
+    with warehouse.writer(load_config(config).warehouse_path) as con:
+        assert con.execute(wrong).fetchone() == (0,)
+        con.execute("UPDATE checked_rows SET reason_after = 'invalid_is_public' WHERE file LIKE '%a.csv'")
+    _config(tmp_path / "w", data, rules={"max_description_chars": 100})
+    _extract(config, as_of=later)
+    fresh = _config(tmp_path / "fresh-2", data, rules={"max_description_chars": 100})
+    _extract(fresh, as_of=later)
+    assert _tables(config) == _tables(fresh)
 
 
 # --- an incremental run publishes what a run from scratch would -----------------------------
