@@ -153,22 +153,19 @@ def source_counts(db: Path, source: str) -> dict:
 
 def _forget_removed_sources(con, cfg: Config) -> None:
     keep = list(cfg.sources)
-    for table in ("raw_reports", "reports", "rejected_reports", "source_files", "source_state"):
+    for table in ("raw_reports", "reports", "rejected_reports", "source_files", "source_state", *_checked(con)):
         con.execute(f"DELETE FROM {table} WHERE NOT list_contains($keep, source)", {"keep": keep})
-    _forget_checked(con, [s for s in _checked_sources(con) if s not in keep])
 
 
-def _checked_sources(con) -> list[str]:
-    if not con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'checked_files'").fetchone()[0]:
-        return []
-    return [s for (s,) in con.execute("SELECT DISTINCT source FROM checked_files").fetchall()]
+def _checked(con) -> list[str]:
+    """The tables where validation keeps what it found of file sources' rows, once it has made them."""
+    made = {t for (t,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    return [t for t in CHECKED_TABLES if t in made]
 
 
 def _forget_checked(con, sources: list[str]) -> None:
     """What validation kept of these sources' rows (see ``validate._check_new_files``) is gone."""
-    if not _checked_sources(con):
-        return
-    for table in CHECKED_TABLES:
+    for table in _checked(con):
         con.execute(f"DELETE FROM {table} WHERE list_contains($sources, source)", {"sources": sources})
 
 

@@ -361,7 +361,7 @@ class TileCache:
 
     Private, in the work folder. Per zoom, an Arrow IPC file with a record
     batch per part encoded (each tile's id, the digest of its rows, its
-    gzip bytes) and, in ``index.json``, each batch's tile-key bounds, the
+    gzip bytes and their digest) and, in ``index.json``, each batch's tile-key bounds, the
     properties its rows had and :data:`CACHE_SALT` (what else makes the
     bytes: the encoder's settings and libraries). A build reads the last
     one's cache and writes its own beside it; :meth:`commit` puts it in
@@ -401,9 +401,10 @@ class TileCache:
         self.encoded -= int(hit.sum())
         if not hit.any():
             return hit, None
-        data = old.column("data").take(pa.array(found[hit])).to_pylist()
+        taken = old.select(["data", "content"]).take(pa.array(found[hit]))
         x, y, tile_id = inputs.x[hit], inputs.y[hit], inputs.tile_id[hit]
-        return hit, Encoded(inputs.z, x, y, tile_id, data, [digest(d) for d in data])
+        data, contents = taken.column("data").to_pylist(), taken.column("content").to_pylist()
+        return hit, Encoded(inputs.z, x, y, tile_id, data, contents)
 
     def _read(self, inputs: Inputs) -> pa.Table | None:
         """The old batches of the zoom whose bounds meet ``inputs``' (with the same properties)."""
@@ -432,6 +433,7 @@ class TileCache:
                 pa.array(encoded.tile_id, pa.int64()),
                 pa.array(inputs.digest, pa.uint64()),
                 pa.array(encoded.data, pa.binary()),
+                pa.array(encoded.digest, pa.binary(16)),
             ],
             schema=_CACHE_SCHEMA,
         )
@@ -459,7 +461,7 @@ class TileCache:
         shutil.rmtree(self.next, ignore_errors=True)
 
 
-CACHE_VERSION = 1  # a change to how tiles are made that the settings below do not show: add one
+CACHE_VERSION = 2  # a change to how tiles are made that the settings below do not show: add one
 CACHE_SALT = digest(
     json.dumps(
         [
@@ -475,7 +477,10 @@ CACHE_SALT = digest(
         ]
     ).encode()
 ).hex()
-_CACHE_SCHEMA = pa.schema([("tile_id", pa.int64()), ("digest", pa.uint64()), ("data", pa.binary())])
+# per tile: its id, the digest of its rows, its gzip bytes and their digest (the archive's, not computed again)
+_CACHE_SCHEMA = pa.schema(
+    [("tile_id", pa.int64()), ("digest", pa.uint64()), ("data", pa.binary()), ("content", pa.binary(16))]
+)
 
 
 def _single_threaded() -> duckdb.DuckDBPyConnection:
