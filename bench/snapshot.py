@@ -128,7 +128,11 @@ def one(name: str, rows: int, tmp: Path) -> bool:
                         'properties', json_object('category', category, 'severity', severity)) AS f
                       FROM reports) TO '{points}' (FORMAT csv, HEADER false, QUOTE '', DELIMITER '\\x1f')"""
         )
+    # a full snapshot: without the run's output, nor its work folder, whose
+    # selection and tile cache would let every tile be reused (a refresh:
+    # `python -m bench refresh` measures those)
     shutil.rmtree(tmp / "output")
+    shutil.rmtree(tmp / ".hotspots" / "work")
     ours = measure([python, "-m", "bench.snapshot", "--steps", str(config)])
     done = json.loads(ours.stdout.strip().splitlines()[-1])
     files, size = folder_size(Path(done["path"]))

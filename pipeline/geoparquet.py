@@ -3,8 +3,8 @@
 Points need no ``bbox`` covering column: the plain ``lng`` and ``lat``
 columns are the covering's values, with the row-group statistics a reader
 filters on (rows are in cell-key order, so a row group is a compact area).
-Floating-point columns are stored byte-stream-split, which zstd compresses
-by a fifth more than plain doubles.
+Columns are encoded for what they hold (:func:`column_encodings`): floats
+byte-stream-split, times delta-coded, quadkeys prefix-coded.
 """
 
 from __future__ import annotations
@@ -87,6 +87,20 @@ def dictionary_columns(schema: pl.Schema) -> list[str]:
     return [c for c, t in schema.items() if c not in PLAIN and (isinstance(t, SMALL) or t in SMALL)]
 
 
+def column_encodings(schema: pl.Schema) -> dict[str, str]:
+    """Floats byte-stream-split, times delta-coded, quadkeys prefix-coded (each shares most digits with
+    the one before it, in key order): zstd then stores each in a third to a half of the plain bytes."""
+    encodings = {}
+    for name, dtype in schema.items():
+        if dtype in (pl.Float32, pl.Float64):
+            encodings[name] = "BYTE_STREAM_SPLIT"
+        elif isinstance(dtype, pl.Datetime):
+            encodings[name] = "DELTA_BINARY_PACKED"
+        elif name in PLAIN:
+            encodings[name] = "DELTA_BYTE_ARRAY"
+    return encodings
+
+
 def extent(frame: pl.DataFrame | pl.LazyFrame, lng: str = "lng", lat: str = "lat") -> list[float]:
     """``[west, south, east, north]`` of the points, or ``[]`` for none."""
     x, y = pl.col(lng), pl.col(lat)
@@ -108,7 +122,7 @@ class Writer:
     Row groups hold :data:`ROW_GROUP` rows whatever the parts' sizes: the
     file has the same bytes as one written whole. The ``extent`` of all the
     rows is needed up front (readers take the ``geo`` key from the schema,
-    which is written first). Floating-point columns are byte-stream-split.
+    which is written first). Columns are encoded as :func:`column_encodings` says.
     """
 
     def __init__(self, path: Path, extent: list[float], lng: str = "lng", lat: str = "lat") -> None:
@@ -119,14 +133,13 @@ class Writer:
 
     def write(self, frame: pl.DataFrame) -> None:
         if self._writer is None:
-            floats = [c for c, t in frame.schema.items() if t in (pl.Float32, pl.Float64)]
             schema = to_table(frame.head(0), self.lng, self.lat).schema
             self._writer = pq.ParquetWriter(
                 self.path,
                 schema.with_metadata(geo_metadata(self.extent)),
                 compression="zstd",
                 use_dictionary=dictionary_columns(frame.schema),
-                column_encoding=dict.fromkeys(floats, "BYTE_STREAM_SPLIT"),
+                column_encoding=column_encodings(frame.schema),
             )
         if frame.height == 0:
             return

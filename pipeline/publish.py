@@ -63,8 +63,10 @@ class ZoomSelection(NamedTuple):
     reused: int = 0  # tiles whose selection was the last build's (their cells unchanged)
 
 
-SELECT_CELLS_IN_FLIGHT = 1_000_000  # cells selected at once (about 0.75 KB of memory each while selected)
-SELECT_PART_CELLS = 500_000  # a zoom is selected in parts of whole tiles of about this many cells
+SELECT_CELLS_IN_FLIGHT = 1_000_000  # cells selected at once (about 1.7 KB of memory each while selected)
+# a zoom is selected (and later encoded) in parts of whole tiles of about this
+# many cells: a process's peak follows it (two parts at once), not the zoom's size
+SELECT_PART_CELLS = 250_000
 
 
 def select_tileset(plan: Plan) -> list[ZoomSelection]:
@@ -216,7 +218,7 @@ def _select_zoom(plan: Plan, z: int, last: _Previous | None, salt: str) -> ZoomS
     )
 
 
-SELECTION_CACHE_VERSION = 1  # a change to what selection makes of the same cells: add one
+SELECTION_CACHE_VERSION = 2  # a change to what selection makes of the same cells: add one
 PREVIOUS_BATCH_ROWS = 1 << 17  # the last build's published cells, read this many at a time
 
 

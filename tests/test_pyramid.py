@@ -8,6 +8,7 @@ from collections import Counter, defaultdict
 from datetime import timedelta
 
 import mercantile
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
@@ -252,9 +253,13 @@ def test_pyramid_matches_a_brute_force_computation(extract_config, domain, profi
         for qk, e in expected.items():
             g = got[qk]
             assert g["report_count"] == e["report_count"] and g["top_category"] == e["top_category"], qk
-            for key in ("weight", "score", "intensity", "lng", "lat", "max_weight"):
+            for key in ("weight", "score", "intensity", "max_weight"):
                 assert g[key] == pytest.approx(e[key], rel=1e-9, abs=1e-9), (qk, key)
-            assert (g["first_seen"], g["last_seen"]) == (e["first_seen"], e["last_seen"])
+            for key in ("lng", "lat"):  # the mean, at the nearest point of the grid
+                assert g[key] * pyramid.GRID == round(g[key] * pyramid.GRID), (qk, key)
+                assert abs(g[key] - e[key]) <= 0.5 / pyramid.GRID + 1e-12, (qk, key)
+            seconds = [t.replace(microsecond=0) for t in (e["first_seen"], e["last_seen"])]
+            assert [g["first_seen"], g["last_seen"]] == seconds
 
 
 # --- the files ---------------------------------------------------------------
@@ -313,9 +318,33 @@ def test_cells_are_geoparquet_readable_by_duckdb_spatial_and_pyarrow(write_confi
             [str(path)],
         ).fetchone()
     assert rows == (zooms[-1].cells, True, "POINT")
-    # floats are byte-stream-split (smaller under zstd); points need no bbox covering column
-    encodings = pq.ParquetFile(path).metadata.row_group(0).column(table.column_names.index("weight")).encodings
-    assert "BYTE_STREAM_SPLIT" in encodings and "bbox" not in table.column_names
+    # each column encoded for what it holds (smaller under zstd); points need no bbox covering column
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    encodings = {c: group.column(table.column_names.index(c)).encodings for c in ("weight", "last_seen", "quadkey")}
+    assert "BYTE_STREAM_SPLIT" in encodings["weight"] and "DELTA_BINARY_PACKED" in encodings["last_seen"]
+    assert "DELTA_BYTE_ARRAY" in encodings["quadkey"] and "bbox" not in table.column_names
+    # positions on the grid, times to the second: what makes those columns small
+    lng, lat = (table.column(c).to_numpy() * pyramid.GRID for c in ("lng", "lat"))
+    assert (lng == lng.round()).all() and (lat == lat.round()).all()
+    assert all(t.microsecond == 0 for t in table.column("first_seen").to_pylist())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.floats(-180, 180),
+    st.floats(-180, 180),
+    st.floats(0, 1e-3),
+)
+def test_a_centroid_goes_to_the_nearest_grid_point_inside_its_cell(v, lo, width):
+    hi = lo + width
+    got = float(pyramid.on_grid(np.array([v]), np.array([lo]), np.array([hi]))[0])
+    assert lo <= got <= hi
+    inside = [k / pyramid.GRID for k in range(math.ceil(lo * pyramid.GRID), math.floor(hi * pyramid.GRID) + 1)]
+    if inside:  # the grid point inside nearest to the mean (clipped into the cell)
+        held = min(max(v, lo), hi)
+        assert got in inside and abs(got - held) == min(abs(p - held) for p in inside)
+    else:
+        assert got == min(max(v, lo), hi)
 
 
 def test_empty_tileset_builds_no_cells_and_checks_hold(write_config):

@@ -27,6 +27,7 @@ from pipeline.vector import (
     BUFFER,
     EMPTY_TILE,
     EXTENT,
+    FLAGS,
     MAX_TILE_BYTES,
     Archive,
     Budget,
@@ -91,19 +92,24 @@ def test_every_mvt_tile_decodes_to_its_geojson_twin(snapshot: Path):
         z, x, y = int(path.parts[-3]), int(path.parts[-2]), int(path.stem)
         data = path.read_bytes()
         assert data[:2] == b"\x1f\x8b" and len(data) <= MAX_TILE_BYTES  # gzip, not too big
-        layer = mapbox_vector_tile.decode(gzip.decompress(data), default_options={"y_coord_down": True})["cells"]
+        raw = gzip.decompress(data)
+        layer = mapbox_vector_tile.decode(raw, default_options={"y_coord_down": True})["cells"]
         assert layer["extent"] == EXTENT
+        for flag in FLAGS:  # a flag's key is in a tile only where a feature has the flag
+            assert (flag.encode() in raw) == any(flag in f["properties"] for f in layer["features"]), (path, flag)
         twin_path = snapshot / "tiles" / str(z) / str(x) / f"{y}.geojson"
         twin = json.loads(twin_path.read_text())["features"] if twin_path.exists() else []
         # MVT carries what a map draws (no cell, z or weight): match twins by position and properties
         unmatched = [
             (
                 *_pixel(*f["geometry"]["coordinates"], z, x, y),
-                {k: v for k, v in f["properties"].items() if k not in GEOJSON_ONLY},
+                # a flag is in MVT only where true
+                {k: v for k, v in f["properties"].items() if k not in GEOJSON_ONLY and not (k in FLAGS and v is False)},
             )
             for f in twin
         ]
         for feature in layer["features"]:
+            assert all(feature["properties"].get(flag, True) is True for flag in FLAGS)
             px, py = feature["geometry"]["coordinates"]
             assert -BUFFER <= px <= EXTENT + BUFFER and -BUFFER <= py <= EXTENT + BUFFER
             match = next(
