@@ -577,7 +577,7 @@ def _stage_into(plan: Plan, folder: SnapshotFolder) -> dict:
         zoom["mvt_max_tile_bytes"] = max(zoom["mvt_max_tile_bytes"], *sizes, 0)
 
     # Zoom by zoom, part by part (a part: whole tiles, see select_tileset):
-    # while a part's tiles are encoded (DuckDB and zlib, every core), its
+    # while a part's tiles are encoded (DuckDB and gzip, on worker threads), its
     # files are written and the part before it goes into the archive. At
     # most two parts' features and tiles are held at once.
     cache = vector.TileCache(plan.work.tile_cache)
