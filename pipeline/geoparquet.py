@@ -89,7 +89,7 @@ def dictionary_columns(schema: pl.Schema) -> list[str]:
 
 def column_encodings(schema: pl.Schema) -> dict[str, str]:
     """Floats byte-stream-split, times delta-coded, quadkeys prefix-coded (each shares most digits with
-    the one before it, in key order): zstd then stores each in a third to a half of the plain bytes."""
+    the one before it, in key order): under zstd, times and quadkeys take about 60% of their plain bytes."""
     encodings = {}
     for name, dtype in schema.items():
         if dtype in (pl.Float32, pl.Float64):
