@@ -67,11 +67,62 @@ def choose(
         group's effective stratum zoom).
     """
     level = z + detail
+    finest = min(z + strata_detail, level)
+    if stratum_zoom is None:  # groups of at most `budget` cells (most tiles at fine zooms) keep them all
+        group = pl.col("cell_key") // (4 ** (level - group_zoom))
+        small = cells.select((pl.len().over(group) <= budget).alias("small")).to_series()
+        if small.any():
+            kept = _keep_all(cells.filter(small), level, finest, representative)
+            if small.all():
+                return kept
+            rest = _choose(cells.filter(~small), level, finest, budget, group_zoom, representative, None)
+            return pl.concat([kept, rest]).sort("cell_key")
+    return _choose(cells, level, finest, budget, group_zoom, representative, stratum_zoom)
+
+
+def _keep_all(cells: pl.DataFrame, level: int, finest: int, representative: str) -> pl.DataFrame:
+    """:func:`choose` for groups of at most ``budget`` cells: what the general case gives them, cheaper.
+
+    Their strata at the finest stratum zoom fit the budget, so that is their
+    stratum zoom; every cell is chosen (the best of its stratum as
+    ``coverage``, the others as ``impact``) and none folds.
+    """
+    best_first = [*_busy(cells, representative), "score", "cell_key"]
+    descending = [True] * (len(best_first) - 1) + [False]
+    stratum = (pl.col("cell_key") // (4 ** (level - finest))).alias("stratum")
+    return (
+        cells.lazy()
+        .select(*dict.fromkeys(best_first), stratum)
+        .sort(["stratum", *best_first], descending=[False, *descending], maintain_order=True)
+        .select(
+            "cell_key",
+            pl.lit(True).alias("chosen"),
+            pl.when(pl.col("stratum").is_first_distinct())
+            .then(pl.lit("coverage"))
+            .otherwise(pl.lit("impact"))
+            .alias("tier"),
+            pl.col("cell_key").alias("target_key"),
+            pl.lit(finest, pl.Int32).alias("stratum_zoom"),
+        )
+        .sort("cell_key")
+        .collect()
+    )
+
+
+def _choose(
+    cells: pl.DataFrame,
+    level: int,
+    finest: int,
+    budget: int,
+    group_zoom: int,
+    representative: str,
+    stratum_zoom: int | None,
+) -> pl.DataFrame:
+    """:func:`choose`, the general case."""
 
     def at(zoom: int) -> pl.Expr:  # each cell's ancestor (key) at a zoom
         return pl.col("cell_key") // (4 ** (level - zoom))
 
-    finest = min(z + strata_detail, level)
     needed = dict.fromkeys(["cell_key", "score", "report_count", "lng", "lat", *_busy(cells, representative)])
     frame = cells.lazy().select(*needed)
     frame = frame.with_columns(at(group_zoom).alias("group"))
@@ -153,7 +204,13 @@ def features(cells: pl.DataFrame, choice: pl.DataFrame, profile: Profile) -> pl.
     needs the zoom's span: :func:`finish` adds it.
     """
     own = _chosen_cells(cells, choice).sort("cell_key")
-    folded = _folded_sums(_folded_cells(cells, choice))
+    # only the cells others fold into are added up; the rest keep their own aggregates
+    into = choice.filter(pl.col("target_key") != pl.col("cell_key")).get_column("target_key").unique()
+    added = _folded_sums(_folded_cells(cells, choice.filter(pl.col("target_key").is_in(into))))
+    alone = own.filter(~pl.col("cell_key").is_in(into)).select(
+        pl.col("cell_key").alias("target_key"), *added.columns[1:]
+    )
+    folded = pl.concat([added, alone.cast(added.schema)]).sort("target_key")
     if own.height != folded.height:
         raise RuntimeError("a cell folds into a cell that is not chosen")
     return _with_sums(own, folded, profile)

@@ -73,13 +73,19 @@ FLAGS = ("healthy", "coarsened")
 
 
 def with_buffer(
-    features: pl.DataFrame, z: int, buffer: int = BUFFER, extent: int = EXTENT, offset: int = 0
+    features: pl.DataFrame,
+    z: int,
+    buffer: int = BUFFER,
+    extent: int = EXTENT,
+    offset: int = 0,
+    own: bool = True,
 ) -> pl.DataFrame:
     """Each feature once per tile it shows in: its own, and neighbours within the buffer.
 
     Rows come per offset (own tile first), each a filtered pass over the
-    features: no 9x cross join is ever held in memory. ``offset``: the first
-    feature's position among its zoom's features (a part of a zoom).
+    features (a neighbour's over those near an edge): no 9x cross join is
+    ever held in memory. ``offset``: the first feature's position among its
+    zoom's features (a part of a zoom). ``own=False``: the neighbours' rows only.
     """
     n = 2**z
     margin = buffer / extent
@@ -87,18 +93,28 @@ def with_buffer(
     # _order: the features' own order (by private cell key), kept as the order
     # inside each tile (coarsened cells may share a quadkey: it would not be total)
     base = features.lazy().with_columns(
-        px.alias("_px"), py.alias("_py"), (pl.int_range(pl.len()) + offset).alias("_order")
+        px.alias("_px"),
+        py.alias("_py"),
+        (pl.int_range(pl.len()) + offset).alias("_order"),
+        pl.col("last_seen").dt.strftime("%Y-%m-%dT%H:%M:%SZ").alias("last_seen_text"),
     )
+    # a superset of the features a neighbour's pass keeps (the slack covers rounding)
+    fx, fy, edge = pl.col("_px") - pl.col("tile_x"), pl.col("_py") - pl.col("tile_y"), margin + 1e-9
+    near = base.filter((fx <= edge) | (fx >= 1 - edge) | (fy <= edge) | (fy >= 1 - edge)).collect().lazy()
+    offsets = [(0, 0)] if own else []
+    offsets += [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1) if dx or dy]
     parts = []
-    for dx, dy in [(0, 0)] + [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1) if dx or dy]:
+    for dx, dy in offsets:
         tx, ty = pl.col("tile_x") + dx, pl.col("tile_y") + dy
         parts.append(
-            base.filter(
+            (base if (dx, dy) == (0, 0) else near)
+            .filter(
                 tx.is_between(0, n - 1)
                 & ty.is_between(0, n - 1)
                 & (pl.col("_px") - tx).is_between(-margin, 1 + margin)
                 & (pl.col("_py") - ty).is_between(-margin, 1 + margin)
-            ).with_columns(tx.alias("tx"), ty.alias("ty"))
+            )
+            .with_columns(tx.alias("tx"), ty.alias("ty"))
         )
     return (
         pl.concat(parts)
@@ -106,7 +122,6 @@ def with_buffer(
             # the position in tile coordinates (0..extent, y down), as MVT stores it
             ((pl.col("_px") - pl.col("tx")) * extent).round().cast(pl.Int32).alias("gx"),
             ((pl.col("_py") - pl.col("ty")) * extent).round().cast(pl.Int32).alias("gy"),
-            pl.col("last_seen").dt.strftime("%Y-%m-%dT%H:%M:%SZ").alias("last_seen_text"),
         )
         .collect()
     )
@@ -143,7 +158,8 @@ def _wanted(features: pl.DataFrame) -> pl.DataFrame:
 
 def strays(features: pl.DataFrame, z: int, offset: int, lo: int, hi: int) -> pl.DataFrame:
     """A part's buffered rows drawn in tiles outside its own ``[lo, hi)``, with ``_target``."""
-    rows = with_buffer(_wanted(features), z, offset=offset).with_columns(_target_key())
+    # a feature's own tile is in its part: only its neighbours' rows may stray
+    rows = with_buffer(_wanted(features), z, offset=offset, own=False).with_columns(_target_key())
     return rows.filter((pl.col("_target") < lo) | (pl.col("_target") >= hi))
 
 

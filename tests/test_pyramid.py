@@ -455,3 +455,37 @@ def test_an_overview_chosen_in_parts_is_the_one_chosen_whole(points, z, budget, 
     assert overview.stratum_zoom == int(whole.get_column("stratum_zoom").min())
     assert pl.concat(choices).equals(whole)
     assert overview.features(profile).equals(expected)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(point, min_size=1, max_size=120),
+    st.integers(0, 5),
+    st.integers(1, 12),
+    st.sampled_from(["generic", "rail_disruptions"]),
+)
+def test_tiles_within_budget_take_the_short_way_to_the_general_cases_choice(points, z, budget, profile_name):
+    """``choose`` keeps every cell of a tile of at most ``budget`` cells without the general case's
+    windows and sorts; the choice and the features are the general case's, to the bit, whatever the
+    mix of small and large tiles."""
+    from pipeline import select
+
+    profile, _ = resolve(Tileset(source="s", profile=profile_name))
+    detail, strata_detail = 3, 2
+    scored = _scored(points)
+    if profile_name == "rail_disruptions":
+        scored = scored.with_columns(pl.Series("departures", [float(p[3] % 7) for p in points]))
+    (cells,) = pyramid.build(scored, profile, z, z, detail)
+    common = dict(z=z, detail=detail, strata_detail=strata_detail, budget=budget, group_zoom=z)
+    quick = select.choose(cells, **common, representative=profile.representative)
+    level = z + detail
+    general = select._choose(cells, level, min(z + strata_detail, level), budget, z, profile.representative, None)
+    assert quick.equals(general)
+    assert quick.get_column("chosen").all() == bool(
+        cells.group_by(pl.col("cell_key") // 4**detail).len()["len"].max() <= budget
+    )
+
+    # features: only the cells others fold into are added up, the rest keep their own aggregates
+    own = select._chosen_cells(cells, general).sort("cell_key")
+    everything = select._with_sums(own, select._folded_sums(select._folded_cells(cells, general)), profile)
+    assert select.features(cells, quick, profile).equals(everything)
