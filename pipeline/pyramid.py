@@ -156,11 +156,12 @@ class Level(NamedTuple):
         # a cell's lanes are whole 64-bit words: adding the words adds every lane
         # at once, and no lane carries into the next, as none exceeds the cell's count
         words = np.add.reduceat(counts.view(np.uint64), starts, axis=0)
+        # np.take: a gather twice as fast as fancy indexing on these arrays
         return Level(
-            key[starts],
-            self.x[starts] >> 1,
-            self.y[starts] >> 1,
-            self.digits[starts, :-1],  # a parent's quadkey is its child's less the last digit
+            np.take(key, starts),
+            np.take(self.x, starts) >> 1,
+            np.take(self.y, starts) >> 1,
+            np.take(self.digits, starts, axis=0)[:, :-1],  # a parent's quadkey is its child's less the last digit
             sums,
             np.maximum.reduceat(self.max_weight, starts),
             np.minimum.reduceat(self.first_seen, starts),
@@ -397,9 +398,18 @@ def on_grid(v: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     Where no grid point lies within (a cell narrower than the grid, near a
     pole at the deepest levels), ``v`` keeps its bits.
     """
-    v = np.clip(v, lo, hi)
-    first, last = np.ceil(lo * GRID) / GRID, np.floor(hi * GRID) / GRID  # exact: GRID is a power of two
-    return np.where(first <= last, np.clip(np.round(v * GRID) / GRID, first, np.maximum(first, last)), v)
+    # In grid units, the nearest point inside is round(v) held within
+    # [ceil(lo), floor(hi)] (rounding is monotonic, so holding v first changes
+    # nothing); scaling by a power of two is exact. Worked in place: a zoom's
+    # cells are millions, and each fresh array costs the kernel's page faults.
+    first, last = np.ceil(lo * GRID), np.floor(hi * GRID)
+    out = np.multiply(v, GRID)
+    np.round(out, out=out)
+    np.maximum(out, first, out=out)
+    np.minimum(out, last, out=out)
+    out *= 1.0 / GRID
+    narrow = first > last
+    return np.where(narrow, np.clip(v, lo, hi), out) if narrow.any() else out
 
 
 def _seconds(micros: np.ndarray) -> pl.Series:
@@ -424,5 +434,18 @@ def _lane_type(report_count: np.ndarray, at_least: np.dtype = np.uint8) -> np.dt
 def _top_category(counts: np.ndarray, categories: int, report_count: np.ndarray) -> np.ndarray:
     """Per cell, the category with most reports, ties to the first name; ``categories`` for none."""
     named = report_count > counts[:, categories]  # not every report without a category
-    top = np.argmax(counts[:, :categories], axis=1) if categories else 0  # argmax: the first of equals
+    bits = max(1, (categories - 1).bit_length())
+    wide = next((t for t in (np.uint16, np.uint32, np.uint64) if 8 * counts.itemsize + bits <= 8 * t().itemsize), None)
+    if not categories or wide is None or categories > 64:
+        top = np.argmax(counts[:, :categories], axis=1) if categories else 0  # argmax: the first of equals
+        return np.where(named, top, categories)
+    # a lane's count and its index reversed in one wider word: the largest word
+    # is the most reports, and among equals the first lane (a pass per lane over
+    # a column is faster than an argmax along each cell's short row)
+    best = np.zeros(len(counts), wide)
+    for lane in range(categories):
+        word = counts[:, lane].astype(wide) << wide(bits)
+        word |= wide(categories - 1 - lane)
+        np.maximum(best, word, out=best)
+    top = (categories - 1) - (best & wide((1 << bits) - 1)).astype(np.intp)
     return np.where(named, top, categories)
