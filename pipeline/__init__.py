@@ -19,10 +19,11 @@ os.environ.setdefault("_RJEM_MALLOC_CONF", "background_thread:true,dirty_decay_m
 # request (`madvise`, the default on common distributions), each fresh 2 MB
 # page is compacted for and zeroed on first touch, and the steps allocate and
 # free arrays of millions of cells per zoom: the kernel took a fifth to a half
-# of their time. Without huge pages for NumPy, and with the C library's
-# allocator for pyarrow, the world benchmark's 5M-report shard spent
-# 2.4-3.1 s in the kernel instead of 4.0-5.3 s, and its selection step ran
-# in 6.6 s instead of 7.2-8.1 s with a peak of 1.29 GB instead of 1.43 GB.
+# of their time. Measured on the world benchmark: without huge pages for
+# NumPy, a 5M-report shard's scoring and pyramid spent 2.4-3.1 s in the
+# kernel instead of 4.0-5.3 s; with the C library's allocator for pyarrow,
+# the whole snapshot's peak RSS was 1.17-1.29 GB instead of 1.36-1.43 GB, in
+# the same time.
 # Both are read when the library loads, and applied here too in case it is
 # loaded already; a value set by the user wins.
 os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")

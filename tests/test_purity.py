@@ -42,3 +42,20 @@ def test_the_stages_take_frames_and_the_plan_not_the_config_or_the_warehouse():
     code += "print(sorted(m for m in ('pipeline.config', 'pipeline.warehouse', 'yaml') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_importing_pipeline_turns_off_numpys_huge_pages_and_gives_pyarrow_the_system_allocator():
+    """Set whether numpy and pyarrow were loaded first or not, and never over what the user chose."""
+    import os
+
+    probe = (
+        "import numpy, pyarrow, pipeline\n"
+        "from numpy._core import multiarray\n"
+        "print(multiarray._set_madvise_hugepage(False), pyarrow.default_memory_pool().backend_name)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMPY_MADVISE_HUGEPAGE", "ARROW_DEFAULT_MEMORY_POOL")}
+    run = lambda **extra: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, env={**env, **extra}
+    ).stdout.split()
+    assert run() == ["False", "system"]  # loaded before pipeline: applied all the same
+    assert run(NUMPY_MADVISE_HUGEPAGE="1", ARROW_DEFAULT_MEMORY_POOL="mimalloc") == ["True", "mimalloc"]

@@ -120,6 +120,27 @@ def test_category_counts_roll_up_exactly_through_every_lane_width():
     assert widths[0] == 2 and widths[-1] == 4 and widths == sorted(widths)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from([0, 1, 2, 3, 7, 14, 15, 16, 64, 65, 300]),
+    st.sampled_from([np.uint8, np.uint16, np.uint32, np.uint64]),
+    st.integers(1, 40),
+    st.randoms(use_true_random=False),
+)
+def test_top_category_is_the_first_of_the_most_reported_whatever_the_lanes(categories, lane, cells, rnd):
+    """The packed-word maximum per lane picks what argmax along each row would: most reports, ties to the
+    first name, "none" when every report lacks a category; at full lanes too, and past 64 categories."""
+    counts = pyramid._lanes(cells, categories, np.dtype(lane))
+    top = np.iinfo(lane).max if lane is not np.uint64 else 1 << 62
+    for c in range(cells):
+        for k in range(categories + 1):
+            counts[c, k] = rnd.choice([0, 0, 1, 2, 3, top, top - 1])
+    report_count = counts[:, : categories + 1].astype(np.float64).sum(axis=1)
+    named = report_count > counts[:, categories]
+    expected = np.where(named, np.argmax(counts[:, :categories], axis=1) if categories else 0, categories)
+    assert np.array_equal(pyramid._top_category(counts, categories, report_count), expected)
+
+
 def test_reports_in_key_order_take_the_fast_sort_and_give_the_same_cells(monkeypatch):
     """Reports in the warehouse's tile-key order are sorted by NumPy; any order by polars: the same bits."""
     from pipeline.tilemath import tile_key
