@@ -435,16 +435,16 @@ def _top_category(counts: np.ndarray, categories: int, report_count: np.ndarray)
     named = report_count > counts[:, categories]  # not every report without a category
     bits = max(1, (categories - 1).bit_length())
     wide = next((t for t in (np.uint16, np.uint32, np.uint64) if 8 * counts.itemsize + bits <= 8 * t().itemsize), None)
-    if not categories or wide is None or categories > 64:
+    if wide is None or not 0 < categories <= 64:
         top = np.argmax(counts[:, :categories], axis=1) if categories else 0  # argmax: the first of equals
-        return np.where(named, top, categories)
-    # a lane's count and its index reversed in one wider word: the largest word
-    # is the most reports, and among equals the first lane (a pass per lane over
-    # a column is faster than an argmax along each cell's short row)
-    best = np.zeros(len(counts), wide)
-    for lane in range(categories):
-        word = counts[:, lane].astype(wide) << wide(bits)
-        word |= wide(categories - 1 - lane)
-        np.maximum(best, word, out=best)
-    top = (categories - 1) - (best & wide((1 << bits) - 1)).astype(np.intp)
+    else:
+        # a lane's count and its index reversed in one wider word: the largest word
+        # is the most reports, and among equals the first lane (a pass per lane over
+        # a column is faster than an argmax along each cell's short row)
+        best = np.zeros(len(counts), wide)
+        for lane in range(categories):
+            word = counts[:, lane].astype(wide) << wide(bits)
+            word |= wide(categories - 1 - lane)
+            np.maximum(best, word, out=best)
+        top = (categories - 1) - (best & wide((1 << bits) - 1)).astype(np.intp)
     return np.where(named, top, categories)
