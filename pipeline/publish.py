@@ -368,12 +368,13 @@ class _IpcParts:
         return bool(self._replacing.__exit__(*exc))
 
 
-def read_parts(path: Path) -> Iterator[pl.DataFrame]:
-    """The parts an :class:`_IpcParts` file was written in, one at a time."""
+def read_parts(path: Path, columns: list[str] | None = None) -> Iterator[pl.DataFrame]:
+    """The parts an :class:`_IpcParts` file was written in, one at a time (``columns``: only these)."""
     with pa.OSFile(str(path)) as source:  # read, not mapped: a mapped file's pages count as the process's
         reader = pa.ipc.open_file(source)
         for i in range(reader.num_record_batches):
-            yield pl.from_arrow(reader.get_batch(i))
+            batch = reader.get_batch(i)
+            yield pl.from_arrow(batch.select(columns) if columns is not None else batch)
 
 
 def read_selection(work: Work) -> list[dict]:
@@ -409,50 +410,57 @@ class SelectionCheck(NamedTuple):
 
 
 def check_selection(plan: Plan) -> list[SelectionCheck]:
-    """Budgets, coverage, impact order and fold conservation, read back per zoom (a part at a time)."""
-    rows = []
+    """Budgets, coverage, impact order and fold conservation, read back per zoom (a part at a time).
+
+    Two zooms at a time, each reading only the columns the checks use.
+    """
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda s: _check_zoom(plan, s), read_selection(plan.work)))
+
+
+CHECKED_COLUMNS = ["tile_x", "tile_y", "report_count", "score", "quadkey", "tile_stratum_zoom", "selected_tile", "tier"]
+
+
+def _check_zoom(plan: Plan, s: dict) -> SelectionCheck:
+    z = s["z"]
+    folder = plan.work.selected(z)
     tile = ["tile_x", "tile_y"]
-    for s in read_selection(plan.work):
-        z = s["z"]
-        folder = plan.work.selected(z)
-        fullest = empty = beaten = unbalanced = reports = 0
-        cells_parts = _slices(parquet_parts(folder / "cells.parquet"), s["parts"])
-        for cells, feats in zip(cells_parts, read_parts(folder / "tile_features.arrow"), strict=True):
-            per_tile = feats.group_by(tile).agg(pl.len().alias("n"), pl.col("report_count").sum().alias("carried"))
-            in_cells = cells.group_by(tile).agg(pl.col("report_count").sum().alias("reports"))
-            unbalanced += (
-                per_tile.join(in_cells, on=tile, how="full", coalesce=True)
-                .filter(pl.col("carried").fill_null(0) != pl.col("reports").fill_null(0))
-                .height
-            )
-            # a stratum is a quadkey prefix (a coarsened cell's quadkey is its stratum's)
-            strata = cells.group_by(pl.col("quadkey").str.head(pl.col("tile_stratum_zoom"))).agg(
-                pl.col("selected_tile").any()
-            )
-            empty += strata.filter(~pl.col("selected_tile")).height
-            impact = cells.group_by(tile).agg(
-                pl.col("score").filter(pl.col("tier") == "impact").min().alias("lowest_impact"),
-                pl.col("score").filter(~pl.col("selected_tile")).max().alias("best_unchosen"),
-            )
-            beaten += impact.filter(pl.col("best_unchosen") > pl.col("lowest_impact")).height
-            fullest = max(fullest, int(per_tile.get_column("n").max() or 0))
-            reports += int(cells.get_column("report_count").sum())
-        overview_file = folder / "overview_features.arrow"
-        over = pl.read_ipc(overview_file) if overview_file.exists() else None
-        rows.append(
-            SelectionCheck(
-                z,
-                fullest,
-                plan.settings.max_features_per_tile,
-                over.height if over is not None else 0,
-                overview_budget(z),
-                empty,
-                beaten,
-                unbalanced,
-                over is None or int(over.get_column("report_count").sum()) == reports,
-            )
+    fullest = empty = beaten = unbalanced = reports = 0
+    cells_parts = _slices(parquet_parts(folder / "cells.parquet", CHECKED_COLUMNS), s["parts"])
+    features = read_parts(folder / "tile_features.arrow", [*tile, "report_count"])
+    for cells, feats in zip(cells_parts, features, strict=True):
+        per_tile = feats.group_by(tile).agg(pl.len().alias("n"), pl.col("report_count").sum().alias("carried"))
+        in_cells = cells.group_by(tile).agg(pl.col("report_count").sum().alias("reports"))
+        unbalanced += (
+            per_tile.join(in_cells, on=tile, how="full", coalesce=True)
+            .filter(pl.col("carried").fill_null(0) != pl.col("reports").fill_null(0))
+            .height
         )
-    return rows
+        # a stratum is a quadkey prefix (a coarsened cell's quadkey is its stratum's)
+        strata = cells.group_by(pl.col("quadkey").str.head(pl.col("tile_stratum_zoom"))).agg(
+            pl.col("selected_tile").any()
+        )
+        empty += strata.filter(~pl.col("selected_tile")).height
+        impact = cells.group_by(tile).agg(
+            pl.col("score").filter(pl.col("tier") == "impact").min().alias("lowest_impact"),
+            pl.col("score").filter(~pl.col("selected_tile")).max().alias("best_unchosen"),
+        )
+        beaten += impact.filter(pl.col("best_unchosen") > pl.col("lowest_impact")).height
+        fullest = max(fullest, int(per_tile.get_column("n").max() or 0))
+        reports += int(cells.get_column("report_count").sum())
+    overview_file = folder / "overview_features.arrow"
+    over = pl.read_ipc(overview_file) if overview_file.exists() else None
+    return SelectionCheck(
+        z,
+        fullest,
+        plan.settings.max_features_per_tile,
+        over.height if over is not None else 0,
+        overview_budget(z),
+        empty,
+        beaten,
+        unbalanced,
+        over is None or int(over.get_column("report_count").sum()) == reports,
+    )
 
 
 def _slices(frames: Iterator[pl.DataFrame], sizes: list[int]) -> Iterator[pl.DataFrame]:

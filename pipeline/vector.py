@@ -59,7 +59,7 @@ PROPERTIES = {
     "score": ("DOUBLE", "score"),
     "intensity": ("DOUBLE", "intensity"),
     "top_category": ("VARCHAR", "top_category"),
-    "last_seen": ("VARCHAR", "last_seen_text"),
+    "last_seen": ("VARCHAR", "last_seen_text"),  # the text of last_seen (see SEEN)
     "tier": ("VARCHAR", "tier"),
     "healthy": ("BOOLEAN", "healthy"),
     "coarsened": ("BOOLEAN", "coarsened"),
@@ -70,6 +70,9 @@ PROPERTIES = {
 # most cells are neither healthy nor coarsened, and the keys, tags and values
 # of false ones made the archive 7% larger.
 FLAGS = ("healthy", "coarsened")
+# ``last_seen`` as text, made only for the rows of tiles that are encoded: a
+# tile's digest takes the time itself (formatting every row cost more than the digest)
+SEEN = "last_seen_text"
 
 
 def with_buffer(
@@ -96,7 +99,6 @@ def with_buffer(
         px.alias("_px"),
         py.alias("_py"),
         (pl.int_range(pl.len()) + offset).alias("_order"),
-        pl.col("last_seen").dt.strftime("%Y-%m-%dT%H:%M:%SZ").alias("last_seen_text"),
     )
     # a superset of the features a neighbour's pass keeps (the slack covers rounding)
     fx, fy, edge = pl.col("_px") - pl.col("tile_x"), pl.col("_py") - pl.col("tile_y"), margin + 1e-9
@@ -273,19 +275,22 @@ class Encoder:
             pl.Series("tile_id", tilemath.tile_ids(z, rows["tx"].to_numpy(), rows["ty"].to_numpy()))
         )
         rows = rows.sort("tile_id", "_order")
-        columns = [c for _, c in PROPERTIES.values() if c in rows.columns]
+        columns = [
+            c for _, c in PROPERTIES.values() if c in rows.columns or (c == SEEN and "last_seen" in rows.columns)
+        ]
         ids = rows.get_column("tile_id").to_numpy()
         cached = inputs = None
         if self.cache is not None:
             starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.empty(0, np.int64)
             x, y = (rows.get_column(c).to_numpy()[starts].astype(np.int64) for c in ("tx", "ty"))
-            digests = tile_digests(rows, ["gx", "gy", *columns], starts)
+            digests = tile_digests(rows, ["gx", "gy", *("last_seen" if c == SEEN else c for c in columns)], starts)
             inputs = Inputs(z, bounds, tuple(columns), x, y, ids[starts], digests)
             hit, cached = self.cache.lookup(inputs)
             if hit.any():  # only the tiles whose rows changed are encoded
                 rows = rows.filter(pl.Series(np.repeat(~hit, np.diff(np.r_[starts, len(ids)]))))
                 ids = rows.get_column("tile_id").to_numpy()
-        table = plain_strings(rows.select("tile_id", "tx", "ty", "gx", "gy", *columns, _flags(columns)).to_arrow())
+        props = [pl.col("last_seen").dt.strftime("%Y-%m-%dT%H:%M:%SZ").alias(c) if c == SEEN else c for c in columns]
+        table = plain_strings(rows.select("tile_id", "tx", "ty", "gx", "gy", *props, _flags(columns)).to_arrow())
         del rows
         cuts = [0]
         while cuts[-1] < len(ids):  # chunk ends on a tile boundary
@@ -509,7 +514,7 @@ class TileCache:
         shutil.rmtree(self.next, ignore_errors=True)
 
 
-CACHE_VERSION = 3  # a change to how tiles are made that the settings below do not show: add one
+CACHE_VERSION = 4  # a change to how tiles are made that the settings below do not show: add one
 CACHE_SALT = digest(
     json.dumps(
         [
@@ -577,8 +582,8 @@ class Archive:
         if len(ids) > 1 and not np.all(ids[1:] > ids[:-1]):
             raise ValueError("a tile was added twice")
         # equal digests: one content, kept where its first tile's copy lies
-        digests = np.frombuffer(self._digests, np.dtype([("hi", np.uint64), ("lo", np.uint64)]))[order]
-        _, first, which = np.unique(digests, return_index=True, return_inverse=True)
+        digests = np.frombuffer(self._digests, np.uint64).reshape(-1, 2)[order]
+        first, which = _first_of_equal(digests[:, 0], digests[:, 1])
         # contents in the order of their first tile: the data's order
         rank = np.empty(len(first), np.int64)
         rank[np.argsort(first, kind="stable")] = np.arange(len(first))
@@ -647,6 +652,22 @@ class Archive:
         self._scratch.unlink(missing_ok=True)
 
 
+def _first_of_equal(hi: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For rows keyed by (``hi``, ``lo``): each distinct key's first row, in key order, and each row's key's rank.
+
+    What ``np.unique(keys, return_index=True, return_inverse=True)`` gives, by one stable sort
+    of two words (``np.unique`` of 16-byte records sorts them as Python compares records).
+    """
+    order = np.lexsort((lo, hi))  # stable: equal keys keep their rows' order
+    h, l_ = hi[order], lo[order]
+    new = np.ones(len(order), bool)
+    new[1:] = (h[1:] != h[:-1]) | (l_[1:] != l_[:-1])
+    rank = np.cumsum(new) - 1
+    which = np.empty(len(order), np.int64)
+    which[order] = rank
+    return order[new], which
+
+
 def _copy_pieces(source: int, out: BinaryIO, starts: np.ndarray, sizes: np.ndarray, chunk: int = 1 << 22) -> None:
     """Write the pieces (``starts``, ``sizes``) of file ``source`` to ``out``, in order.
 
@@ -681,12 +702,17 @@ ROOT_BYTES = 16_384 - HEADER_BYTES  # the root directory must end within the fir
 
 def varints(values: np.ndarray) -> bytes:
     """Protobuf varints (7 bits a byte, low first) of unsigned integers, vectorised."""
-    v = np.asarray(values, np.uint64)
-    groups = np.stack([(v >> np.uint64(7 * k)) & np.uint64(0x7F) for k in range(10)], axis=1).astype(np.uint8)
-    width = 1 + sum((v >= np.uint64(1 << (7 * k))).astype(np.int64) for k in range(1, 10))
-    column = np.arange(10)
-    groups[column < (width - 1)[:, None]] |= 0x80  # more bytes follow
-    return groups[column < width[:, None]].tobytes()
+    v = np.asarray(values, np.uint64).ravel()
+    width = np.ones(len(v), np.int64)
+    for k in range(1, 10):
+        width += v >= np.uint64(1 << (7 * k))
+    starts = np.cumsum(width) - width
+    out = np.empty(int(width.sum()), np.uint8)
+    for k in range(int(width.max(initial=0))):  # the k-th byte of the values that have one
+        has = np.flatnonzero(width > k)
+        group = ((v[has] >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8)
+        out[starts[has] + k] = group | np.where(width[has] > k + 1, 0x80, 0).astype(np.uint8)  # more follow
+    return out.tobytes()
 
 
 def serialize_directory(ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, runs: np.ndarray) -> bytes:

@@ -89,6 +89,44 @@ def test_selection_invariants_hold_in_every_published_tile(roads):
             assert sum(f["properties"]["count"] for f in over) == cells.get_column("report_count").sum()
 
 
+def test_the_selection_check_catches_a_selection_that_breaks_its_rules(roads):
+    """The check reads the selection back from its files: each broken rule shows in its zoom's row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _publish(roads, "roads")
+    plan = plan_of(roads, "roads")
+    z = max(s["z"] for s in publish.read_selection(plan.work))
+    folder = plan.work.selected(z)
+    # a feature that lost a report, and a chosen cell no longer chosen (its stratum left empty)
+    feats = pl.concat(list(publish.read_parts(folder / "tile_features.arrow")))
+    feats = feats.with_columns(
+        pl.when(pl.int_range(pl.len()) == 0)
+        .then(pl.col("report_count") - 1)
+        .otherwise(pl.col("report_count"))
+        .alias("report_count")
+    )
+    with (
+        pa.OSFile(str(folder / "tile_features.arrow"), "wb") as sink,
+        pa.ipc.new_file(sink, feats.to_arrow().schema) as out,
+    ):
+        out.write_table(feats.to_arrow())
+    sizes = [s["parts"] for s in publish.read_selection(plan.work) if s["z"] == z][0]
+    assert sum(sizes) and len(sizes) == 1  # one part: the rewritten file's one batch matches it
+    cells = pq.read_table(folder / "cells.parquet")
+    chosen = pl.from_arrow(cells).with_row_index().filter(pl.col("selected_tile") & (pl.col("tier") == "coverage"))
+    first = int(chosen.get_column("index")[0])
+    flags = cells.column("selected_tile").to_pylist()
+    flags[first] = False
+    pq.write_table(
+        cells.set_column(cells.schema.get_field_index("selected_tile"), "selected_tile", pa.array(flags)),
+        folder / "cells.parquet",
+    )
+    rows = {c.z: c for c in publish.check_selection(plan)}
+    assert all(rows[other].holds for other in rows if other != z)
+    assert rows[z].tiles_unbalanced == 1 and rows[z].empty_strata >= 1 and not rows[z].holds
+
+
 def test_tight_budgets_coarsen_strata_and_the_manifest_says_so(roads):
     snap = _publish(roads, "tight")
     assert all(check.holds for check in publish.check_selection(plan_of(roads, "tight")))

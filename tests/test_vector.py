@@ -37,6 +37,7 @@ from pipeline.vector import (
     digest,
     directories,
     serialize_directory,
+    varints,
 )
 
 from .conftest import publish_tileset, run_extraction
@@ -217,6 +218,37 @@ def test_a_large_directory_splits_into_leaves_as_the_reference_writer_does():
     assert leaves and len(root) < 16384 - 127
     entries = [Entry(*map(int, e)) for e in zip(ids, offsets, lengths, runs)]
     assert (root, leaves) == optimize_directories(entries, 16384 - 127)[:2]
+
+
+def _varint(value: int) -> bytes:  # the protobuf rule, a byte at a time
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 2**64 - 1) | st.sampled_from([0, 127, 128, 16383, 16384, 2**63, 2**64 - 1])))
+def test_varints_are_protobufs_whatever_the_value(values):
+    assert varints(np.array(values, np.uint64)) == b"".join(_varint(v) for v in values)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), max_size=60), st.sampled_from([0, 2**63, 2**64 - 1]))
+def test_equal_contents_are_found_as_numpy_finds_them(keys, high):
+    """The archive's dedupe of 16-byte digests: each distinct one's first tile, and every tile's distinct one."""
+    from pipeline.vector import _first_of_equal
+
+    hi = np.array([high - k if high else k for k, _ in keys], np.uint64)
+    lo = np.array([k for _, k in keys], np.uint64)
+    records = np.empty(len(keys), np.dtype([("hi", np.uint64), ("lo", np.uint64)]))
+    records["hi"], records["lo"] = hi, lo
+    _, first, which = np.unique(records, return_index=True, return_inverse=True)
+    got_first, got_which = _first_of_equal(hi, lo)
+    assert got_first.tolist() == first.tolist()
+    assert got_which.tolist() == which.ravel().tolist()
 
 
 def _tiles(z: int, xy: list[tuple[int, int]], data: list[bytes]) -> Encoded:
