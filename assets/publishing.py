@@ -22,7 +22,8 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
     @dg.asset(partitions_def=partitions, deps=[upstream], group_name="publish", kinds={"polars"})
     def selection(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         """Per zoom, each tile's and the overview's features: coverage of every stratum, then impact, every other
-        cell folded into its nearest chosen one.
+        cell folded into its nearest chosen one. The zooms whose tiles each lie in one shard were chosen by the
+        shards: here they are put together, with their intensity.
         """
         started = time.perf_counter()
         with planned_step(context) as plan:

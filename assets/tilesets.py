@@ -9,7 +9,7 @@ import time
 
 import dagster as dg
 
-from pipeline import build, guard
+from pipeline import build, guard, publish
 from pipeline import plan as plans
 from resources import HotspotsResource
 
@@ -61,8 +61,9 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
     @dg.asset(partitions_def=shard_partitions(partitions), deps=[build_plan], group_name="tilesets", kinds={"polars"})
     def shards(context: dg.AssetExecutionContext, config: RunParams) -> dg.MaterializeResult:
         """One spatial shard of a tileset: its own reports only (a range of the warehouse's tile keys), weighted,
-        and its cells from `maxzoom` down to the pivot zoom (`<home>/work/<tileset>/shards/<i>/`, private).
-        Shards run in any order, on any executor; a shard the plan does not have does nothing.
+        its cells from `maxzoom` down to the pivot zoom, and the features of its tiles at the zooms whose tiles
+        it holds whole (`<home>/work/<tileset>/shards/<i>/`, private). Shards run in any order, on any executor;
+        a shard the plan does not have does nothing.
         """
         key = context.partition_key.keys_by_dimension
         tileset, i = key["tileset"], int(key[SHARD])
@@ -71,6 +72,7 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
             if i >= len(plan.shards):
                 return dg.MaterializeResult(metadata={"dagster/row_count": 0, "in_plan": False})
             scored = build.run_shard(plan, i)
+            chosen = publish.read_shard_selection(plan, i)
             lo, hi = plan.shards[i]
         return dg.MaterializeResult(
             metadata={
@@ -78,6 +80,11 @@ def tileset_assets(partitions: dg.PartitionsDefinition) -> tuple[list, list]:
                 "in_plan": True,
                 "valid": scored.valid,
                 "tile_keys": f"[{lo}, {hi})",
+                "tile_features": sum(s.selected_tile for s in chosen),  # chosen here, in the shard's process
+                "tiles chosen": markdown_table(
+                    ["z", "cells", "tiles", "tile features", "reused tiles"],
+                    [[s.z, s.cells, s.tiles, s.selected_tile, s.reused] for s in chosen] or [["none", 0, 0, 0, 0]],
+                ),
                 "process": f"{socket.gethostname()}:{os.getpid()}",  # which worker ran it
                 "seconds": round(time.perf_counter() - started, 3),
             }

@@ -10,12 +10,14 @@ figure is that step's own:
 * extract: the synthetic source staged a batch at a time, then validated
   (DuckDB spills beyond its memory limit);
 * plan: the split (one GROUP BY over the tile keys);
-* shard: read its reports, score them, cells down to the pivot zoom (the
-  largest shard's peak RSS and the shards' total time);
+* shard: read its reports, score them, cells down to the pivot zoom, and
+  the features of the tiles it holds whole (the largest shard's peak RSS
+  and the shards' total time);
 * merge: the scoring sums and every zoom's cells file, a shard's part at a
   time (the zooms above the pivot rolled up);
-* publish: selection, tiles, the archive and the snapshot, a zoom at a
-  time, each in parts of whole tiles.
+* publish: selection (the shards' zooms put together, the others chosen),
+  tiles, the archive and the snapshot, a zoom at a time, each in parts of
+  whole tiles.
 
 Printed per shard count: wall time of each step, peak RSS of each, the
 snapshot's files and bytes, and the targets of the issue: every build

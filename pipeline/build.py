@@ -125,12 +125,21 @@ def start(plan: Plan) -> None:
 
 
 def run_shard(plan: Plan, i: int) -> Scored:
-    """Everything one shard does alone: score its reports, build its cells down to the shard zoom."""
+    """Everything one shard does alone: score its reports, build its cells down to the pivot zoom, and
+    choose the features of its tiles at the zooms whose tiles it holds whole."""
     scored, frame = _score_shard(plan, i)
     finest = _finest(plan, frame)  # the scored reports in hand, not read back
     del frame
     _shard_zooms(plan, i, finest)
+    del finest
+    _select_shard(plan, i)
     return scored
+
+
+def _select_shard(plan: Plan, i: int) -> None:
+    from .publish import select_shard  # publishing reads this module's files: imported here, not at the top
+
+    select_shard(plan, i)
 
 
 def score_shard(plan: Plan, i: int) -> Scored:
@@ -209,8 +218,10 @@ def scored_rows(plan: Plan) -> int:
 
 
 def shard_cells(plan: Plan, i: int) -> None:
-    """One shard's cells, from ``maxzoom`` down to the shard zoom, from its ``scored.parquet``."""
+    """One shard's cells, from ``maxzoom`` down to the pivot zoom, from its ``scored.parquet``; then its tiles'
+    selection."""
     _shard_zooms(plan, i, _finest(plan, pl.read_parquet(plan.work.shard(i).scored)))
+    _select_shard(plan, i)
 
 
 def _finest(plan: Plan, scored: pl.DataFrame) -> pyramid.Level | None:

@@ -38,9 +38,10 @@ class Defaults:
     tiles_maxzoom: int | str = "auto"
     max_directory_features: int = 50_000
     # Spatial shards of a tileset's build: each reads, scores and builds the
-    # cells of its own range of tiles (balanced by report count), so a
-    # process holds one shard's reports, never the whole source's; a merge
-    # builds the coarse zooms. A number, or "auto": one shard per
+    # cells of its own range of tiles (balanced by report count) and chooses
+    # the features of the tiles it holds whole, so a process holds one
+    # shard's reports, never the whole source's; a merge builds the coarse
+    # zooms. A number, or "auto": one shard per
     # shard_reports reports. The published bytes never depend on it.
     shards: int | str = 1
     shard_reports: int = 2_000_000

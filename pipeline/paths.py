@@ -7,7 +7,8 @@
     <home>/duckdb_extensions/                 the postgres extension, from its wheel
     <home>/work/<key>.lease                   which run is building <key>
     <home>/work/<key>/plan.json               the build's frozen plan
-                      shards/<i>/scored.parquet, scoring.json, cells/, pivot.npz   (one shard's)
+                      shards/<i>/scored.parquet, scoring.json, cells/, pivot.npz,
+                                selected/, selected.json   (one shard's)
                       shards/<i>.lease        which run is building shard <i>
                       scoring.json
                       cells/zoom=<z>/cells.parquet, cells.json
@@ -97,6 +98,7 @@ class Shard:
     scoring = _in_root("scoring.json")
     pivot = _in_root("pivot.npz")  # its cells at the pivot zoom, with what the roll-up above needs
     final = _in_root("final")  # a plan's only shard: every zoom's cells, ready to move into place
+    selected = _in_root("selected.json")  # its tiles' selection, per zoom in selected/zoom=<z>/ (publish.select_shard)
 
     @property
     def lease(self) -> Path:
@@ -106,6 +108,15 @@ class Shard:
     def cells(self, z: int) -> Path:
         """Its cells of zoom ``z`` (at or below the pivot zoom), before intensity (Arrow IPC)."""
         return self.root / "cells" / f"{z}.arrow"
+
+    @property
+    def selections(self) -> Path:
+        """Its tiles' selection, a folder per zoom (see :meth:`selection`)."""
+        return self.root / "selected"
+
+    def selection(self, z: int) -> Path:
+        """Its tiles' selection at zoom ``z``: published rows without intensity, tile features, digests."""
+        return self.selections / f"zoom={z}"
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 Three steps, each callable on its own (each is a Dagster asset):
 
 * :func:`select_tileset` chooses, per zoom, the features of every tile and of
-  the overview, into ``<home>/work/<tileset>/selected/`` (private);
+  the overview, into ``<home>/work/<tileset>/selected/`` (private); the
+  zooms whose tiles each lie in one shard were chosen by the shards
+  (:func:`select_shard`) and are only put together here;
 * :func:`stage_snapshot` writes the public files into a fresh
   ``output/<tileset>/snapshots/.tmp-<token>/``;
 * :func:`finalize_snapshot` adds ``manifest.json``, names the snapshot by its
@@ -40,7 +42,7 @@ from .config import Tileset
 from .digests import tile_digests
 from .errors import PublishError
 from .geoparquet import plain_strings
-from .paths import SNAPSHOTS, Published, Work
+from .paths import SNAPSHOTS, Published, Shard, Work
 from .plan import Plan
 from .select import Overview, choose, features, finish, overview_budget
 from .snapfolder import SnapshotFolder, link_or_copy
@@ -72,9 +74,12 @@ SELECT_PART_CELLS = 250_000
 def select_tileset(plan: Plan) -> list[ZoomSelection]:
     """Choose each zoom's tile and overview features (see :mod:`pipeline.select`).
 
-    Zooms are independent: two at a time (polars and Parquet release the GIL).
-    A zoom is read in parts of whole tiles: tiles choose their features on
-    their own, and an overview zoom's one overview among all of its parts
+    The zooms each shard holds whole tiles of (:func:`shard_zooms`) were
+    chosen by the shards (:func:`select_shard`): here their parts are put
+    together, with the zoom's intensity. The other zooms are chosen here, two
+    at a time (polars and Parquet release the GIL), each read in parts of
+    whole tiles: tiles choose their features on their own, and an overview
+    zoom's one overview among all of its parts
     (:class:`pipeline.select.Overview`, which reads them three times).
 
     A tile finer than the overviews' whose cells are the cells it had in the
@@ -82,6 +87,8 @@ def select_tileset(plan: Plan) -> list[ZoomSelection]:
     (:class:`_Previous`) instead of choosing them again.
     """
     work = plan.work
+    by_shards = set(shard_zooms(plan))
+    chosen = _shard_selections(plan) if by_shards else []
     previous = work.root / "selected-previous"  # the last build's: its unchanged tiles are taken
     shutil.rmtree(previous, ignore_errors=True)
     if work.selected_root.exists():
@@ -91,6 +98,8 @@ def select_tileset(plan: Plan) -> list[ZoomSelection]:
     salt = _selection_salt(plan)
 
     def select(z: int) -> ZoomSelection | None:
+        if z in by_shards:
+            return _assemble_zoom(plan, z, chosen, salt)
         with budget.hold(min(sizes.get(z, 0), SELECT_PART_CELLS)):
             last = _Previous.open(previous / f"zoom={z}", salt) if z > plan.settings.overview_maxzoom else None
             return _select_zoom(plan, z, last, salt)
@@ -103,6 +112,9 @@ def select_tileset(plan: Plan) -> list[ZoomSelection]:
         summary = sorted((s for s in pool.map(select, order) if s is not None), key=lambda s: s.z)
     _write_json(work.selected_summary, [s._asdict() for s in summary])
     shutil.rmtree(previous, ignore_errors=True)
+    for shard, _ in chosen:  # put together: the shards' parts are in the zooms now
+        shard.selected.unlink()
+        shutil.rmtree(shard.selections, ignore_errors=True)
     return summary
 
 
@@ -111,10 +123,16 @@ def cell_parts(path: Path, detail: int, limit: int | None, columns: list[str] | 
 
     ``None``: the whole zoom as one part. A tile larger than ``limit`` is one part.
     """
+    rows = min(limit or 1 << 20, 1 << 20)
+    return tile_parts(parquet_parts(path, columns, rows=rows), detail, limit)
+
+
+def tile_parts(frames: Iterator[pl.DataFrame], detail: int, limit: int | None) -> Iterator[pl.DataFrame]:
+    """Cells in key order (``cell_key``) from ``frames`` of any size, as parts of whole tiles (:func:`cell_parts`)."""
     shift = np.uint64(2 * detail)  # a cell key less its detail's digits: its tile's key
     held: list[pl.DataFrame] = []
     count = 0
-    for batch in parquet_parts(path, columns, rows=min(limit or 1 << 20, 1 << 20)):
+    for batch in frames:
         held.append(batch)
         count += batch.height
         if limit is None or count < limit:
@@ -129,20 +147,89 @@ def cell_parts(path: Path, detail: int, limit: int | None, columns: list[str] | 
         yield pl.concat(held)
 
 
+class _Tally:
+    """What the parts of a zoom's tile selection add up to, as they come (see :func:`_select_part`)."""
+
+    def __init__(self, coarsest: int) -> None:
+        self.tiles = self.selected = self.reused = 0
+        self.parts: list[int] = []  # cells per part
+        self.coarsest = coarsest  # the coarsest stratum zoom any tile had to use
+        self.span: pyramid.Span | None = None  # the tile features' scores
+        self.extent: list[float] = []  # the published positions'
+        self.known: list[tuple[np.ndarray, np.ndarray]] = []  # each part's tile keys and digests
+
+
+def _select_part(
+    plan: Plan, z: int, cells: pl.DataFrame, last: _Previous | None, overview: Overview | None, tally: _Tally
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """One part's published rows (without intensity) and tile features: chosen, or taken from the last build.
+
+    ``cells``: whole tiles of zoom ``z`` in key order, with or without their
+    intensity (a selection does not depend on it, so neither do the digests
+    that tell an unchanged tile: the zoom's span may move while a tile stays).
+    """
+    ts, profile = plan.settings, plan.profile
+    common = dict(z=z, detail=ts.cell_detail, strata_detail=ts.strata_detail, representative=profile.representative)
+    hide = dict(z=z, detail=ts.cell_detail, strata_detail=ts.strata_detail, min_count=profile.min_count)
+    cells = privacy.coarsen(pyramid.in_published_order(cells.drop("intensity", strict=False)), **hide)
+    fresh, reused = cells, np.zeros(0, bool)
+    if not overview:  # a tile's selection depends on its cells alone: unchanged ones are reused
+        keys = cells.select(_tile_key()).to_series().to_numpy()
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        digests = tile_digests(cells, cells.columns, starts)
+        tally.known.append((keys[starts], digests))
+        reused = last.hits(keys[starts], digests) if last else np.zeros(len(starts), bool)
+        if reused.any():
+            fresh = cells.filter(pl.Series(np.repeat(~reused, np.diff(np.r_[starts, cells.height]))))
+    annotated = tile_features = None
+    if fresh.height:
+        tile_choice = choose(fresh, budget=ts.max_features_per_tile, group_zoom=z, **common)
+        tile_features = features(fresh, tile_choice, profile)
+        over_choice = None
+        if overview:
+            over_choice = overview.choice(fresh)
+            overview.add(fresh, over_choice)
+        annotated = _annotated(fresh, tile_choice, over_choice)
+    if reused.any():
+        old_cells, old_features = last.take(int(keys[-1]) + 1, keys[starts][reused])
+        annotated, tile_features = _merge(old_cells, annotated), _merge(old_features, tile_features)
+    found = pyramid.Span.of(tile_features.get_column("score"))
+    tally.span = found.join(tally.span) if found else tally.span
+    tally.extent = geoparquet.union(tally.extent, geoparquet.extent(annotated))
+    tally.parts.append(cells.height)
+    tally.tiles += tile_features.select(pl.struct("tile_x", "tile_y").n_unique()).item()
+    tally.selected += tile_features.height
+    tally.coarsest = min(tally.coarsest, int(annotated.get_column("tile_stratum_zoom").min()))
+    tally.reused += int(reused.sum())
+    return annotated, tile_features
+
+
+def _published(annotated: pl.DataFrame, profile, span: pyramid.Span | None) -> pl.DataFrame:
+    """A part's published rows with their intensity over the zoom's ``span`` of cell scores, after ``score``."""
+    columns = annotated.columns
+    at = columns.index("score") + 1
+    return annotated.with_columns(pyramid.intensity(profile, span).alias("intensity")).select(
+        *columns[:at], "intensity", *columns[at:]
+    )
+
+
 def _select_zoom(plan: Plan, z: int, last: _Previous | None, salt: str) -> ZoomSelection | None:
-    """One zoom's selection; ``last``: the last build's of this zoom, whose unchanged tiles are taken."""
+    """One zoom's selection from its merged cells; ``last``: the last build's, whose unchanged tiles are taken."""
     ts, profile, path = plan.settings, plan.profile, plan.work.cells(z)
     if not path.exists() or parquet_rows(path) == 0:
         return None
     common = dict(z=z, detail=ts.cell_detail, strata_detail=ts.strata_detail, representative=profile.representative)
     hide = dict(z=z, detail=ts.cell_detail, strata_detail=ts.strata_detail, min_count=profile.min_count)
     overview = Overview(**common, budget=overview_budget(z)) if z <= ts.overview_maxzoom else None
-    # the published positions' extent first (the GeoParquet schema holds it), and the overview's strata
+    # the published positions' extent first (the GeoParquet schema holds it), the cells' span, the overview's strata
     extent: list[float] = []
+    cell_span: pyramid.Span | None = None
     for part in cell_parts(
-        path, ts.cell_detail, SELECT_PART_CELLS, ["cell_key", "quadkey", "report_count", "lng", "lat"]
+        path, ts.cell_detail, SELECT_PART_CELLS, ["cell_key", "quadkey", "report_count", "score", "lng", "lat"]
     ):
         extent = geoparquet.union(extent, geoparquet.extent(privacy.coarsen(part, **hide)))
+        found = pyramid.Span.of(part.get_column("score"))
+        cell_span = found.join(cell_span) if found else cell_span
         if overview:
             overview.count(part)
     if overview:
@@ -153,72 +240,181 @@ def _select_zoom(plan: Plan, z: int, last: _Previous | None, salt: str) -> ZoomS
         overview.decide()
     out = plan.work.selected(z)
     out.mkdir(parents=True, exist_ok=True)
-    tiles = selected = 0
-    parts: list[int] = []
-    coarsest = z + ts.strata_detail
-    span: pyramid.Span | None = None
-    over_choice = None
-    known: list[tuple[np.ndarray, np.ndarray]] = []  # each part's tile keys and digests
-    reused_tiles = 0
+    tally = _Tally(z + ts.strata_detail)
     with (
         geoparquet.writing(out / "cells.parquet", extent) as published,
         _IpcParts(out / "tile_features.arrow") as feats,
     ):
-        plain = [c for c in pq.read_schema(path).names if c != "geometry"]  # written again from lng, lat
+        plain = [c for c in pq.read_schema(path).names if c not in ("geometry", "intensity")]
         for cells in cell_parts(path, ts.cell_detail, SELECT_PART_CELLS, plain):
-            cells = privacy.coarsen(cells, **hide)
-            fresh, reused = cells, np.zeros(0, bool)
-            if not overview:  # a tile's selection depends on its cells alone: unchanged ones are reused
-                keys = cells.select(_tile_key()).to_series().to_numpy()
-                starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-                digests = tile_digests(cells, cells.columns, starts)
-                known.append((keys[starts], digests))
-                reused = last.hits(keys[starts], digests) if last else np.zeros(len(starts), bool)
-                if reused.any():
-                    fresh = cells.filter(pl.Series(np.repeat(~reused, np.diff(np.r_[starts, cells.height]))))
-            annotated = tile_features = None
-            if fresh.height:
-                tile_choice = choose(fresh, budget=ts.max_features_per_tile, group_zoom=z, **common)
-                tile_features = features(fresh, tile_choice, profile)
-                if overview:
-                    over_choice = overview.choice(fresh)
-                    overview.add(fresh, over_choice)
-                annotated = _annotated(fresh, tile_choice, over_choice)
-            if reused.any():
-                old_cells, old_features = last.take(int(keys[-1]) + 1, keys[starts][reused])
-                annotated, tile_features = _merge(old_cells, annotated), _merge(old_features, tile_features)
-            published.write(annotated)  # published as is
+            annotated, tile_features = _select_part(plan, z, cells, last, overview, tally)
+            published.write(_published(annotated, profile, cell_span))  # published as is
             feats.write(tile_features)  # private, read once: LZ4 Arrow, a batch per part
-            found = pyramid.Span.of(tile_features.get_column("score"))
-            span = found.join(span) if found else span
-            parts.append(cells.height)
-            tiles += tile_features.select(pl.struct("tile_x", "tile_y").n_unique()).item()
-            selected += tile_features.height
-            coarsest = min(coarsest, int(annotated.get_column("tile_stratum_zoom").min()))
-            reused_tiles += int(reused.sum())
     if not overview:  # the next build's record of this one's tiles
-        _write_tiles(out / "tiles.arrow", known, salt)
+        _write_tiles(out / "tiles.arrow", tally.known, salt)
     over_features = None
     if overview:
         chosen = overview.features(profile)
         over_features = finish(chosen, profile, pyramid.Span.of(chosen.get_column("score")))
         _write_ipc(over_features, out / "overview_features.arrow")
+    return _zoom_selection(plan, z, tally, over_features.height if over_features is not None else 0, overview)
+
+
+def _zoom_selection(plan: Plan, z: int, tally: _Tally, overview_features: int, overview: Overview | None):
     return ZoomSelection(
         z,
-        sum(parts),
-        tiles,
-        selected,
-        over_features.height if over_features is not None else 0,
-        z + ts.strata_detail,
-        coarsest,
+        sum(tally.parts),
+        tally.tiles,
+        tally.selected,
+        overview_features,
+        z + plan.settings.strata_detail,
+        tally.coarsest,
         overview.stratum_zoom if overview else None,
-        tuple(span) if span else None,
-        tuple(parts),
-        reused_tiles,
+        tuple(tally.span) if tally.span else None,
+        tuple(tally.parts),
+        tally.reused,
     )
 
 
-SELECTION_CACHE_VERSION = 2  # a change to what selection makes of the same cells: add one
+# --- selection in the shards --------------------------------------------------
+
+
+def shard_zooms(plan: Plan) -> list[int]:
+    """The zooms each shard chooses the tiles of itself (:func:`select_shard`).
+
+    Those finer than the overviews (an overview chooses among a whole zoom)
+    whose tiles each lie in one shard: from the shard zoom down, or every
+    such zoom when a plan has one shard.
+    """
+    ts = plan.settings
+    top = ts.overview_maxzoom + 1 if len(plan.shards) == 1 else max(plan.shard_zoom, ts.overview_maxzoom + 1)
+    return [z for z in plan.zooms if z >= top]
+
+
+def select_shard(plan: Plan, i: int) -> list[dict]:
+    """Choose the features of shard ``i``'s tiles at :func:`shard_zooms`, from its own cells.
+
+    Run by the shard (after :func:`pipeline.build.run_shard` built its cells,
+    before the merge takes them), two zooms at a time. Per zoom it writes, in
+    ``<shard>/selected/zoom=<z>/``, its published rows without intensity
+    (``cells.arrow``: intensity needs the whole zoom's span), its tile
+    features and its tiles' digests, and in ``<shard>/selected.json`` what
+    :func:`select_tileset` needs to put the zoom together: the cells' and
+    features' spans, the extent, the parts. Tiles whose cells are unchanged
+    since the last build take that build's rows (its ``selected/``, still in
+    place until the selection step).
+    """
+    shard = plan.work.shard(i)
+    shutil.rmtree(shard.selections, ignore_errors=True)
+    shard.selected.unlink(missing_ok=True)
+    salt = _selection_salt(plan)
+    detail = plan.settings.cell_detail
+
+    def one(z: int) -> dict | None:
+        if len(plan.shards) == 1:
+            path = shard.final / f"zoom={z}" / "cells.parquet"
+            if not path.exists():
+                return None
+            columns = [c for c in pq.read_schema(path).names if c not in ("geometry", "intensity")]
+            frames = parquet_parts(path, columns, rows=min(SELECT_PART_CELLS, 1 << 20))
+        else:
+            if not shard.cells(z).exists():
+                return None
+            frames = read_parts(shard.cells(z))
+        out = shard.selection(z)
+        out.mkdir(parents=True)
+        last = _Previous.open(plan.work.selected(z), salt)
+        tally = _Tally(z + plan.settings.strata_detail)
+        cell_span: pyramid.Span | None = None
+        with _IpcParts(out / "cells.arrow") as rows, _IpcParts(out / "tile_features.arrow") as feats:
+            for cells in tile_parts(frames, detail, SELECT_PART_CELLS):
+                found = pyramid.Span.of(cells.get_column("score"))
+                cell_span = found.join(cell_span) if found else cell_span
+                annotated, tile_features = _select_part(plan, z, cells, last, None, tally)
+                rows.write(annotated)
+                feats.write(tile_features)
+        _write_tiles(out / "tiles.arrow", tally.known, salt)
+        return {
+            "z": z,
+            "selection": _zoom_selection(plan, z, tally, 0, None)._asdict(),
+            "cell_span": list(cell_span) if cell_span else None,
+            "extent": tally.extent,
+        }
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        zooms = [s for s in pool.map(one, shard_zooms(plan)) if s is not None]
+    _write_json(shard.selected, {"plan": plan.digest(), "zooms": zooms})
+    return zooms
+
+
+def read_shard_selection(plan: Plan, i: int) -> list[ZoomSelection]:
+    """What shard ``i`` chose, per zoom (:func:`select_shard`)."""
+    doc = json.loads(plan.work.shard(i).selected.read_text())
+    return [ZoomSelection(**s["selection"]) for s in doc["zooms"]]
+
+
+def _shard_selections(plan: Plan) -> list[tuple[Shard, dict[int, dict]]]:
+    """Each shard and its zooms' selection summaries (:func:`select_shard`), checked against the plan."""
+    out = []
+    for i in range(len(plan.shards)):
+        shard = plan.work.shard(i)
+        try:
+            doc = json.loads(shard.selected.read_text())
+        except FileNotFoundError:
+            raise PublishError(
+                f"shard {i} of {plan.key} has not chosen its tiles (no {shard.selected}): run the build again"
+            ) from None
+        if doc["plan"] != plan.digest():
+            raise PublishError(f"shard {i} of {plan.key} chose its tiles for another plan: run the build again")
+        out.append((shard, {s["z"]: s for s in doc["zooms"]}))
+    return out
+
+
+def _assemble_zoom(plan: Plan, z: int, chosen: list[tuple[Shard, dict[int, dict]]], salt: str) -> ZoomSelection | None:
+    """A zoom the shards chose, put together in key order (shard after shard), with the whole zoom's intensity."""
+    held = [(shard.selection(z), doc[z]) for shard, doc in chosen if z in doc]
+    if not held:
+        return None
+    cell_span = span = None
+    extent: list[float] = []
+    for _, doc in held:
+        if doc["cell_span"]:
+            cell_span = pyramid.Span(*doc["cell_span"]).join(cell_span)
+        extent = geoparquet.union(extent, doc["extent"])
+        if doc["selection"]["tile_span"]:
+            span = pyramid.Span(*doc["selection"]["tile_span"]).join(span)
+    out = plan.work.selected(z)
+    out.mkdir(parents=True, exist_ok=True)
+    with (
+        geoparquet.writing(out / "cells.parquet", extent) as published,
+        _IpcParts(out / "tile_features.arrow") as feats,
+    ):
+        for folder, _ in held:
+            for rows in read_parts(folder / "cells.arrow"):
+                published.write(_published(rows, plan.profile, cell_span))
+            for tile_features in read_parts(folder / "tile_features.arrow"):
+                feats.write(tile_features)
+    tiles = [_read_table(folder / "tiles.arrow") for folder, _ in held]
+    _write_tiles(
+        out / "tiles.arrow", [(t.column("tile").to_numpy(), t.column("digest").to_numpy()) for t in tiles], salt
+    )
+    s = [ZoomSelection(**doc["selection"]) for _, doc in held]
+    return ZoomSelection(
+        z,
+        sum(x.cells for x in s),
+        sum(x.tiles for x in s),
+        sum(x.selected_tile for x in s),
+        0,
+        z + plan.settings.strata_detail,
+        min(x.stratum_zoom_coarsest for x in s),
+        None,
+        tuple(span) if span else None,
+        tuple(n for x in s for n in x.parts),
+        sum(x.reused for x in s),
+    )
+
+
+SELECTION_CACHE_VERSION = 3  # a change to what selection makes of the same cells: add one
 PREVIOUS_BATCH_ROWS = 1 << 17  # the last build's published cells, read this many at a time
 
 
@@ -232,6 +428,11 @@ def _selection_salt(plan: Plan) -> str:
 def _tile_key() -> pl.Expr:
     """The Morton key of a row's tile (``tile_x``, ``tile_y``), as ``_tile``."""
     return tilemath.morton(pl.col("tile_x").cast(pl.UInt64), pl.col("tile_y").cast(pl.UInt64)).alias("_tile")
+
+
+def _read_table(path: Path) -> pa.Table:
+    with pa.OSFile(str(path)) as source:
+        return pa.ipc.open_file(source).read_all()
 
 
 def _write_tiles(path: Path, known: list[tuple[np.ndarray, np.ndarray]], salt: str) -> None:
@@ -260,7 +461,7 @@ class _Previous:
         self._keys = tiles.column("tile").to_numpy()
         self._digests = tiles.column("digest").to_numpy()
         cells = folder / "cells.parquet"
-        columns = [c for c in pq.read_schema(cells).names if c != "geometry"]
+        columns = [c for c in pq.read_schema(cells).names if c not in ("geometry", "intensity")]
         self._cells = _Cursor(parquet_parts(cells, columns, rows=PREVIOUS_BATCH_ROWS))
         self._features = _Cursor(read_parts(folder / "tile_features.arrow"))
 

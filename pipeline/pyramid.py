@@ -351,8 +351,13 @@ def with_intensity(frame: pl.DataFrame, profile: Profile, span: Span | None = No
     ``span`` is the whole zoom's (:class:`Span`); by default the frame's own.
     """
     span = span if span is not None else Span.of(frame.get_column("score"))
-    rest = [c for c in frame.columns if c not in CELL_COLUMNS]
-    return frame.with_columns(intensity(profile, span).alias("intensity")).select(*CELL_COLUMNS, *rest)
+    return in_published_order(frame.with_columns(intensity(profile, span).alias("intensity")))
+
+
+def in_published_order(frame: pl.DataFrame) -> pl.DataFrame:
+    """A zoom's cells with their columns in the published order: :data:`CELL_COLUMNS` (those it has), then the rest."""
+    first = [c for c in CELL_COLUMNS if c in frame.columns]
+    return frame.select(*first, *(c for c in frame.columns if c not in CELL_COLUMNS))
 
 
 def _frame(cells: Level, z: int, detail: int, profile: Profile) -> pl.DataFrame:

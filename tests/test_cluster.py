@@ -70,14 +70,16 @@ def test_a_sharded_tileset_on_a_dask_cluster_publishes_the_in_process_bytes(writ
             planned = run(PLAN_JOB, "rail", {"build_plan": {"config": params}})
             [meta] = [e.materialization.metadata for e in planned.get_asset_materialization_events()]
             assert meta["shards"].value == 4
-            ran_on, rows = set(), []
+            ran_on, rows, chosen = set(), [], []
             for i in range(4):
                 shard = run(SHARD_JOB, dg.MultiPartitionKey({"tileset": "rail", "shard": str(i)}))
                 [m] = [e.materialization.metadata for e in shard.get_asset_materialization_events()]
                 assert m["in_plan"].value
                 rows.append(m["dagster/row_count"].value)
+                chosen.append(m["tile_features"].value)
                 ran_on.add(m["process"].value)
             assert sum(1 for n in rows if n) >= 2  # the work really was split
+            assert all(f > 0 for n, f in zip(rows, chosen) if n)  # each shard chose its own tiles' features
             assert ran_on <= workers and ran_on  # every shard ran in a worker process of the cluster
             run(PUBLISH_JOB, "rail")
     finally:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from pipeline import build, paths, plan, publish, tilemath, warehouse
 from pipeline.config import load_config
-from pipeline.errors import ConfigError, PlanError
+from pipeline.errors import ConfigError, PlanError, PublishError
 
 from .conftest import AS_OF, REPO, run_extraction
 
@@ -30,10 +30,10 @@ def published_as(cfg, tileset: str, out: Path, part_cells: int | None = None, **
     frozen = build.split(replace(made, settings=made.settings.model_copy(update=changes), output=out))
     plan.write(frozen)
     build.score_tileset(frozen)
-    build.build_cells(frozen)
     default = publish.SELECT_PART_CELLS
-    publish.SELECT_PART_CELLS = part_cells or default
+    publish.SELECT_PART_CELLS = part_cells or default  # shards choose their tiles in parts too
     try:
+        build.build_cells(frozen)
         publish.select_tileset(frozen)
     finally:
         publish.SELECT_PART_CELLS = default
@@ -249,3 +249,41 @@ def test_a_merge_never_mixes_plans_or_misses_a_shard(write_config, tmp_path):
     build.start(first)
     with pytest.raises(PlanError, match="shard 0 of pts has not run"):
         build.merge_scoring(first)
+
+
+def test_shards_choose_their_own_tiles_and_the_selection_step_puts_them_together(write_config, tmp_path):
+    write_points(tmp_path / "pts.csv", seed=6, n=3000, clusters=30)
+    cfg = config_for(write_config, tmp_path, shards=3, shard_zoom=10)
+    run_extraction(cfg)
+    first = build.split(plan.make(cfg, "pts", AS_OF))
+    plan.write(first)
+    build.score_tileset(first)
+    build.build_cells(first)  # each shard chose its tiles before the merge took its cells
+    mine = publish.shard_zooms(first)
+    assert mine == [10, 11, 12]  # z9 is finer than the overviews, but its tiles span shards: the merge's
+    chosen = [publish.read_shard_selection(first, i) for i in range(3)]
+    assert sum(1 for c in chosen if c) >= 2  # the tiles really were chosen in more than one shard
+    summary = {s.z: s for s in publish.select_tileset(first)}
+    for z in mine:
+        # a zoom the shards chose is the sum of their parts: every tile in exactly one shard
+        assert summary[z].tiles == sum(s.tiles for c in chosen for s in c if s.z == z) > 0
+        assert summary[z].cells == sum(s.cells for c in chosen for s in c if s.z == z)
+    assert all(c.holds for c in publish.check_selection(first))
+    # put together: the shards' parts are gone, and putting them together again asks for them
+    assert not any(first.work.shards_root.glob("*/selected"))
+    with pytest.raises(PublishError, match="shard 0 of pts has not chosen its tiles"):
+        publish.select_tileset(first)
+
+    # the next build over the same reports: every shard takes each of its tiles from the last build,
+    # wherever its key range starts
+    build.score_tileset(first)
+    build.build_cells(first)
+    for i in range(3):
+        for s in publish.read_shard_selection(first, i):
+            assert s.reused == s.tiles
+    later = replace(first, as_of=AS_OF.replace(hour=13))  # another build's plan
+    with pytest.raises(PublishError, match="shard 0 of pts chose its tiles for another plan"):
+        publish.select_tileset(later)
+    again = publish.select_tileset(first)  # the failed step kept the last build's selection to take from
+    assert [s._replace(reused=0) for s in again] == list(summary.values())
+    assert all(s.reused == s.tiles for s in again if s.z > first.settings.overview_maxzoom)
