@@ -98,7 +98,8 @@ class Shard:
     scoring = _in_root("scoring.json")
     pivot = _in_root("pivot.npz")  # its cells at the pivot zoom, with what the roll-up above needs
     final = _in_root("final")  # a plan's only shard: every zoom's cells, ready to move into place
-    selected = _in_root("selected.json")  # its tiles' selection, per zoom in selected/zoom=<z>/ (publish.select_shard)
+    selected = _in_root("selected.json")  # what it chose, per zoom (publish.select_shard)
+    selections = _in_root("selected")  # its tiles' selection, a folder per zoom (see selection)
 
     @property
     def lease(self) -> Path:
@@ -108,11 +109,6 @@ class Shard:
     def cells(self, z: int) -> Path:
         """Its cells of zoom ``z`` (at or below the pivot zoom), before intensity (Arrow IPC)."""
         return self.root / "cells" / f"{z}.arrow"
-
-    @property
-    def selections(self) -> Path:
-        """Its tiles' selection, a folder per zoom (see :meth:`selection`)."""
-        return self.root / "selected"
 
     def selection(self, z: int) -> Path:
         """Its tiles' selection at zoom ``z``: published rows without intensity, tile features, digests."""

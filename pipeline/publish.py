@@ -156,7 +156,7 @@ class _Tally:
         self.coarsest = coarsest  # the coarsest stratum zoom any tile had to use
         self.span: pyramid.Span | None = None  # the tile features' scores
         self.extent: list[float] = []  # the published positions'
-        self.known: list[tuple[np.ndarray, np.ndarray]] = []  # each part's tile keys and digests
+        self.known: list[pa.Table] = []  # each part's tiles (:func:`_tile_record`): the next build's record
 
 
 def _select_part(
@@ -177,7 +177,6 @@ def _select_part(
         keys = cells.select(_tile_key()).to_series().to_numpy()
         starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
         digests = tile_digests(cells, cells.columns, starts)
-        tally.known.append((keys[starts], digests))
         reused = last.hits(keys[starts], digests) if last else np.zeros(len(starts), bool)
         if reused.any():
             fresh = cells.filter(pl.Series(np.repeat(~reused, np.diff(np.r_[starts, cells.height]))))
@@ -193,6 +192,8 @@ def _select_part(
     if reused.any():
         old_cells, old_features = last.take(int(keys[-1]) + 1, keys[starts][reused])
         annotated, tile_features = _merge(old_cells, annotated), _merge(old_features, tile_features)
+    if not overview:
+        tally.known.append(_tile_record(keys[starts], digests, np.diff(np.r_[starts, cells.height]), tile_features))
     found = pyramid.Span.of(tile_features.get_column("score"))
     tally.span = found.join(tally.span) if found else tally.span
     tally.extent = geoparquet.union(tally.extent, geoparquet.extent(annotated))
@@ -323,7 +324,8 @@ def select_shard(plan: Plan, i: int) -> list[dict]:
             frames = read_parts(shard.cells(z))
         out = shard.selection(z)
         out.mkdir(parents=True)
-        last = _Previous.open(plan.work.selected(z), salt)
+        start = plan.shards[i][0] >> 2 * (tilemath.KEY_LEVEL - z)  # its first tile's key at z
+        last = _Previous.open(plan.work.selected(z), salt, start)
         tally = _Tally(z + plan.settings.strata_detail)
         cell_span: pyramid.Span | None = None
         with _IpcParts(out / "cells.arrow") as rows, _IpcParts(out / "tile_features.arrow") as feats:
@@ -394,10 +396,7 @@ def _assemble_zoom(plan: Plan, z: int, chosen: list[tuple[Shard, dict[int, dict]
                 published.write(_published(rows, plan.profile, cell_span))
             for tile_features in read_parts(folder / "tile_features.arrow"):
                 feats.write(tile_features)
-    tiles = [_read_table(folder / "tiles.arrow") for folder, _ in held]
-    _write_tiles(
-        out / "tiles.arrow", [(t.column("tile").to_numpy(), t.column("digest").to_numpy()) for t in tiles], salt
-    )
+    _write_tiles(out / "tiles.arrow", [_read_table(folder / "tiles.arrow") for folder, _ in held], salt)
     s = [ZoomSelection(**doc["selection"]) for _, doc in held]
     return ZoomSelection(
         z,
@@ -414,14 +413,19 @@ def _assemble_zoom(plan: Plan, z: int, chosen: list[tuple[Shard, dict[int, dict]
     )
 
 
-SELECTION_CACHE_VERSION = 3  # a change to what selection makes of the same cells: add one
+SELECTION_CACHE_VERSION = 4  # a change to what selection makes of the same cells: add one
 PREVIOUS_BATCH_ROWS = 1 << 17  # the last build's published cells, read this many at a time
 
 
+SHARDING = ("shards", "shard_reports", "shard_zoom")  # settings the published bytes never depend on
+
+
 def _selection_salt(plan: Plan) -> str:
-    """What besides a tile's cells decides its selection: the settings, profile, filters, polars."""
+    """What besides a tile's cells decides its selection: the settings (but how the build is sharded),
+    profile, filters, polars."""
     public = plan.public()
-    doc = [SELECTION_CACHE_VERSION, public["config"], public["profile"], public["filters"], pl.__version__]
+    config = {k: v for k, v in public["config"].items() if k not in SHARDING}
+    doc = [SELECTION_CACHE_VERSION, config, public["profile"], public["filters"], pl.__version__]
     return hashlib.sha256(strictjson.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -435,10 +439,28 @@ def _read_table(path: Path) -> pa.Table:
         return pa.ipc.open_file(source).read_all()
 
 
-def _write_tiles(path: Path, known: list[tuple[np.ndarray, np.ndarray]], salt: str) -> None:
-    keys = np.concatenate([k for k, _ in known]) if known else np.empty(0, np.uint64)
-    digests = np.concatenate([d for _, d in known]) if known else np.empty(0, np.uint64)
-    table = pa.table({"tile": pa.array(keys, pa.uint64()), "digest": pa.array(digests, pa.uint64())})
+TILE_RECORD = pa.schema(
+    [
+        ("tile", pa.uint64()),
+        ("digest", pa.uint64()),
+        ("rows", pa.int64()),
+        ("features", pa.int64()),
+        ("first", pa.bool_()),
+    ]
+)
+
+
+def _tile_record(tiles: np.ndarray, digests: np.ndarray, rows: np.ndarray, tile_features: pl.DataFrame) -> pa.Table:
+    """A part's tiles as the next build finds them (``tiles.arrow``, :data:`TILE_RECORD`): key, digest, its
+    published rows and features (each file holds them tile after tile), and whether it begins its part (a
+    batch of the features file), so that a shard reads the last build from where its range begins."""
+    found = tile_features.select(_tile_key()).to_series().to_numpy()  # in key order, as the rows
+    counts = np.searchsorted(found, tiles, side="right") - np.searchsorted(found, tiles, side="left")
+    return pa.table([tiles, digests, rows, counts, np.arange(len(tiles)) == 0], schema=TILE_RECORD)
+
+
+def _write_tiles(path: Path, known: list[pa.Table], salt: str) -> None:
+    table = pa.concat_tables([t.replace_schema_metadata(None) for t in known]) if known else TILE_RECORD.empty_table()
     with atomic.replacing(path) as tmp, pa.OSFile(str(tmp), "wb") as sink:
         with pa.ipc.new_file(sink, table.schema.with_metadata({"salt": salt})) as writer:
             writer.write_table(table)
@@ -457,24 +479,40 @@ class _Previous:
     as this build's parts come (parts are whole tiles in key order, so one pass reads each file once).
     """
 
-    def __init__(self, folder: Path, tiles: pa.Table) -> None:
+    def __init__(self, folder: Path, tiles: pa.Table, start: int) -> None:
         self._keys = tiles.column("tile").to_numpy()
         self._digests = tiles.column("digest").to_numpy()
-        cells = folder / "cells.parquet"
-        columns = [c for c in pq.read_schema(cells).names if c not in ("geometry", "intensity")]
-        self._cells = _Cursor(parquet_parts(cells, columns, rows=PREVIOUS_BATCH_ROWS))
-        self._features = _Cursor(read_parts(folder / "tile_features.arrow"))
+        # the rows before the first tile at or after `start` are not read: whole row groups and batches
+        # are skipped, the rest of the one it begins in passed over
+        at = int(np.searchsorted(self._keys, np.uint64(start)))
+        rows, features = tiles.column("rows").to_numpy(), tiles.column("features").to_numpy()
+        cells = pq.ParquetFile(folder / "cells.parquet")
+        columns = [c for c in cells.schema_arrow.names if c not in ("geometry", "intensity")]
+        groups = np.cumsum([0] + [cells.metadata.row_group(g).num_rows for g in range(cells.num_row_groups)])
+        row_at = int(rows[:at].sum())
+        group = max(int(np.searchsorted(groups, row_at, side="right")) - 1, 0)
+        frames = (
+            pl.from_arrow(b)
+            for b in cells.iter_batches(PREVIOUS_BATCH_ROWS, range(group, cells.num_row_groups), columns)
+        )
+        self._cells = _Cursor(frames, row_at - int(groups[group]))
+        parts = np.flatnonzero(tiles.column("first").to_numpy())
+        batch = max(int(np.searchsorted(parts, at, side="right")) - 1, 0)
+        batch_at = int(features[: parts[batch]].sum()) if len(parts) else 0
+        features_path = folder / "tile_features.arrow"
+        self._features = _Cursor(read_parts(features_path, first=batch), int(features[:at].sum()) - batch_at)
 
     @classmethod
-    def open(cls, folder: Path, salt: str) -> _Previous | None:
-        """The last build's zoom in ``folder``, or None: none, unfinished, or made with other settings."""
+    def open(cls, folder: Path, salt: str, start: int = 0) -> _Previous | None:
+        """The last build's zoom in ``folder`` from tile key ``start`` on, or None: none, unfinished, or made
+        with other settings."""
         try:
             with pa.OSFile(str(folder / "tiles.arrow")) as source:
                 reader = pa.ipc.open_file(source)
                 if (reader.schema.metadata or {}).get(b"salt") != salt.encode():
                     return None
                 tiles = reader.read_all()
-            return cls(folder, tiles)
+            return cls(folder, tiles, start)
         except (OSError, pa.ArrowException):
             return None
 
@@ -490,11 +528,21 @@ class _Previous:
         return self._cells.take(end, wanted), self._features.take(end, wanted)
 
 
+def _skipped(frames: Iterator[pl.DataFrame], rows: int) -> Iterator[pl.DataFrame]:
+    """``frames`` without their first ``rows`` rows."""
+    for frame in frames:
+        if rows >= frame.height:
+            rows -= frame.height
+            continue
+        yield frame.slice(rows)
+        rows = 0
+
+
 class _Cursor:
     """Frames of rows in tile-key order, taken up to a key at a time."""
 
-    def __init__(self, frames: Iterator[pl.DataFrame]) -> None:
-        self._frames = frames
+    def __init__(self, frames: Iterator[pl.DataFrame], skip: int = 0) -> None:
+        self._frames = _skipped(frames, skip)
         self._held: pl.DataFrame | None = None
 
     def take(self, end: int, wanted: np.ndarray) -> pl.DataFrame:
@@ -569,11 +617,12 @@ class _IpcParts:
         return bool(self._replacing.__exit__(*exc))
 
 
-def read_parts(path: Path, columns: list[str] | None = None) -> Iterator[pl.DataFrame]:
-    """The parts an :class:`_IpcParts` file was written in, one at a time (``columns``: only these)."""
+def read_parts(path: Path, columns: list[str] | None = None, first: int = 0) -> Iterator[pl.DataFrame]:
+    """The parts an :class:`_IpcParts` file was written in, one at a time (``columns``: only these; ``first``:
+    from this part on)."""
     with pa.OSFile(str(path)) as source:  # read, not mapped: a mapped file's pages count as the process's
         reader = pa.ipc.open_file(source)
-        for i in range(reader.num_record_batches):
+        for i in range(first, reader.num_record_batches):
             batch = reader.get_batch(i)
             yield pl.from_arrow(batch.select(columns) if columns is not None else batch)
 

@@ -10,11 +10,13 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import build, paths, plan, publish, tilemath, warehouse
+from pipeline import build, geoparquet, paths, plan, publish, tilemath, warehouse
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, PlanError, PublishError
 
@@ -251,7 +253,10 @@ def test_a_merge_never_mixes_plans_or_misses_a_shard(write_config, tmp_path):
         build.merge_scoring(first)
 
 
-def test_shards_choose_their_own_tiles_and_the_selection_step_puts_them_together(write_config, tmp_path):
+def test_shards_choose_their_own_tiles_and_the_selection_step_puts_them_together(write_config, tmp_path, monkeypatch):
+    # small parts and row groups: a read from a shard's start skips whole ones, and begins inside one
+    monkeypatch.setattr(publish, "SELECT_PART_CELLS", 40)
+    monkeypatch.setattr(geoparquet, "ROW_GROUP", 64)
     write_points(tmp_path / "pts.csv", seed=6, n=3000, clusters=30)
     cfg = config_for(write_config, tmp_path, shards=3, shard_zoom=10)
     run_extraction(cfg)
@@ -264,6 +269,19 @@ def test_shards_choose_their_own_tiles_and_the_selection_step_puts_them_together
     chosen = [publish.read_shard_selection(first, i) for i in range(3)]
     assert sum(1 for c in chosen if c) >= 2  # the tiles really were chosen in more than one shard
     summary = {s.z: s for s in publish.select_tileset(first)}
+    selected = first.work.selected_root
+    chosen_files = _selected_contents(selected)
+    # the last build read from a tile key on (where a shard's range begins): nothing before it is left
+    # to read, and the rows after it are the ones a read from the beginning takes
+    salt, folder = publish._selection_salt(first), first.work.selected(12)
+    keys = pa.ipc.open_file(pa.memory_map(str(folder / "tiles.arrow"))).read_all().column("tile").to_numpy()
+    assert len(keys) > 3 and pq.ParquetFile(folder / "cells.parquet").num_row_groups > 3
+    for start in (int(keys[0]), int(keys[1]), int(keys[len(keys) // 2]), int(keys[-1])):
+        late, whole = publish._Previous.open(folder, salt, start), publish._Previous.open(folder, salt)
+        assert all(f.height == 0 for f in late.take(start, keys))
+        whole.take(start, keys)
+        end, wanted = int(keys[-1]) + 1, keys[keys >= start][::2]
+        assert all(a.equals(b) for a, b in zip(late.take(end, wanted), whole.take(end, wanted), strict=True))
     for z in mine:
         # a zoom the shards chose is the sum of their parts: every tile in exactly one shard
         assert summary[z].tiles == sum(s.tiles for c in chosen for s in c if s.z == z) > 0
@@ -274,16 +292,30 @@ def test_shards_choose_their_own_tiles_and_the_selection_step_puts_them_together
     with pytest.raises(PublishError, match="shard 0 of pts has not chosen its tiles"):
         publish.select_tileset(first)
 
-    # the next build over the same reports: every shard takes each of its tiles from the last build,
-    # wherever its key range starts
-    build.score_tileset(first)
-    build.build_cells(first)
-    for i in range(3):
-        for s in publish.read_shard_selection(first, i):
+    # the next build over the same reports, in 2 shards: every shard takes each of its tiles from the last
+    # build, wherever its key range starts (the sharding does not change a selection)
+    second = build.split(replace(first, settings=first.settings.model_copy(update={"shards": 2})))
+    plan.write(second)
+    build.score_tileset(second)
+    build.build_cells(second)
+    for i in range(2):
+        for s in publish.read_shard_selection(second, i):
             assert s.reused == s.tiles
-    later = replace(first, as_of=AS_OF.replace(hour=13))  # another build's plan
+    later = replace(second, as_of=AS_OF.replace(hour=13))  # another build's plan
     with pytest.raises(PublishError, match="shard 0 of pts chose its tiles for another plan"):
         publish.select_tileset(later)
-    again = publish.select_tileset(first)  # the failed step kept the last build's selection to take from
-    assert [s._replace(reused=0) for s in again] == list(summary.values())
+    again = publish.select_tileset(second)  # the failed step kept the last build's selection to take from
+    assert [s._replace(reused=0, parts=()) for s in again] == [s._replace(parts=()) for s in summary.values()]
     assert all(s.reused == s.tiles for s in again if s.z > first.settings.overview_maxzoom)
+    # what each shard took from the last build, read from where its range begins, is what it had chosen
+    assert _selected_contents(selected) == chosen_files
+
+
+def _selected_contents(selected: Path) -> dict[str, object]:
+    """A build's selection: the published cells' bytes, the features' rows (their parts follow the shards)."""
+    out: dict[str, object] = {}
+    for path in sorted(selected.rglob("*.parquet")):
+        out[str(path.relative_to(selected))] = path.read_bytes()
+    for path in sorted(selected.rglob("tile_features.arrow")):
+        out[str(path.relative_to(selected))] = pl.concat(publish.read_parts(path)).rows()
+    return out
