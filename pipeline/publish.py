@@ -44,6 +44,7 @@ from .errors import PublishError
 from .geoparquet import plain_strings
 from .paths import SNAPSHOTS, Published, Shard, Work
 from .plan import Plan
+from .profiles import Profile
 from .select import Overview, choose, features, finish, overview_budget
 from .snapfolder import SnapshotFolder, link_or_copy
 
@@ -205,7 +206,7 @@ def _select_part(
     return annotated, tile_features
 
 
-def _published(annotated: pl.DataFrame, profile, span: pyramid.Span | None) -> pl.DataFrame:
+def _published(annotated: pl.DataFrame, profile: Profile, span: pyramid.Span | None) -> pl.DataFrame:
     """A part's published rows with their intensity over the zoom's ``span`` of cell scores, after ``score``."""
     columns = annotated.columns
     at = columns.index("score") + 1
@@ -249,7 +250,7 @@ def _select_zoom(plan: Plan, z: int, last: _Previous | None, salt: str) -> ZoomS
         plain = [c for c in pq.read_schema(path).names if c not in ("geometry", "intensity")]
         for cells in cell_parts(path, ts.cell_detail, SELECT_PART_CELLS, plain):
             annotated, tile_features = _select_part(plan, z, cells, last, overview, tally)
-            published.write(_published(annotated, profile, cell_span))  # published as is
+            published.write(_published(annotated, profile, cell_span))  # published as is, with intensity
             feats.write(tile_features)  # private, read once: LZ4 Arrow, a batch per part
     if not overview:  # the next build's record of this one's tiles
         _write_tiles(out / "tiles.arrow", tally.known, salt)
