@@ -80,8 +80,10 @@ def hotspots_side(path: str) -> dict:
     from pipeline.config import Tileset
     from pipeline.plan import resolve
 
+    warm = pyramid.warm_up()  # as a shard does while it reads its reports (from the warehouse: longer than this)
     reports = pl.read_parquet(path)
     profile, filters = resolve(Tileset(source="roads", profile="road_conditions"))
+    warm.join()
     started = time.perf_counter()
     result = scoring.score_reports(reports.lazy(), profile, filters, AS_OF)
     scored_s = time.perf_counter() - started
@@ -107,8 +109,10 @@ def shard_side(path: str, out: str) -> dict:
     from pipeline.config import Tileset
     from pipeline.plan import resolve
 
+    warm = pyramid.warm_up()  # as a shard does while it reads its reports (from the warehouse: longer than this)
     reports = pl.read_parquet(path)
     profile, filters = resolve(Tileset(source="roads", profile="road_conditions"))
+    warm.join()
     print("ready", flush=True)
     sys.stdin.readline()
     started = time.perf_counter()
@@ -129,6 +133,7 @@ def merge_side(paths: str) -> dict:
     from pipeline.config import Tileset
     from pipeline.plan import resolve
 
+    pyramid.warm_up().join()  # the merge starts it before merging the shards' zooms, which takes longer
     profile, _ = resolve(Tileset(source="roads", profile="road_conditions"))
     started = time.perf_counter()
     top = pyramid.Level.concat([pyramid.Level.load(Path(p)) for p in paths.split(",")])

@@ -127,6 +127,7 @@ def start(plan: Plan) -> None:
 def run_shard(plan: Plan, i: int) -> Scored:
     """Everything one shard does alone: score its reports, build its cells down to the pivot zoom, and
     choose the features of its tiles at the zooms whose tiles it holds whole."""
+    pyramid.warm_up()  # while the reports are read
     scored, frame = _score_shard(plan, i)
     finest = _finest(plan, frame)  # the scored reports in hand, not read back
     del frame
@@ -220,6 +221,7 @@ def scored_rows(plan: Plan) -> int:
 def shard_cells(plan: Plan, i: int) -> None:
     """One shard's cells, from ``maxzoom`` down to the pivot zoom, from its ``scored.parquet``; then its tiles'
     selection."""
+    pyramid.warm_up()
     _shard_zooms(plan, i, _finest(plan, pl.read_parquet(plan.work.shard(i).scored)))
     _select_shard(plan, i)
 
@@ -280,6 +282,8 @@ def merge_cells(plan: Plan) -> list[ZoomSummary]:
     at a time: the same bytes whatever the sharding, and no whole zoom held.
     """
     ts, work, pivot = plan.settings, plan.work, pivot_zoom(plan)
+    if len(plan.shards) > 1:
+        pyramid.warm_up()  # while the shards' zooms are merged, before the roll-up above the pivot
     shards = []
     for i in range(len(plan.shards)):
         shard = work.shard(i)

@@ -11,6 +11,7 @@ only (counts, sums, min, max, per-category counts).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 import polars as pl
 
 from .profiles import Profile
-from .tilemath import KEY_LEVEL, cell_bounds, cell_xy, digits_to_strings, quadkey_digits, tile_key
+from .tilemath import KEY_LEVEL, cell_bounds, digits_to_strings, row_edges, tile_key
 
 INSIDE = 1e-9  # degrees (0.1 mm) a centroid keeps from its cell's edges
 # Centroids lie on a grid of 2**-24 degrees (under 7 mm), times on whole
@@ -98,7 +99,6 @@ class Level(NamedTuple):
     key: np.ndarray  # uint64 Morton keys
     x: np.ndarray  # tile column and row at this level (int64)
     y: np.ndarray
-    digits: np.ndarray  # quadkeys as a cells x level matrix of ASCII digits
     sums: dict[str, np.ndarray]  # counts, weights, coordinate sums, metrics
     max_weight: np.ndarray
     first_seen: np.ndarray  # int64 microseconds since the epoch
@@ -113,13 +113,13 @@ class Level(NamedTuple):
         key: np.ndarray,
         code: np.ndarray,
         categories: tuple[str, ...],
-        level: int,
         columns: list[tuple[str, str]],
     ) -> Level:
         """Finest cells from reports sorted (stably) by cell key, then category code.
 
-        Sums run left to right over each cell's reports in that fixed order,
-        so the same input gives the same bits, whatever the thread count.
+        Sums take each cell's reports in that fixed order (NumPy's pairwise
+        sum, :mod:`pipeline.kernels`), so the same input gives the same bits,
+        whatever the thread count.
         """
         new_cell, new_pair = _changes(key), _changes(code)
         new_pair |= new_cell
@@ -131,40 +131,39 @@ class Level(NamedTuple):
         counts[pair_cell, code[pair_starts].astype(np.intp)] = np.diff(pair_starts, append=len(key))
         weight = reports.get_column("weight").to_numpy()
         times = reports.get_column("observed_at").dt.epoch("us").to_numpy()
-        sums.update({name: np.add.reduceat(reports.get_column(c).to_numpy(), starts) for name, c in columns})
+        sums.update({name: _kernels().segment_sum(_column(reports, c), starts) for name, c in columns})
         cell_key = key[starts]
-        x, y = cell_xy(cell_key)
+        x, y = _kernels().cell_xy(cell_key)
         return cls(
             cell_key,
             x,
             y,
-            quadkey_digits(cell_key, level),
             sums,
-            np.maximum.reduceat(weight, starts),
-            np.minimum.reduceat(times, starts),
-            np.maximum.reduceat(times, starts),
+            _kernels().segment_max(weight, starts),
+            _kernels().segment_min(times, starts),
+            _kernels().segment_max(times, starts),
             counts,
             categories,
         )
 
     def parent(self) -> Level:
         """The level above: siblings share ``key // 4`` and are adjacent (sorted keys)."""
-        key = self.key >> np.uint64(2)
-        starts = _run_starts(key)
-        sums = {name: np.add.reduceat(v, starts) for name, v in self.sums.items()}
+        k = _kernels()
+        starts = k.parent_runs(self.key)
+        key = self.key[starts] >> np.uint64(2)
+        sums = {name: k.segment_sum(v, starts) for name, v in self.sums.items()}
         counts = self.category_counts.astype(_lane_type(sums["report_count"], self.category_counts.dtype), copy=False)
         # a cell's lanes are whole 64-bit words: adding the words adds every lane
         # at once, and no lane carries into the next, as none exceeds the cell's count
-        words = np.add.reduceat(counts.view(np.uint64), starts, axis=0)
+        words = k.segment_rows(counts.view(np.uint64), starts)
         return Level(
-            key[starts],
+            key,
             self.x[starts] >> 1,
             self.y[starts] >> 1,
-            self.digits[starts, :-1],  # a parent's quadkey is its child's less the last digit
             sums,
-            np.maximum.reduceat(self.max_weight, starts),
-            np.minimum.reduceat(self.first_seen, starts),
-            np.maximum.reduceat(self.last_seen, starts),
+            k.segment_max(self.max_weight, starts),
+            k.segment_min(self.first_seen, starts),
+            k.segment_max(self.last_seen, starts),
             words.view(counts.dtype),
             self.categories,
         )
@@ -177,7 +176,6 @@ class Level(NamedTuple):
                 key=self.key,
                 x=self.x,
                 y=self.y,
-                digits=self.digits,
                 max_weight=self.max_weight,
                 first_seen=self.first_seen,
                 last_seen=self.last_seen,
@@ -195,7 +193,6 @@ class Level(NamedTuple):
                 f["key"],
                 f["x"],
                 f["y"],
-                f["digits"],
                 {n: f[f"sum_{n}"] for n in names},
                 f["max_weight"],
                 f["first_seen"],
@@ -224,7 +221,6 @@ class Level(NamedTuple):
             key,
             join("x"),
             join("y"),
-            join("digits"),
             {n: np.concatenate([p.sums[n] for p in parts]) for n in parts[0].sums},
             join("max_weight"),
             join("first_seen"),
@@ -232,6 +228,30 @@ class Level(NamedTuple):
             counts,
             categories,
         )
+
+
+def warm_up() -> threading.Thread:
+    """Load the compiled roll-up loops (:mod:`pipeline.kernels`) in a background thread.
+
+    A process's first call into them costs about half a second (Numba's
+    import, LLVM, their machine code read from the cache); a step that
+    builds cells starts this before it reads its input, which takes longer.
+    """
+    thread = threading.Thread(target=lambda: _kernels().warm(), name="hotspots-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+def _kernels():
+    """The compiled roll-up loops, imported when first needed (loading Numba takes half a second)."""
+    from . import kernels
+
+    return kernels
+
+
+def _column(frame: pl.DataFrame, name: str) -> np.ndarray:
+    """A column as a contiguous NumPy array (what the compiled loops take)."""
+    return np.ascontiguousarray(frame.get_column(name).to_numpy())
 
 
 def _changes(values: np.ndarray) -> np.ndarray:
@@ -322,7 +342,7 @@ def finest(scored: pl.DataFrame, profile: Profile, level: int) -> Level:
     else:
         reports = keyed.sort(["key", "code"], maintain_order=True).collect()
         key, code = reports.get_column("key").to_numpy(), reports.get_column("code").to_numpy()
-    return Level.finest(reports, key, code, categories, level, summed)
+    return Level.finest(reports, key, code, categories, summed)
 
 
 def roll_up(cells: Level, top: int, bottom: int, detail: int, profile: Profile) -> Iterator[tuple[pl.DataFrame, Level]]:
@@ -366,7 +386,6 @@ def _frame(cells: Level, z: int, detail: int, profile: Profile) -> pl.DataFrame:
     categories = list(cells.categories)
     n = cells.sums["report_count"]
     x, y = cells.x, cells.y
-    west, south, east, north = cell_bounds(x, y, level)
     top = pl.Series([*categories, None], dtype=pl.String).gather(
         _top_category(cells.category_counts, len(categories), n)
     )
@@ -374,15 +393,15 @@ def _frame(cells: Level, z: int, detail: int, profile: Profile) -> pl.DataFrame:
     frame = pl.DataFrame(
         {
             "z": pl.Series(np.full(len(n), z, np.int32)),
-            "quadkey": digits_to_strings(cells.digits),
+            "quadkey": _quadkeys(cells.key, level),
             "tile_x": x >> detail,
             "tile_y": y >> detail,
             "report_count": n,
             "weight": cells.sums["weight"],
             # the mean of member positions, held inside the cell against rounding
             # (and against the last-ulp differences between math libraries' sinh)
-            "lng": on_grid(cells.sums["lng_sum"] / n, west + INSIDE, east - INSIDE),
-            "lat": on_grid(cells.sums["lat_sum"] / n, south + INSIDE, north - INSIDE),
+            "lng": _kernels().mean_lng_on_grid(cells.sums["lng_sum"], n, x, 2.0**level, INSIDE, GRID),
+            "lat": _mean_lat(cells.sums["lat_sum"], n, x, y, level),
             "max_weight": cells.max_weight,
             "top_category": top,
             "first_seen": _seconds(cells.first_seen),
@@ -394,6 +413,20 @@ def _frame(cells: Level, z: int, detail: int, profile: Profile) -> pl.DataFrame:
     )
     frame = frame.with_columns(score(profile).alias("score"))
     return frame.select(*(c for c in CELL_COLUMNS if c != "intensity"), *metrics, *boosted, "cell_key")
+
+
+def _quadkeys(key: np.ndarray, level: int) -> pl.Series:
+    """Quadkey strings of cell keys at ``level``."""
+    return digits_to_strings(_kernels().quadkey_bytes(key, level).reshape(len(key), level))
+
+
+def _mean_lat(total: np.ndarray, n: np.ndarray, x: np.ndarray, y: np.ndarray, level: int) -> np.ndarray:
+    """Cells' mean latitudes on the grid inside them (:func:`on_grid`)."""
+    shared = row_edges(y, level)
+    if shared is not None:
+        return _kernels().mean_lat_on_grid(total, n, y, *shared, INSIDE, GRID)
+    _, south, _, north = cell_bounds(x, y, level)
+    return _kernels().mean_on_grid(total, n, south + INSIDE, north - INSIDE, GRID)
 
 
 def on_grid(v: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -418,7 +451,7 @@ def on_grid(v: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 def _seconds(micros: np.ndarray) -> pl.Series:
     """Microseconds since the epoch as a time to the whole second (stored in milliseconds)."""
-    return pl.Series(micros // 1_000_000 * 1_000).cast(pl.Datetime("ms", "UTC"))
+    return pl.Series(_kernels().whole_seconds(micros)).cast(pl.Datetime("ms", "UTC"))
 
 
 def _lanes(cells: int, categories: int, dtype: np.dtype) -> np.ndarray:
@@ -437,19 +470,6 @@ def _lane_type(report_count: np.ndarray, at_least: np.dtype = np.uint8) -> np.dt
 
 def _top_category(counts: np.ndarray, categories: int, report_count: np.ndarray) -> np.ndarray:
     """Per cell, the category with most reports, ties to the first name; ``categories`` for none."""
-    named = report_count > counts[:, categories]  # not every report without a category
-    bits = max(1, (categories - 1).bit_length())
-    wide = next((t for t in (np.uint16, np.uint32, np.uint64) if 8 * counts.itemsize + bits <= 8 * t().itemsize), None)
-    if wide is None or not 0 < categories <= 64:
-        top = np.argmax(counts[:, :categories], axis=1) if categories else 0  # argmax: the first of equals
-    else:
-        # a lane's count and its index reversed in one wider word: the largest word
-        # is the most reports, and among equals the first lane (a pass per lane over
-        # a column is faster than an argmax along each cell's short row)
-        best = np.zeros(len(counts), wide)
-        for lane in range(categories):
-            word = counts[:, lane].astype(wide) << wide(bits)
-            word |= wide(categories - 1 - lane)
-            np.maximum(best, word, out=best)
-        top = (categories - 1) - (best & wide((1 << bits) - 1)).astype(np.intp)
-    return np.where(named, top, categories)
+    if not categories:
+        return np.full(len(counts), 0, np.intp)
+    return _kernels().top_lane(counts, categories, report_count)

@@ -150,16 +150,26 @@ def cell_xy(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def cell_bounds(x: np.ndarray, y: np.ndarray, level: int) -> tuple[np.ndarray, ...]:
     """West, south, east, north of tiles, computed as ``mercantile.bounds`` does."""
     z2 = 2.0**level
-
-    def lat(row: np.ndarray) -> np.ndarray:
-        return np.degrees(np.arctan(np.sinh(math.pi * (1 - 2 * row / z2))))
-
     west, east = x / z2 * 360.0 - 180.0, (x + 1) / z2 * 360.0 - 180.0
-    lo, hi = (int(y.min()), int(y.max())) if len(y) else (0, 0)
-    if hi - lo < len(y):  # fewer rows than tiles: each row's edge once, then looked up
-        edges = lat(np.arange(lo, hi + 2, dtype=np.int64))
+    shared = row_edges(y, level)
+    if shared is not None:  # each row's edge once, then looked up
+        edges, lo = shared
         return west, edges[y - lo + 1], east, edges[y - lo]
-    return west, lat(y + 1), east, lat(y)
+    return west, _north_edge(y + 1, level), east, _north_edge(y, level)
+
+
+def row_edges(y: np.ndarray, level: int) -> tuple[np.ndarray, int] | None:
+    """The north edges of rows ``lo .. hi + 1`` of tiles in rows ``y`` (``lo``, ``hi``: their
+    least and greatest), and ``lo``; ``None`` where the tiles are fewer than those rows."""
+    lo, hi = (int(y.min()), int(y.max())) if len(y) else (0, 0)
+    if hi - lo >= len(y):
+        return None
+    return _north_edge(np.arange(lo, hi + 2, dtype=np.int64), level), lo
+
+
+def _north_edge(row: np.ndarray, level: int) -> np.ndarray:
+    # mercantile.bounds' latitude of a row's north edge
+    return np.degrees(np.arctan(np.sinh(math.pi * (1 - 2 * row / 2.0**level))))
 
 
 # Four quadkey digits at a time: byte b -> the 4 ASCII digits of b in base 4.

@@ -1,0 +1,256 @@
+"""Compiled loops of the cell pyramid (Numba), each giving the bits of the NumPy it replaces.
+
+A zoom of a world-spread tileset has millions of cells, most with one or two
+children: NumPy's ``ufunc.reduceat`` pays a call per cell, and a 2-D one a
+call per cell and column, which made the roll-up most of a shard's time.
+These loops do the same arithmetic in the same order, in one pass each:
+
+- a float sum is NumPy's: the first value plus the pairwise sum of the rest
+  (``pairwise_sum`` in NumPy's ``loops_utils.h.src``), so every cell's sum
+  has the bits ``np.add.reduceat`` gives it;
+- no fast-math: each operation is the IEEE one NumPy does;
+- ``tests/test_kernels.py`` checks each loop against the NumPy it replaces.
+
+Every loop releases the GIL (the roll-up builds a zoom's frame in a second
+thread) and is cached on disk (``__pycache__``), compiled once per machine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_JIT = {"cache": True, "nogil": True}
+
+
+@njit(**_JIT)
+def _pairwise(a, lo, n):
+    # NumPy's pairwise sum of a[lo:lo + n] (n >= 1): under 8 values in order
+    # (from -0.0, which leaves the first value's bits as they are), blocks of
+    # up to 128 in 8 lanes, larger runs halved at a multiple of 8
+    if n < 8:
+        res = a[lo]
+        for i in range(lo + 1, lo + n):
+            res += a[i]
+        return res
+    if n <= 128:
+        r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+        r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+        i, whole = 8, n - n % 8
+        while i < whole:
+            j = lo + i
+            r0 += a[j]
+            r1 += a[j + 1]
+            r2 += a[j + 2]
+            r3 += a[j + 3]
+            r4 += a[j + 4]
+            r5 += a[j + 5]
+            r6 += a[j + 6]
+            r7 += a[j + 7]
+            i += 8
+        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        while i < n:
+            res += a[lo + i]
+            i += 1
+        return res
+    half = n // 2
+    half -= half % 8
+    return _pairwise(a, lo, half) + _pairwise(a, lo + half, n - half)
+
+
+@njit(**_JIT)
+def segment_sum(a, starts):
+    """``np.add.reduceat(a, starts)`` (``starts`` ascending, the first 0), to the bit."""
+    out = np.empty(len(starts), a.dtype)
+    last = len(starts) - 1
+    for k in range(last + 1):
+        s, e = starts[k], starts[k + 1] if k < last else len(a)
+        acc = a[s]
+        if e - s > 8:
+            acc += _pairwise(a, s + 1, e - s - 1)
+        elif e - s > 1:  # (the short runs inline: most cells have a child or two)
+            rest = a[s + 1]
+            for i in range(s + 2, e):
+                rest += a[i]
+            acc += rest
+        out[k] = acc
+    return out
+
+
+@njit(**_JIT)
+def _extremes(a, starts, most):
+    out = np.empty(len(starts), a.dtype)
+    for k in range(len(starts)):
+        e = starts[k + 1] if k + 1 < len(starts) else len(a)
+        m = a[starts[k]]
+        for i in range(starts[k] + 1, e):
+            v = a[i]
+            if (v > m if most else v < m) or v != v:  # (once m is NaN, neither holds)
+                m = v
+        out[k] = m
+    return out
+
+
+@njit(**_JIT)
+def segment_max(a, starts):
+    """``np.maximum.reduceat(a, starts)``: a NaN wins, as in NumPy; of 0.0 and -0.0 the first."""
+    return _extremes(a, starts, True)
+
+
+@njit(**_JIT)
+def segment_min(a, starts):
+    """``np.minimum.reduceat(a, starts)``: a NaN wins, as in NumPy; of 0.0 and -0.0 the first."""
+    return _extremes(a, starts, False)
+
+
+@njit(**_JIT)
+def segment_rows(a, starts):
+    """``np.add.reduceat(a, starts, axis=0)`` of a 2-D unsigned array (wrapping, as NumPy's)."""
+    out = np.empty((len(starts), a.shape[1]), a.dtype)
+    for k in range(len(starts)):
+        e = starts[k + 1] if k + 1 < len(starts) else a.shape[0]
+        for j in range(a.shape[1]):
+            acc = a[starts[k], j]
+            for i in range(starts[k] + 1, e):
+                acc += a[i, j]
+            out[k, j] = acc
+    return out
+
+
+@njit(**_JIT)
+def top_lane(counts, categories, report_count):
+    """Per row, the first of the lanes ``0..categories-1`` with the largest count; ``categories``
+    where lane ``categories`` (reports without a category) holds all of the row's reports."""
+    out = np.empty(counts.shape[0], np.intp)
+    for k in range(counts.shape[0]):
+        if counts[k, categories] == report_count[k]:
+            out[k] = categories
+            continue
+        best, at = counts[k, 0], 0
+        for lane in range(1, categories):
+            if counts[k, lane] > best:
+                best, at = counts[k, lane], lane
+        out[k] = at
+    return out
+
+
+@njit(**_JIT)
+def whole_seconds(micros):
+    """Microseconds since the epoch to the whole second before, in milliseconds."""
+    out = np.empty(len(micros), np.int64)
+    for i in range(len(micros)):
+        out[i] = micros[i] // 1_000_000 * 1_000
+    return out
+
+
+@njit(**_JIT)
+def _held(v, lo, hi, grid):
+    # pipeline.pyramid.on_grid's rule for one value, each step the operation NumPy does there
+    first, last = np.ceil(lo * grid), np.floor(hi * grid)
+    if first > last:  # no grid point inside: v clipped, as np.clip does
+        v = v if v > lo else lo
+        return v if v < hi else hi
+    g = np.rint(v * grid)
+    g = g if g >= first else first  # np.maximum and np.minimum, without NaN
+    g = g if g <= last else last
+    return g * (1.0 / grid)
+
+
+@njit(**_JIT)
+def mean_on_grid(total, n, lo, hi, grid):
+    """``on_grid(total / n, lo, hi)`` (:func:`pipeline.pyramid.on_grid`), to the bit."""
+    out = np.empty(len(total))
+    for i in range(len(total)):
+        out[i] = _held(total[i] / n[i], lo[i], hi[i], grid)
+    return out
+
+
+@njit(**_JIT)
+def mean_lng_on_grid(total, n, x, tiles, inside, grid):
+    """Mean longitudes on the grid inside their cells, the cells' edges computed as
+    :func:`pipeline.tilemath.cell_bounds` computes them (``tiles``: 2 ** level)."""
+    out = np.empty(len(total))
+    for i in range(len(total)):
+        west = x[i] / tiles * 360.0 - 180.0
+        east = (x[i] + 1) / tiles * 360.0 - 180.0
+        out[i] = _held(total[i] / n[i], west + inside, east - inside, grid)
+    return out
+
+
+@njit(**_JIT)
+def mean_lat_on_grid(total, n, y, edges, row0, inside, grid):
+    """Mean latitudes on the grid inside their cells: ``edges[r - row0]`` is row ``r``'s north edge."""
+    out = np.empty(len(total))
+    for i in range(len(total)):
+        r = y[i] - row0
+        out[i] = _held(total[i] / n[i], edges[r + 1] + inside, edges[r] - inside, grid)
+    return out
+
+
+@njit(**_JIT)
+def parent_runs(key):
+    """Where each run of cells sharing a parent (``key >> 2``; keys ascending) starts."""
+    starts = np.empty(len(key), np.int64)
+    found, before = 0, np.uint64(0)
+    for i in range(len(key)):
+        up = key[i] >> np.uint64(2)
+        if i == 0 or up != before:
+            starts[found] = i
+            found += 1
+            before = up
+    return starts[:found]
+
+
+@njit(**_JIT)
+def quadkey_bytes(key, level):
+    """The quadkeys of cell keys at ``level`` as ASCII digits, ``level`` bytes a cell, end to end."""
+    out = np.empty(len(key) * level, np.uint8)
+    for i in range(len(key)):
+        k, at = key[i], i * level
+        for d in range(level):  # digit d: the key's bits 2 (level - 1 - d) and up
+            out[at + d] = 48 | ((k >> np.uint64(2 * (level - 1 - d))) & np.uint64(3))
+    return out
+
+
+@njit(**_JIT)
+def _compact(v):
+    # bits 0, 2, 4, ... of v packed together (pipeline.tilemath._compact, a value at a time)
+    v &= np.uint64(0x5555555555555555)
+    v = (v | (v >> np.uint64(1))) & np.uint64(0x3333333333333333)
+    v = (v | (v >> np.uint64(2))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    v = (v | (v >> np.uint64(4))) & np.uint64(0x00FF00FF00FF00FF)
+    v = (v | (v >> np.uint64(8))) & np.uint64(0x0000FFFF0000FFFF)
+    return (v | (v >> np.uint64(16))) & np.uint64(0x00000000FFFFFFFF)
+
+
+@njit(**_JIT)
+def cell_xy(key):
+    """Tile column and row of cell keys (:func:`pipeline.tilemath.cell_xy`)."""
+    x, y = np.empty(len(key), np.int64), np.empty(len(key), np.int64)
+    for i in range(len(key)):
+        x[i] = _compact(key[i])
+        y[i] = _compact(key[i] >> np.uint64(1))
+    return x, y
+
+
+def warm() -> None:
+    """Call each loop on a few values of each type the pyramid gives it.
+
+    A process's first call costs about a fifth of a second (LLVM, then the
+    loop's machine code read from the cache, or compiled once per machine):
+    :func:`pipeline.pyramid.warm_up` pays it while a shard reads its reports.
+    """
+    starts = np.zeros(1, np.int64)
+    for dtype in (np.float64, np.int64, np.uint64):
+        for writeable in (True, False):  # NumPy's own arrays, and polars' (read-only) views
+            a = np.zeros(2, dtype)
+            a.flags.writeable = writeable
+            segment_sum(a, starts), segment_max(a, starts), segment_min(a, starts)
+    key, n, v = np.zeros(2, np.uint64), np.ones(2, np.int64), np.zeros(2)
+    parent_runs(key), cell_xy(key), quadkey_bytes(key, 1)
+    segment_rows(np.zeros((2, 2), np.uint64), starts)
+    for lanes in (np.uint8, np.uint16, np.uint32, np.uint64):
+        top_lane(np.zeros((2, 8), lanes), 1, n)
+    whole_seconds(n)
+    mean_on_grid(v, n, v, v, 1.0), mean_lng_on_grid(v, n, n, 1.0, 0.0, 1.0)
+    mean_lat_on_grid(v, n, n, np.zeros(3), 0, 0.0, 1.0)
