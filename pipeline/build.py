@@ -127,7 +127,6 @@ def start(plan: Plan) -> None:
 def run_shard(plan: Plan, i: int) -> Scored:
     """Everything one shard does alone: score its reports, build its cells down to the pivot zoom, and
     choose the features of its tiles at the zooms whose tiles it holds whole."""
-    pyramid.warm_up()  # while the reports are read
     scored, frame = _score_shard(plan, i)
     finest = _finest(plan, frame)  # the scored reports in hand, not read back
     del frame
@@ -151,6 +150,7 @@ def score_shard(plan: Plan, i: int) -> Scored:
 def _score_shard(plan: Plan, i: int) -> tuple[Scored, pl.DataFrame]:
     if not 0 <= i < len(plan.shards):
         raise PlanError(f"the plan of {plan.key} has {len(plan.shards)} shard(s), not a shard {i}")
+    pyramid.warm_up()  # for the cells that follow, while the reports are read and scored
     shard = plan.work.shard(i)
     reports = read_reports(plan.warehouse, plan.source, plan.shards[i])
     result = scoring.score_reports(reports, plan.profile, plan.filters, plan.as_of)

@@ -11,6 +11,7 @@ only (counts, sums, min, max, per-category counts).
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -230,12 +231,13 @@ class Level(NamedTuple):
         )
 
 
+@functools.cache
 def warm_up() -> threading.Thread:
-    """Load the compiled roll-up loops (:mod:`pipeline.kernels`) in a background thread.
+    """Load the compiled roll-up loops (:mod:`pipeline.kernels`) in a background thread, once a process.
 
     A process's first call into them costs about half a second (Numba's
-    import, LLVM, their machine code read from the cache); a step that
-    builds cells starts this before it reads its input, which takes longer.
+    import, LLVM, their machine code read from the cache); a step that will
+    build cells starts this before it reads and scores its reports.
     """
     thread = threading.Thread(target=lambda: _kernels().warm(), name="hotspots-warm-up", daemon=True)
     thread.start()
