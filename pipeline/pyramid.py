@@ -269,11 +269,6 @@ def _nondecreasing(values: np.ndarray) -> bool:
     return bool(np.all(values[1:] >= values[:-1]))
 
 
-def _run_starts(key: np.ndarray) -> np.ndarray:
-    """Where each run of equal (sorted) keys starts."""
-    return np.flatnonzero(_changes(key))
-
-
 def build(
     scored: pl.DataFrame,
     profile: Profile,
