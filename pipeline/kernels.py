@@ -24,67 +24,78 @@ _JIT = {"cache": True, "nogil": True}
 
 
 @njit(**_JIT)
-def _pairwise(a, lo, n):
-    # NumPy's pairwise sum of a[lo:lo + n] (n >= 1): under 8 values in order
+def _at(a, order, i):
+    # the i-th value in the run order: a[i], or a[order[i]] (a None order is pruned when compiled)
+    return a[i] if order is None else a[order[i]]
+
+
+@njit(**_JIT)
+def _pairwise(a, order, lo, n):
+    # NumPy's pairwise sum of values lo .. lo + n - 1 (n >= 1): under 8 values in order
     # (from -0.0, which leaves the first value's bits as they are), blocks of
     # up to 128 in 8 lanes, larger runs halved at a multiple of 8
     if n < 8:
-        res = a[lo]
+        res = _at(a, order, lo)
         for i in range(lo + 1, lo + n):
-            res += a[i]
+            res += _at(a, order, i)
         return res
     if n <= 128:
-        r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
-        r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+        r0, r1, r2, r3 = _at(a, order, lo), _at(a, order, lo + 1), _at(a, order, lo + 2), _at(a, order, lo + 3)
+        r4, r5, r6, r7 = _at(a, order, lo + 4), _at(a, order, lo + 5), _at(a, order, lo + 6), _at(a, order, lo + 7)
         i, whole = 8, n - n % 8
         while i < whole:
             j = lo + i
-            r0 += a[j]
-            r1 += a[j + 1]
-            r2 += a[j + 2]
-            r3 += a[j + 3]
-            r4 += a[j + 4]
-            r5 += a[j + 5]
-            r6 += a[j + 6]
-            r7 += a[j + 7]
+            r0 += _at(a, order, j)
+            r1 += _at(a, order, j + 1)
+            r2 += _at(a, order, j + 2)
+            r3 += _at(a, order, j + 3)
+            r4 += _at(a, order, j + 4)
+            r5 += _at(a, order, j + 5)
+            r6 += _at(a, order, j + 6)
+            r7 += _at(a, order, j + 7)
             i += 8
         res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
         while i < n:
-            res += a[lo + i]
+            res += _at(a, order, lo + i)
             i += 1
         return res
     half = n // 2
     half -= half % 8
-    return _pairwise(a, lo, half) + _pairwise(a, lo + half, n - half)
+    return _pairwise(a, order, lo, half) + _pairwise(a, order, lo + half, n - half)
 
 
 @njit(**_JIT)
-def segment_sum(a, starts):
-    """``np.add.reduceat(a, starts)`` (``starts`` ascending, the first 0), to the bit."""
+def segment_sum(a, starts, order=None):
+    """``np.add.reduceat(a, starts)`` (``starts`` ascending, the first 0), to the bit.
+
+    ``order``: the values taken as ``a[order]`` (the runs are runs of it), without making that array.
+    """
     out = np.empty(len(starts), a.dtype)
     last = len(starts) - 1
+    end = len(a) if order is None else len(order)
     for k in range(last + 1):
-        s, e = starts[k], starts[k + 1] if k < last else len(a)
-        acc = a[s]
+        s, e = starts[k], starts[k + 1] if k < last else end
+        acc = _at(a, order, s)
         if e - s > 8:
-            acc += _pairwise(a, s + 1, e - s - 1)
+            acc += _pairwise(a, order, s + 1, e - s - 1)
         elif e - s > 1:  # (the short runs inline: most cells have a child or two)
-            rest = a[s + 1]
+            rest = _at(a, order, s + 1)
             for i in range(s + 2, e):
-                rest += a[i]
+                rest += _at(a, order, i)
             acc += rest
         out[k] = acc
     return out
 
 
 @njit(**_JIT)
-def _extremes(a, starts, most):
+def _extremes(a, starts, most, order):
     out = np.empty(len(starts), a.dtype)
+    end = len(a) if order is None else len(order)
     for k in range(len(starts)):
-        e = starts[k + 1] if k + 1 < len(starts) else len(a)
-        m = a[starts[k]]
+        e = starts[k + 1] if k + 1 < len(starts) else end
+        m = _at(a, order, starts[k])
         for i in range(starts[k] + 1, e):
-            v = a[i]
+            v = _at(a, order, i)
             if (v > m if most else v < m) or v != v:  # (once m is NaN, neither holds)
                 m = v
         out[k] = m
@@ -92,15 +103,17 @@ def _extremes(a, starts, most):
 
 
 @njit(**_JIT)
-def segment_max(a, starts):
-    """``np.maximum.reduceat(a, starts)``: a NaN wins, as in NumPy; of 0.0 and -0.0 the first."""
-    return _extremes(a, starts, True)
+def segment_max(a, starts, order=None):
+    """``np.maximum.reduceat(a, starts)``: a NaN wins, as in NumPy; of 0.0 and -0.0 the first.
+    ``order``: as for :func:`segment_sum`."""
+    return _extremes(a, starts, True, order)
 
 
 @njit(**_JIT)
-def segment_min(a, starts):
-    """``np.minimum.reduceat(a, starts)``: a NaN wins, as in NumPy; of 0.0 and -0.0 the first."""
-    return _extremes(a, starts, False)
+def segment_min(a, starts, order=None):
+    """``np.minimum.reduceat(a, starts)``: a NaN wins, as in NumPy; of 0.0 and -0.0 the first.
+    ``order``: as for :func:`segment_sum`."""
+    return _extremes(a, starts, False, order)
 
 
 @njit(**_JIT)
@@ -132,6 +145,24 @@ def top_lane(counts, categories, report_count):
                 best, at = counts[k, lane], lane
         out[k] = at
     return out
+
+
+@njit(**_JIT)
+def view_rows(table, rows, none):
+    """Arrow string views ``table[rows]`` (a row: two 64-bit words), how many are ``none`` (null), and
+    the validity bitmap (none when no row is null)."""
+    out = np.empty((len(rows), 2), np.uint64)
+    nulls = 0
+    for i in range(len(rows)):
+        j = rows[i]
+        out[i, 0], out[i, 1] = table[j, 0], table[j, 1]
+        nulls += j == none
+    valid = np.zeros((len(rows) + 7) // 8 if nulls else 0, np.uint8)
+    if nulls:
+        for i in range(len(rows)):
+            if rows[i] != none:
+                valid[i >> 3] |= np.uint8(1 << (i & 7))
+    return out, valid, nulls
 
 
 @njit(**_JIT)
@@ -201,15 +232,34 @@ def parent_runs(key):
     return starts[:found]
 
 
+INLINE = 12  # an Arrow string view holds a string of up to 12 bytes itself
+
+
 @njit(**_JIT)
-def quadkey_bytes(key, level):
-    """The quadkeys of cell keys at ``level`` as ASCII digits, ``level`` bytes a cell, end to end."""
-    out = np.empty(len(key) * level, np.uint8)
-    for i in range(len(key)):
-        k, at = key[i], i * level
-        for d in range(level):  # digit d: the key's bits 2 (level - 1 - d) and up
-            out[at + d] = 48 | ((k >> np.uint64(2 * (level - 1 - d))) & np.uint64(3))
-    return out
+def quadkey_views(key, level):
+    """The quadkeys of cell keys at ``level`` as an Arrow string view array's buffers: the views
+    (16 bytes a cell) and the data (``level`` ASCII digits a cell, end to end; none when a view holds them).
+
+    A view is the length (int32), then the string itself when it is short,
+    else its first 4 bytes, buffer 0 and where it starts there (int32).
+    """
+    n, inline = len(key), level <= INLINE
+    views = np.zeros((n, 4), np.uint32)
+    held = views.view(np.uint8).reshape(n, 16)
+    data = np.empty(0 if inline else n * level, np.uint8)
+    for i in range(n):
+        k = key[i]
+        views[i, 0] = level
+        if inline:
+            for d in range(level):  # digit d: the key's bits 2 (level - 1 - d) and up
+                held[i, 4 + d] = 48 | ((k >> np.uint64(2 * (level - 1 - d))) & np.uint64(3))
+        else:
+            at = i * level
+            for d in range(level):
+                data[at + d] = 48 | ((k >> np.uint64(2 * (level - 1 - d))) & np.uint64(3))
+            views[i, 1] = data[at] | data[at + 1] << 8 | data[at + 2] << 16 | data[at + 3] << 24
+            views[i, 3] = at
+    return views, data
 
 
 @njit(**_JIT)
@@ -240,17 +290,20 @@ def warm() -> None:
     loop's machine code read from the cache, or compiled once per machine):
     :func:`pipeline.pyramid.warm_up` pays it while a shard reads its reports.
     """
-    starts = np.zeros(1, np.int64)
+    starts, order = np.zeros(1, np.int64), np.zeros(2, np.int64)
     for dtype in (np.float64, np.int64, np.uint64):
         for writeable in (True, False):  # NumPy's own arrays, and polars' (read-only) views
             a = np.zeros(2, dtype)
             a.flags.writeable = writeable
             segment_sum(a, starts), segment_max(a, starts), segment_min(a, starts)
+            segment_sum(a, starts, order), segment_max(a, starts, order), segment_min(a, starts, order)
+            if dtype is np.int64:
+                whole_seconds(a)
     key, n, v = np.zeros(2, np.uint64), np.ones(2, np.int64), np.zeros(2)
-    parent_runs(key), cell_xy(key), quadkey_bytes(key, 1)
+    parent_runs(key), cell_xy(key), quadkey_views(key, 1), quadkey_views(key, INLINE + 1)
     segment_rows(np.zeros((2, 2), np.uint64), starts)
     for lanes in (np.uint8, np.uint16, np.uint32, np.uint64):
         top_lane(np.zeros((2, 8), lanes), 1, n)
-    whole_seconds(n)
+    view_rows(np.zeros((2, 2), np.uint64), np.zeros(2, np.intp), 1)
     mean_on_grid(v, n, v, v, 1.0), mean_lng_on_grid(v, n, n, 1.0, 0.0, 1.0)
     mean_lat_on_grid(v, n, n, np.zeros(3), 0, 0.0, 1.0)

@@ -11,6 +11,8 @@ only (counts, sums, min, max, per-category counts).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import threading
 from collections.abc import Iterator
@@ -20,9 +22,10 @@ from typing import NamedTuple
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from .profiles import Profile
-from .tilemath import KEY_LEVEL, cell_bounds, digits_to_strings, row_edges, tile_key
+from .tilemath import KEY_LEVEL, cell_bounds, row_edges, tile_key
 
 INSIDE = 1e-9  # degrees (0.1 mm) a centroid keeps from its cell's edges
 # Centroids lie on a grid of 2**-24 degrees (under 7 mm), times on whole
@@ -102,7 +105,7 @@ class Level(NamedTuple):
     y: np.ndarray
     sums: dict[str, np.ndarray]  # counts, weights, coordinate sums, metrics
     max_weight: np.ndarray
-    first_seen: np.ndarray  # int64 microseconds since the epoch
+    first_seen: np.ndarray  # int64 milliseconds since the epoch, whole seconds (as published)
     last_seen: np.ndarray
     category_counts: np.ndarray  # cells x lanes, unsigned, a lane per category (see _lanes)
     categories: tuple[str, ...]  # the names of category_counts' first lanes, sorted
@@ -115,13 +118,17 @@ class Level(NamedTuple):
         code: np.ndarray,
         categories: tuple[str, ...],
         columns: list[tuple[str, str]],
+        order: np.ndarray | None = None,
     ) -> Level:
         """Finest cells from reports sorted (stably) by cell key, then category code.
 
-        Sums take each cell's reports in that fixed order (NumPy's pairwise
-        sum, :mod:`pipeline.kernels`), so the same input gives the same bits,
+        ``order``: the reports are ``reports[order]`` (sorted without making
+        that frame); ``key`` and ``code`` are already in that order. Sums take
+        each cell's reports in that fixed order (NumPy's pairwise sum,
+        :mod:`pipeline.kernels`), so the same input gives the same bits,
         whatever the thread count.
         """
+        k = _kernels()
         new_cell, new_pair = _changes(key), _changes(code)
         new_pair |= new_cell
         starts, pair_starts = np.flatnonzero(new_cell), np.flatnonzero(new_pair)
@@ -130,19 +137,23 @@ class Level(NamedTuple):
         pair_cell = np.cumsum(new_cell[pair_starts]) - 1
         counts = _lanes(len(starts), len(categories), _lane_type(sums["report_count"]))
         counts[pair_cell, code[pair_starts].astype(np.intp)] = np.diff(pair_starts, append=len(key))
-        weight = reports.get_column("weight").to_numpy()
-        times = reports.get_column("observed_at").dt.epoch("us").to_numpy()
-        sums.update({name: _kernels().segment_sum(_column(reports, c), starts) for name, c in columns})
+
+        def runs(reduce, values: np.ndarray) -> np.ndarray:
+            return reduce(values, starts) if order is None else reduce(values, starts, order)
+
+        # whole seconds before the extremes: the floor of a minimum is the minimum of the floors
+        times = k.whole_seconds(_column(reports.select(pl.col("observed_at").dt.epoch("us")), "observed_at"))
+        sums.update({name: runs(k.segment_sum, _column(reports, c)) for name, c in columns})
         cell_key = key[starts]
-        x, y = _kernels().cell_xy(cell_key)
+        x, y = k.cell_xy(cell_key)
         return cls(
             cell_key,
             x,
             y,
             sums,
-            _kernels().segment_max(weight, starts),
-            _kernels().segment_min(times, starts),
-            _kernels().segment_max(times, starts),
+            runs(k.segment_max, _column(reports, "weight")),
+            runs(k.segment_min, times),
+            runs(k.segment_max, times),
             counts,
             categories,
         )
@@ -237,11 +248,41 @@ def warm_up() -> threading.Thread:
 
     A process's first call into them costs about half a second (Numba's
     import, LLVM, their machine code read from the cache); a step that will
-    build cells starts this before it reads and scores its reports.
+    build cells starts this before it reads and scores its reports. It also
+    makes the process keep the memory it frees (:func:`_reuse_memory`).
     """
-    thread = threading.Thread(target=lambda: _kernels().warm(), name="hotspots-warm-up", daemon=True)
+    _reuse_memory()
+    thread = threading.Thread(target=_warm, name="hotspots-warm-up", daemon=True)
     thread.start()
     return thread
+
+
+def _warm() -> None:
+    _kernels().warm()
+    # and a first Arrow string view array each way, which costs pyarrow a fifth of a second
+    key = np.zeros(1, np.uint64)
+    _quadkeys(key, 1)
+    _quadkeys(key, 13)
+    _top_categories(_lanes(1, 1, np.dtype(np.uint8)), ["a"], np.ones(1, np.int64))
+
+
+def _reuse_memory() -> None:
+    """Have glibc's allocator keep freed memory for the next array instead of giving it back.
+
+    By default an array over 32 MB is a fresh mapping of the kernel's, whose
+    every 4 KiB page faults when first written; each zoom's arrays (NumPy's,
+    and the compiled loops') are hundreds of MB, freed when the next zoom's
+    are made. Served from the heap and never trimmed, the next zoom writes
+    pages it already has: a world shard's pyramid took a sixth less time.
+    The peak is the same; the process keeps it until it exits. Not glibc: nothing changes.
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    mallopt(m_mmap_max, 0)
+    mallopt(m_trim_threshold, 2**31 - 1)
 
 
 def _kernels():
@@ -327,18 +368,21 @@ def finest(scored: pl.DataFrame, profile: Profile, level: int) -> Level:
     if 2 * level + code_bits <= 64:  # one packed sort column is faster than two
         packed = (pl.col("key") * (1 << code_bits) + pl.col("code")).alias("packed")
         reports = keyed.select(pl.all().exclude("key", "code"), packed).collect()
-        packed_values = reports.get_column("packed").to_numpy()
-        if _nondecreasing(packed_values >> np.uint64(code_bits)):
-            # the warehouse's order (by tile key): only each cell's reports to sort by
-            # category, which a stable NumPy sort (runs merged) does in a fraction of the time
-            reports = reports[np.argsort(packed_values, kind="stable")]
-        else:
-            reports = reports.sort("packed", maintain_order=True)
-        packed_values = reports.get_column("packed").to_numpy()
+        packed_values = _column(reports, "packed")
+        order = None  # the reports are sorted where they lie: their order, not a sorted copy
+        if not _nondecreasing(packed_values):
+            if _nondecreasing(packed_values >> np.uint64(code_bits)):
+                # the warehouse's order (by tile key): only each cell's reports to sort by
+                # category, which a stable NumPy sort (runs merged) does in a fraction of the time
+                order = np.argsort(packed_values, kind="stable")
+            else:
+                by_packed = pl.arg_sort_by("packed", maintain_order=True)
+                order = reports.select(by_packed).to_series().to_numpy().astype(np.int64)
+            packed_values = packed_values[order]
         key, code = packed_values >> np.uint64(code_bits), packed_values & np.uint64((1 << code_bits) - 1)
-    else:
-        reports = keyed.sort(["key", "code"], maintain_order=True).collect()
-        key, code = reports.get_column("key").to_numpy(), reports.get_column("code").to_numpy()
+        return Level.finest(reports, key, code, categories, summed, order)
+    reports = keyed.sort(["key", "code"], maintain_order=True).collect()
+    key, code = reports.get_column("key").to_numpy(), reports.get_column("code").to_numpy()
     return Level.finest(reports, key, code, categories, summed)
 
 
@@ -383,9 +427,6 @@ def _frame(cells: Level, z: int, detail: int, profile: Profile) -> pl.DataFrame:
     categories = list(cells.categories)
     n = cells.sums["report_count"]
     x, y = cells.x, cells.y
-    top = pl.Series([*categories, None], dtype=pl.String).gather(
-        _top_category(cells.category_counts, len(categories), n)
-    )
     boosted = {c: cells.sums[c] for c in ("severity_boost_sum", "decay_sum") if c in cells.sums}
     frame = pl.DataFrame(
         {
@@ -400,9 +441,9 @@ def _frame(cells: Level, z: int, detail: int, profile: Profile) -> pl.DataFrame:
             "lng": _kernels().mean_lng_on_grid(cells.sums["lng_sum"], n, x, 2.0**level, INSIDE, GRID),
             "lat": _mean_lat(cells.sums["lat_sum"], n, x, y, level),
             "max_weight": cells.max_weight,
-            "top_category": top,
-            "first_seen": _seconds(cells.first_seen),
-            "last_seen": _seconds(cells.last_seen),
+            "top_category": _top_categories(cells.category_counts, categories, n),
+            "first_seen": _times(cells.first_seen),
+            "last_seen": _times(cells.last_seen),
             **{m: cells.sums[m] for m in metrics},
             **boosted,
             "cell_key": cells.key,
@@ -413,8 +454,23 @@ def _frame(cells: Level, z: int, detail: int, profile: Profile) -> pl.DataFrame:
 
 
 def _quadkeys(key: np.ndarray, level: int) -> pl.Series:
-    """Quadkey strings of cell keys at ``level``."""
-    return digits_to_strings(_kernels().quadkey_bytes(key, level).reshape(len(key), level))
+    """Quadkey strings of cell keys at ``level``, written as polars keeps strings (no conversion)."""
+    per_buffer = (2**31 - 1) // level  # a view's offset into its buffer is an int32
+    parts = []
+    for at in range(0, max(len(key), 1), per_buffer):
+        views, data = _kernels().quadkey_views(key[at : at + per_buffer], level)
+        parts.append(_strings(views, [pa.py_buffer(data)]))
+    return parts[0] if len(parts) == 1 else pl.concat(parts)
+
+
+def _strings(views: np.ndarray, data: list, valid: np.ndarray | None = None, nulls: int = 0) -> pl.Series:
+    """A String column from the buffers of an Arrow string view array, which polars takes as they are.
+
+    ``views``: 16 bytes a row; ``data``: the buffers its long strings lie in;
+    ``valid``: the validity bitmap, when ``nulls``.
+    """
+    buffers = [pa.py_buffer(valid) if nulls else None, pa.py_buffer(views), *data]
+    return pl.from_arrow(pa.Array.from_buffers(pa.string_view(), len(views), buffers, nulls))
 
 
 def _mean_lat(total: np.ndarray, n: np.ndarray, x: np.ndarray, y: np.ndarray, level: int) -> np.ndarray:
@@ -446,9 +502,9 @@ def on_grid(v: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.where(narrow, np.clip(v, lo, hi), out) if narrow.any() else out
 
 
-def _seconds(micros: np.ndarray) -> pl.Series:
-    """Microseconds since the epoch as a time to the whole second (stored in milliseconds)."""
-    return pl.Series(_kernels().whole_seconds(micros)).cast(pl.Datetime("ms", "UTC"))
+def _times(millis: np.ndarray) -> pl.Series:
+    """Milliseconds since the epoch (whole seconds: see :meth:`Level.finest`) as times."""
+    return pl.Series(millis).cast(pl.Datetime("ms", "UTC"))
 
 
 def _lanes(cells: int, categories: int, dtype: np.dtype) -> np.ndarray:
@@ -465,8 +521,12 @@ def _lane_type(report_count: np.ndarray, at_least: np.dtype = np.uint8) -> np.dt
     )
 
 
-def _top_category(counts: np.ndarray, categories: int, report_count: np.ndarray) -> np.ndarray:
-    """Per cell, the category with most reports, ties to the first name; ``categories`` for none."""
-    if not categories:
-        return np.full(len(counts), 0, np.intp)
-    return _kernels().top_lane(counts, categories, report_count)
+def _top_categories(counts: np.ndarray, categories: list[str], report_count: np.ndarray) -> pl.Series:
+    """Per cell, the category with most reports, ties to the first name; null for none."""
+    none = len(categories)
+    lane = _kernels().top_lane(counts, none, report_count) if none else np.zeros(len(counts), np.intp)
+    names = pa.array([*categories, None], pa.string_view())
+    _, views, *data = names.buffers()
+    table = np.frombuffer(views, np.uint64).reshape(-1, 2)[: len(names)]
+    rows, valid, nulls = _kernels().view_rows(table, lane, none)
+    return _strings(rows, data, valid, nulls)

@@ -138,11 +138,16 @@ def test_top_category_is_the_first_of_the_most_reported_whatever_the_lanes(categ
     report_count = counts[:, : categories + 1].astype(np.float64).sum(axis=1)
     named = report_count > counts[:, categories]
     expected = np.where(named, np.argmax(counts[:, :categories], axis=1) if categories else 0, categories)
-    assert np.array_equal(pyramid._top_category(counts, categories, report_count), expected)
+    # names short enough for an Arrow view to hold, and longer ones it points to
+    names = [f"c{i}" if i % 2 else f"category-{i:04d}-named-at-length" for i in range(categories)]
+    got = pyramid._top_categories(counts, names, report_count)
+    got.to_arrow().validate(full=True)
+    assert got.to_list() == [names[i] if i < categories else None for i in expected]
 
 
 def test_reports_in_key_order_take_the_fast_sort_and_give_the_same_cells(monkeypatch):
-    """Reports in the warehouse's tile-key order are sorted by NumPy; any order by polars: the same bits."""
+    """Reports in the warehouse's tile-key order are sorted by NumPy; any order by polars; reports already
+    in (cell, category) order are not sorted: the same bits."""
     from pipeline.tilemath import tile_key
 
     points = [
@@ -152,11 +157,17 @@ def test_reports_in_key_order_take_the_fast_sort_and_give_the_same_cells(monkeyp
     in_order = scored.sort("tile_key", maintain_order=True)
     profile, _ = resolve(Tileset(source="s"))
     fast = list(pyramid.build(in_order, profile, 8, 14, 6))
+    # sorted as the pyramid sorts them (a stable sort keeps each run's reports in the order above)
+    by_cell = in_order.sort([pl.col("tile_key") // 4**10, "category"], maintain_order=True)
+    found, nondecreasing = [], pyramid._nondecreasing
+    monkeypatch.setattr(pyramid, "_nondecreasing", lambda v: found.append(nondecreasing(v)) or found[-1])
+    unsorted = list(pyramid.build(by_cell, profile, 8, 14, 6))
+    assert found == [True]  # already in order: no sort at all
     calls = []
     monkeypatch.setattr(pyramid, "_nondecreasing", lambda v: calls.append(len(v)) or False)
     slow = list(pyramid.build(in_order, profile, 8, 14, 6))
-    assert calls == [len(points)]
-    assert all(a.equals(b) for a, b in zip(fast, slow, strict=True))
+    assert calls == [len(points)] * 2
+    assert all(a.equals(b) and a.equals(c) for a, b, c in zip(fast, slow, unsorted, strict=True))
 
 
 # --- an independent brute-force twin, per profile ----------------------------
