@@ -122,10 +122,12 @@ def shard_side(path: str, out: str) -> dict:
     scored = scoring.score_reports(reports.lazy(), profile, filters, AS_OF).scored
     del reports
     cells, level = 0, None
-    finest = pyramid.finest(scored, profile, MAXZOOM + DETAIL)
-    del scored
-    for frame, level in pyramid.roll_up(finest, MAXZOOM, SHARD_ZOOM - DETAIL, DETAIL, profile):  # noqa: B007
-        cells += frame.height
+    with pyramid.reusing_memory():  # as build.run_shard does
+        finest = pyramid.finest(scored, profile, MAXZOOM + DETAIL)
+        del scored
+        for frame, level in pyramid.roll_up(finest, MAXZOOM, SHARD_ZOOM - DETAIL, DETAIL, profile):  # noqa: B007
+            cells += frame.height
+        del finest
     level.save(Path(out))
     return {"seconds": time.perf_counter() - started, "cells": cells, "rss_gb": _rss_gb()}
 

@@ -128,10 +128,11 @@ def run_shard(plan: Plan, i: int) -> Scored:
     """Everything one shard does alone: score its reports, build its cells down to the pivot zoom, and
     choose the features of its tiles at the zooms whose tiles it holds whole."""
     scored, frame = _score_shard(plan, i)
-    finest = _finest(plan, frame)  # the scored reports in hand, not read back
-    del frame
-    _shard_zooms(plan, i, finest)
-    del finest
+    with pyramid.reusing_memory():
+        finest = _finest(plan, frame)  # the scored reports in hand, not read back
+        del frame
+        _shard_zooms(plan, i, finest)
+        del finest
     _select_shard(plan, i)
     return scored
 
@@ -222,7 +223,8 @@ def shard_cells(plan: Plan, i: int) -> None:
     """One shard's cells, from ``maxzoom`` down to the pivot zoom, from its ``scored.parquet``; then its tiles'
     selection."""
     pyramid.warm_up()
-    _shard_zooms(plan, i, _finest(plan, pl.read_parquet(plan.work.shard(i).scored)))
+    with pyramid.reusing_memory():
+        _shard_zooms(plan, i, _finest(plan, pl.read_parquet(plan.work.shard(i).scored)))
     _select_shard(plan, i)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter, defaultdict
 from datetime import timedelta
+from pathlib import Path
 
 import mercantile
 import numpy as np
@@ -521,3 +523,26 @@ def test_tiles_within_budget_take_the_short_way_to_the_general_cases_choice(poin
     own = select._chosen_cells(cells, general).sort("cell_key")
     everything = select._with_sums(own, select._folded_sums(select._folded_cells(cells, general)), profile)
     assert select.features(cells, quick, profile).equals(everything)
+
+
+def test_memory_kept_while_the_pyramid_is_built_is_given_back_after():
+    """Inside ``reusing_memory`` a freed array's pages stay the process's (the next zoom reuses them); after
+    it, they are returned, so the steps that follow start from what is live."""
+    if pyramid._libc() is None:
+        pytest.skip("not glibc: reusing_memory changes nothing")
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * page
+
+    size = 256 << 20
+    with pyramid.reusing_memory():
+        with pyramid.reusing_memory():  # nested: the outer one decides
+            block = np.ones(size, np.uint8)
+            del block
+        kept = rss()
+        block = np.ones(size, np.uint8)  # the same pages again: the process does not grow
+        assert rss() - kept < size // 4
+        del block
+        assert rss() >= kept - size // 4
+    assert rss() < kept - size // 2
