@@ -28,7 +28,7 @@ from pipeline.config import ConfigError, check_inputs, load_config, parse_as_of
 from pipeline.errors import HotspotsError, InputPathError, PlanError
 
 from .extraction import REJECTED_SHARE_STEP
-from .location import EXTRACT_JOB, PLAN_JOB, PUBLISH_JOB, SHARD_JOB, build_definitions
+from .location import EXTRACT_JOB, MERGE_JOB, PLAN_JOB, PUBLISH_JOB, SHARD_JOB, SHARD_TILES_JOB, build_definitions
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,27 +143,33 @@ def _run_jobs(args, cfg, defs, instance, tilesets: list[str], sources: list[str]
 
 
 def _build(defs, cfg, name: str, params: dict, instance, verbose: bool, shard_runner) -> tuple[bool, list]:
-    """One tileset's build: its plan, its shards (side by side), then the merge and publication.
+    """One tileset's build: its plan, its shards (side by side), the merge and selection, the shards' tiles
+    (side by side), then the publication.
 
-    The three runs hold the tileset's lease under one build name, so another
+    The runs hold the tileset's lease under one build name (the merge's
+    run, and the shards' tiles after it, under the merge run's), so another
     build of it (another command, a scheduled run) waits for the whole build;
     a build that stops early hands the lease back here instead of letting it expire.
     """
     params = {**params, "build": f"cli-{secrets.token_hex(8)}"}
-    lease = cfg.work(name).lease
+    lease, holders = cfg.work(name).lease, [params["build"]]
     try:
         ok, run_id, failures = _execute(defs, PLAN_JOB, params, instance, verbose, partition=name)
         if not ok:
             return False, failures
         shards = [dg.MultiPartitionKey({"tileset": name, "shard": str(i)}) for i in range(_shard_count(cfg, name))]
-        results = shard_runner.run(defs, params, instance, shards)
-        if not all(ok for ok, _, _ in results):
-            return False, [f for ok, _, fs in results for f in fs]
-        ok, run_id, failures = _execute(defs, PUBLISH_JOB, params, instance, verbose, partition=name)
-        warehouse.release(lease, run_id)
-        return ok, failures
+        for job in (SHARD_JOB, MERGE_JOB, SHARD_TILES_JOB, PUBLISH_JOB):
+            if job in (SHARD_JOB, SHARD_TILES_JOB):
+                results = shard_runner.run(defs, job, params, instance, shards)
+            else:
+                results = [_execute(defs, job, params, instance, verbose, partition=name)]
+                holders.append(results[0][1])  # the lease passes to it
+            if not all(ok for ok, _, _ in results):
+                return False, [f for ok, _, fs in results for f in fs]
+        return True, []
     finally:
-        warehouse.release(lease, params["build"])
+        for holder in holders:
+            warehouse.release(lease, holder)
 
 
 def _shard_count(cfg, name: str) -> int:
@@ -180,10 +186,10 @@ class _ShardRunner:
     def __init__(self, cfg, verbose: bool, stack: ExitStack) -> None:
         self.cfg, self.verbose, self.stack, self.pool = cfg, verbose, stack, None
 
-    def run(self, defs, params: dict, instance, keys: list) -> list[tuple[bool, str, list]]:
+    def run(self, defs, job: str, params: dict, instance, keys: list) -> list[tuple[bool, str, list]]:
         workers = min(len(keys), os.cpu_count() or 1)
         if workers <= 1:
-            return [_execute(defs, SHARD_JOB, params, instance, self.verbose, partition=k) for k in keys]
+            return [_execute(defs, job, params, instance, self.verbose, partition=k) for k in keys]
         if self.pool is None:  # started once per command: each worker loads the definitions once
             context = multiprocessing.get_context("spawn")  # no fork of a process holding DuckDB and Dagster
             self.pool = self.stack.enter_context(
@@ -191,7 +197,7 @@ class _ShardRunner:
                     workers, mp_context=context, initializer=_worker_start, initargs=(str(self.cfg.file),)
                 )
             )
-        return list(self.pool.map(_worker_shard, [(params, k, self.verbose) for k in keys]))
+        return list(self.pool.map(_worker_shard, [(job, params, k, self.verbose) for k in keys]))
 
 
 _WORKER: dict = {}
@@ -202,9 +208,9 @@ def _worker_start(config: str) -> None:
     _WORKER.update(defs=build_definitions(cfg.file), instance=_instance(cfg))
 
 
-def _worker_shard(job: tuple) -> tuple[bool, str, list]:
-    params, key, verbose = job
-    return _execute(_WORKER["defs"], SHARD_JOB, params, _WORKER["instance"], verbose, partition=key)
+def _worker_shard(task: tuple) -> tuple[bool, str, list]:
+    job, params, key, verbose = task
+    return _execute(_WORKER["defs"], job, params, _WORKER["instance"], verbose, partition=key)
 
 
 def _lost_sources(cfg, sources: list[str]) -> dict:

@@ -15,6 +15,7 @@ from pipeline.errors import PlanError
 from pipeline.paths import Work
 
 PLANNER = dg.AssetKey("build_plan")  # the first step of a build: it freezes the plan
+SELECTOR = dg.AssetKey("selection")  # the merge's last step: its run's lease passes to the tiles
 
 
 class RunParams(dg.Config):
@@ -87,17 +88,31 @@ def planned_step(
 
 
 @contextmanager
-def shard_step(context: Context, tileset: str, i: int, build: str | None) -> Iterator[plan.Plan]:
+def shard_step(
+    context: Context, tileset: str, i: int, build: str | None, owner: str | None = None
+) -> Iterator[plan.Plan]:
     """A shard's step: its build keeps the tileset's lease (another build waits), the shard its own
-    (the build's shards run side by side); and the build's plan."""
+    (the build's shards run side by side); and the build's plan. ``owner``: who holds the tileset's
+    lease meanwhile (default: the build, else the run that froze the plan)."""
     work, plan_run = _latest_plan(context, tileset)
-    owner = build or plan_run
+    owner = owner or build or plan_run
     with warehouse.run_step(work.lease, owner):  # renew: another build cannot start meanwhile
         pass
     with warehouse.run_step(work.shard(i).lease, context.run.run_id, last=True):
         yield plan.read(work.plan)
     with warehouse.run_step(work.lease, owner):  # and the gap to the next shard or the merge
         pass
+
+
+def merge_run(context: Context, tileset: str) -> str:
+    """The run that put the tileset's latest selection together (the merge): the shards' encoding
+    holds the tileset's lease in its name, and the publish run takes it over from it."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=SELECTOR, asset_partitions=[tileset]), limit=1
+    ).records
+    if not records:
+        raise PlanError(f"tileset {tileset} has no selection yet: materialize {SELECTOR.to_user_string()}")
+    return records[0].run_id
 
 
 def _latest_plan(context: Context, tileset: str) -> tuple[Work, str]:

@@ -25,6 +25,8 @@ EXECUTORS = ("in_process", "multiprocess", "dask")
 EXTRACT_JOB = "extract"
 PLAN_JOB = "plan"
 SHARD_JOB = "shard"
+MERGE_JOB = "merge"
+SHARD_TILES_JOB = "encode"
 PUBLISH_JOB = "publish"
 
 
@@ -72,9 +74,10 @@ def build_definitions(config_path: str | Path | None = None, executor_name: str 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dg.PreviewWarning)
         scoring_assets, scoring_checks = tileset_assets(partitions)
-        published, published_checks = publishing_assets(partitions, upstream=scoring_assets[-1])
-    build_plan, shards, *merged = scoring_assets
-    per_tileset, per_tileset_checks = merged + published, scoring_checks + published_checks
+        build_plan, shards, *merged = scoring_assets
+        published, published_checks = publishing_assets(partitions, shards.partitions_def, upstream=merged[-1])
+    selection, shard_tiles, *publication = published
+    per_tileset_checks = scoring_checks + published_checks
     extract_job = dg.define_asset_job(
         EXTRACT_JOB,
         selection=dg.AssetSelection.assets(raw_reports, validated_reports),
@@ -92,19 +95,31 @@ def build_definitions(config_path: str | Path | None = None, executor_name: str 
         partitions_def=shards.partitions_def,
         description="One shard of a tileset's build (a tileset x shard partition): score, cells to the pivot zoom.",
     )
+    merge_job = dg.define_asset_job(
+        MERGE_JOB,
+        selection=dg.AssetSelection.assets(*merged, selection),
+        partitions_def=partitions,
+        description="Merge one tileset's shards (a partition): its cells above the pivot zoom; choose its tiles.",
+    )
+    shard_tiles_job = dg.define_asset_job(
+        SHARD_TILES_JOB,
+        selection=dg.AssetSelection.assets(shard_tiles),
+        partitions_def=shards.partitions_def,
+        description="One shard's MVT tiles (a tileset x shard partition), once its tileset's tiles are chosen.",
+    )
     publish_job = dg.define_asset_job(
         PUBLISH_JOB,
-        selection=dg.AssetSelection.assets(*per_tileset),
+        selection=dg.AssetSelection.assets(*publication),
         partitions_def=partitions,
-        description="Merge one tileset's shards (a partition), select, tile and publish it.",
+        description="Put one tileset's archive and files together (a partition) and publish the snapshot.",
     )
     schedules_sensors = schedules_and_sensors(
-        extract_job, plan_job, shard_job, publish_job, partitions, cfg.freshness_interval_s
+        extract_job, plan_job, shard_job, merge_job, shard_tiles_job, publish_job, partitions, cfg.freshness_interval_s
     )
     return dg.Definitions(
-        assets=[raw_reports, validated_reports, build_plan, shards, *per_tileset],
+        assets=[raw_reports, validated_reports, build_plan, shards, *merged, *published],
         asset_checks=[conservation, rejected_share, *per_tileset_checks],
-        jobs=[extract_job, plan_job, shard_job, publish_job, retention_job],
+        jobs=[extract_job, plan_job, shard_job, merge_job, shard_tiles_job, publish_job, retention_job],
         schedules=[s for s in schedules_sensors if isinstance(s, dg.ScheduleDefinition)],
         sensors=[s for s in schedules_sensors if isinstance(s, dg.SensorDefinition)],
         resources={"hotspots": HotspotsResource(config_path=str(path))},

@@ -4,6 +4,8 @@ No ``from __future__ import annotations``: Dagster reads the ``config:`` annotat
 """
 
 import json
+import os
+import socket
 import time
 
 import dagster as dg
@@ -12,12 +14,16 @@ from pipeline import freshness, publish, retention
 from pipeline.errors import SourceError
 from resources import HotspotsResource
 
-from .common import markdown_table, planned_step, run_start, zooms_check
+from .common import RunParams, markdown_table, merge_run, planned_step, run_start, shard_step, zooms_check
 from .extraction import REJECTED_SHARE_STEP
+from .tilesets import SHARD
 
 
-def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDefinition) -> tuple[list, list]:
-    """Selection, tiles and snapshot assets (partitioned by tileset) and their checks."""
+def publishing_assets(
+    partitions: dg.PartitionsDefinition, shard_partitions: dg.PartitionsDefinition, upstream: dg.AssetsDefinition
+) -> tuple[list, list]:
+    """Selection, the shards' tiles (tileset x shard), tiles and snapshot assets (partitioned by tileset) and
+    their checks."""
 
     @dg.asset(partitions_def=partitions, deps=[upstream], group_name="publish", kinds={"polars"})
     def selection(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
@@ -68,17 +74,48 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
         header = ["z", "fullest tile", "budget", "overview", "overview budget", "empty strata", "impact beaten"]
         return zooms_check(rows, [*header, "tiles unbalanced", "overview balanced"])
 
+    @dg.asset(partitions_def=shard_partitions, deps=[selection], group_name="publish", kinds={"duckdb"})
+    def shard_tiles(context: dg.AssetExecutionContext, config: RunParams) -> dg.MaterializeResult:
+        """One shard's MVT tiles (the build's second wave of shards): at the zooms whose tiles it chose, every
+        tile in its range, with the zoom's intensity and its neighbours' buffered rows
+        (`<home>/work/<tileset>/shards/<i>/encoded/`, private; tiles whose rows are unchanged come from the
+        shard's tile cache). Shards run in any order, on any executor.
+        """
+        key = context.partition_key.keys_by_dimension
+        tileset, i = key["tileset"], int(key[SHARD])
+        started = time.perf_counter()
+        with shard_step(context, tileset, i, config.build, owner=merge_run(context, tileset)) as plan:
+            if i >= len(plan.shards):
+                return dg.MaterializeResult(metadata={"dagster/row_count": 0, "in_plan": False})
+            done = publish.encode_shard(plan, i)
+        return dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": sum(z["tiles"] for z in done["zooms"]),
+                "in_plan": True,
+                "encoded": done["encoded"],
+                "from the tile cache": done["reused"],
+                "zooms": markdown_table(
+                    ["z", "MVT tiles"], [[z["z"], z["tiles"]] for z in done["zooms"]] or [["none", 0]]
+                ),
+                "process": f"{socket.gethostname()}:{os.getpid()}",  # which worker ran it
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+        )
+
     @dg.asset(
-        partitions_def=partitions, deps=[selection], group_name="publish", kinds={"geojson", "parquet", "pmtiles"}
+        partitions_def=partitions,
+        deps=[selection, shard_tiles],
+        group_name="publish",
+        kinds={"geojson", "parquet", "pmtiles"},
     )
     def tiles(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         """The snapshot's public files, written into `output/<tileset>/snapshots/.tmp-<token>/`: cells
-        GeoParquet, overview GeoJSON, heatmap.pmtiles (every zoom, streamed) and the per-tile folders
-        `formats` asks for (GeoJSON tiles, MVT tiles and tiles.json). Files identical to the live snapshot's
-        are hard links to them.
+        GeoParquet, overview GeoJSON, heatmap.pmtiles (every zoom, streamed: the shards' tiles and the
+        overview zooms', encoded here) and the per-tile folders `formats` asks for (GeoJSON tiles, MVT tiles
+        and tiles.json). Files identical to the live snapshot's are hard links to them.
         """
         started = time.perf_counter()
-        with planned_step(context) as plan:
+        with planned_step(context, takes_over=True, build=merge_run(context, context.partition_key)) as plan:
             staged = publish.stage_snapshot(plan)
         return dg.MaterializeResult(
             metadata={
@@ -143,7 +180,7 @@ def publishing_assets(partitions: dg.PartitionsDefinition, upstream: dg.AssetsDe
             problem = publish.verify_latest(plan.published)
         return dg.AssetCheckResult(passed=problem is None, metadata={"problem": problem or "none"})
 
-    return [selection, tiles, snapshot], [selection_holds, latest_is_complete]
+    return [selection, shard_tiles, tiles, snapshot], [selection_holds, latest_is_complete]
 
 
 @dg.op(description="Delete warehouse reports older than their source's tilesets can use; prune snapshots.")
@@ -244,11 +281,19 @@ BUILD_TAG, SHARDS_TAG, TILESET_TAG = "hotspots/build", "hotspots/shards", "hotsp
 
 
 def schedules_and_sensors(
-    extract_job, plan_job, shard_job, publish_job, partitions: dg.StaticPartitionsDefinition, freshness_s: int
+    extract_job,
+    plan_job,
+    shard_job,
+    merge_job,
+    shard_tiles_job,
+    publish_job,
+    partitions: dg.StaticPartitionsDefinition,
+    freshness_s: int,
 ) -> list:
     """``hourly_publish`` (seed 000's hourly snapshot), ``nightly_retention``, ``fresh_sources``
     (an extraction when a source has something new), and the sensors that carry a build
-    on: extraction -> each tileset's plan -> its shards -> its publication."""
+    on: extraction -> each tileset's plan -> its shards -> the merge and selection -> its shards' tiles
+    -> its publication."""
     hourly = _schedule(
         "hourly_publish",
         "0 * * * *",
@@ -315,36 +360,64 @@ def schedules_and_sensors(
         tileset = run.tags["dagster/partition"]
         events = context.instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
         n = next(int(e.asset_materialization.metadata["shards"].value) for e in events)
-        tags = {BUILD_TAG: run.run_id, SHARDS_TAG: str(n), TILESET_TAG: tileset}
-        for i in range(n):
+        yield from each_shard({BUILD_TAG: run.run_id, SHARDS_TAG: str(n), TILESET_TAG: tileset}, "")
+
+    def each_shard(tags: dict, step: str):
+        """A run per shard of the build ``tags`` name (its run keys: the build, ``step``, the shard)."""
+        for i in range(int(tags[SHARDS_TAG])):
             yield dg.RunRequest(
-                run_key=f"{run.run_id}:{i}",
-                partition_key=dg.MultiPartitionKey({"tileset": tileset, "shard": str(i)}),
-                tags=tags,
+                run_key=f"{tags[BUILD_TAG]}:{step}{i}",
+                partition_key=dg.MultiPartitionKey({"tileset": tags[TILESET_TAG], "shard": str(i)}),
+                tags={k: tags[k] for k in (BUILD_TAG, SHARDS_TAG, TILESET_TAG)},
             )
 
-    @_sensor(
-        "publish_after_shards",
-        dg.DagsterRunStatus.SUCCESS,
-        shard_job,
-        publish_job,
-        "Once every shard of a build has run, merge and publish its tileset.",
-    )
-    def publish_after_shards(context: dg.RunStatusSensorContext):
+    def all_done(context: dg.RunStatusSensorContext, job, then: str):
+        """A run of ``then`` once every shard run of ``job`` in the build has succeeded."""
         tags = context.dagster_run.tags
         if BUILD_TAG not in tags:
-            return  # a shard run by hand: its tileset is published by hand too
+            return  # a shard run by hand: its tileset is carried on by hand too
         done = context.instance.get_runs_count(
-            dg.RunsFilter(
-                job_name=shard_job.name, tags={BUILD_TAG: tags[BUILD_TAG]}, statuses=[dg.DagsterRunStatus.SUCCESS]
-            )
+            dg.RunsFilter(job_name=job.name, tags={BUILD_TAG: tags[BUILD_TAG]}, statuses=[dg.DagsterRunStatus.SUCCESS])
         )
         if done >= int(tags[SHARDS_TAG]):
             yield dg.RunRequest(
-                run_key=f"{tags[BUILD_TAG]}:publish",
+                run_key=f"{tags[BUILD_TAG]}:{then}",
                 partition_key=tags[TILESET_TAG],
-                tags={BUILD_TAG: tags[BUILD_TAG]},
+                tags={k: tags[k] for k in (BUILD_TAG, SHARDS_TAG, TILESET_TAG)},
             )
+
+    @_sensor(
+        "merge_after_shards",
+        dg.DagsterRunStatus.SUCCESS,
+        shard_job,
+        merge_job,
+        "Once every shard of a build has run, merge its tileset's shards and choose its tiles.",
+    )
+    def merge_after_shards(context: dg.RunStatusSensorContext):
+        yield from all_done(context, shard_job, "merge")
+
+    @_sensor(
+        "tiles_after_merge",
+        dg.DagsterRunStatus.SUCCESS,
+        merge_job,
+        shard_tiles_job,
+        "Once a build's tiles are chosen, each of its shards encodes its own (a run each).",
+    )
+    def tiles_after_merge(context: dg.RunStatusSensorContext):
+        tags = context.dagster_run.tags
+        if BUILD_TAG not in tags or SHARDS_TAG not in tags:
+            return  # merged by hand: its tiles are encoded by hand too
+        yield from each_shard(tags, "tiles:")
+
+    @_sensor(
+        "publish_after_tiles",
+        dg.DagsterRunStatus.SUCCESS,
+        shard_tiles_job,
+        publish_job,
+        "Once every shard of a build has encoded its tiles, put the archive together and publish the snapshot.",
+    )
+    def publish_after_tiles(context: dg.RunStatusSensorContext):
+        yield from all_done(context, shard_tiles_job, "publish")
 
     return [
         hourly,
@@ -353,5 +426,7 @@ def schedules_and_sensors(
         publish_after_extract,
         publish_after_partial_extract,
         shards_after_plan,
-        publish_after_shards,
+        merge_after_shards,
+        tiles_after_merge,
+        publish_after_tiles,
     ]

@@ -14,14 +14,16 @@ figure is that step's own:
   the features of the tiles it holds whole (the largest shard's peak RSS
   and the shards' total time);
 * merge: the scoring sums and every zoom's cells file, a shard's part at a
-  time (the zooms above the pivot rolled up);
-* publish: selection (the shards' zooms put together, the others chosen),
-  tiles, the archive and the snapshot, a zoom at a time, each in parts of
-  whole tiles.
+  time (the zooms above the pivot rolled up), and the selection (the
+  shards' zooms put together, the others chosen);
+* shard tiles: each shard encodes the MVT tiles of its range (the largest
+  peak RSS and the total time, as for the shards);
+* publish: the overview zooms' tiles, the archive and the snapshot, a zoom
+  at a time, each in parts of whole tiles.
 
 Printed per shard count: wall time of each step, peak RSS of each, the
 snapshot's files and bytes, and the targets of the issue: every build
-process's peak RSS (plan, shards, merge, publish) <= 3 GB at 8 shards (10M),
+process's peak RSS (plan, shards, merge, shard tiles, publish) <= 3 GB at 8 shards (10M),
 <= 8 GB at 100M; the extraction's is printed (its DuckDB memory is capped). The snapshot must be
 the same bytes for every shard count (checked).
 """
@@ -93,9 +95,12 @@ def _step(config: str, name: str, arg: str | None) -> None:
         print(json.dumps({"scored": build.run_shard(frozen, int(arg)).scored}))
     elif name == "merge":
         build.merge_scoring(frozen)
-        print(json.dumps({"cells": sum(z.cells for z in build.merge_cells(frozen))}))
-    elif name == "publish":
+        cells = sum(z.cells for z in build.merge_cells(frozen))
         publish.select_tileset(frozen)
+        print(json.dumps({"cells": cells}))
+    elif name == "tiles":
+        print(json.dumps({"zooms": publish.encode_shard(frozen, int(arg))["zooms"]}))
+    elif name == "publish":
         publish.stage_snapshot(frozen)
         print(json.dumps({"path": str(publish.finalize_snapshot(frozen).path)}))
 
@@ -104,20 +109,21 @@ def _step_cmd(config: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "bench.shards", "--step", str(config), *args]
 
 
-def shards_side_by_side(config: Path, n: int, workers: int) -> tuple[float, float, float]:
-    """Every shard in a process of its own, ``workers`` at a time: (wall, sum of shard times, peak RSS)."""
+def shards_side_by_side(config: Path, n: int, workers: int, name: str = "shard") -> tuple[float, float, float]:
+    """Step ``name`` of every shard in a process of its own, ``workers`` at a time: (wall, sum of shard times,
+    peak RSS)."""
     started, pending, running, peak, total = time.perf_counter(), list(range(n)), {}, 0, 0.0
     while pending or running:
         while pending and len(running) < workers:
             i = pending.pop(0)
-            proc = subprocess.Popen(_step_cmd(config, "shard", str(i)), stdout=subprocess.DEVNULL)
+            proc = subprocess.Popen(_step_cmd(config, name, str(i)), stdout=subprocess.DEVNULL)
             running[proc.pid] = (proc, time.perf_counter())
         pid, status, usage = os.wait4(-1, 0)
         if pid not in running:
             continue
         proc, began = running.pop(pid)
         if os.waitstatus_to_exitcode(status):
-            raise SystemExit(f"shard step failed ({proc.args})")
+            raise SystemExit(f"{name} step failed ({proc.args})")
         total += time.perf_counter() - began
         peak = max(peak, usage.ru_maxrss * 1024)
     return time.perf_counter() - started, total, peak
@@ -160,7 +166,8 @@ def main(rows: int = ROWS, counts: tuple = COUNTS, target_gb: float = TARGET_RSS
         )
         print(
             f"  {'shards':>6} {'zoom':>5} {'plan s':>7} {'shards s':>9} {'(sum)':>7} {'shard RSS':>10} "
-            f"{'merge s':>8} {'merge RSS':>10} {'publish s':>10} {'publish RSS':>12} {'files':>7} {'GB':>6}"
+            f"{'merge s':>8} {'merge RSS':>10} {'tiles s':>8} {'(sum)':>7} {'tiles RSS':>10} "
+            f"{'publish s':>10} {'publish RSS':>12} {'files':>7} {'GB':>6}"
         )
         ok, digests = True, set()
         for n in counts:
@@ -171,6 +178,7 @@ def main(rows: int = ROWS, counts: tuple = COUNTS, target_gb: float = TARGET_RSS
             info = json.loads(planned.stdout.strip().splitlines()[-2])
             wall, total, shard_rss = shards_side_by_side(config, info["shards"], workers)
             merged = measure(_step_cmd(config, "merge"))
+            tiles_wall, tiles_total, tiles_rss = shards_side_by_side(config, info["shards"], workers, "tiles")
             published = measure(_step_cmd(config, "publish"))
             snapshot = Path(json.loads(published.stdout.strip().splitlines()[-2])["path"])
             digests.add(digest(snapshot))
@@ -178,12 +186,13 @@ def main(rows: int = ROWS, counts: tuple = COUNTS, target_gb: float = TARGET_RSS
             print(
                 f"  {info['shards']:>6} {info['shard_zoom']:>5} {planned.wall:7.1f} {wall:9.1f} {total:7.1f} "
                 f"{shard_rss / 1e9:9.2f}G {merged.wall:8.1f} {merged.rss / 1e9:9.2f}G "
+                f"{tiles_wall:8.1f} {tiles_total:7.1f} {tiles_rss / 1e9:9.2f}G "
                 f"{published.wall:10.1f} {published.rss / 1e9:11.2f}G {files:7,} {size / 1e9:6.2f}"
             )
             own = [json.loads(m.stdout.strip().splitlines()[-1])["rss"] / 1e9 for m in (merged, published)]
             print(f"         (merge and publish, as each process saw its own peak: {own[0]:.2f}G, {own[1]:.2f}G)")
             if n == judged:  # the build's processes; extraction's DuckDB has its own cap (HOTSPOTS_DUCKDB_MEMORY)
-                peak = max(planned.rss, shard_rss, merged.rss, published.rss)
+                peak = max(planned.rss, shard_rss, merged.rss, tiles_rss, published.rss)
                 ok &= peak / 1e9 <= target_gb
                 print(f"  {n} shards: every build process's peak RSS {peak / 1e9:.2f} GB (target <= {target_gb} GB)")
         print(f"  whole run (every step, one after another): {time.perf_counter() - started:.0f} s")

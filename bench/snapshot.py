@@ -91,6 +91,7 @@ def steps(config: str) -> None:
         ("score", lambda: build.score_tileset(frozen)),
         ("pyramid", lambda: build.build_cells(frozen)),
         ("select", lambda: publish.select_tileset(frozen)),
+        ("shard tiles", lambda: publish.encode_tiles(frozen)),
         ("tiles", lambda: publish.stage_snapshot(frozen)),
         ("publish", lambda: publish.finalize_snapshot(frozen)),
     ):

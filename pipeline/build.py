@@ -122,6 +122,10 @@ class Scored(NamedTuple):
 def start(plan: Plan) -> None:
     """A new build: its shards' work from any earlier build is gone (a merge never mixes two plans)."""
     shutil.rmtree(plan.work.shards_root, ignore_errors=True)
+    kept = {plan.work.shard_tile_cache(i).name for i in range(len(plan.shards))}
+    for stale in plan.work.tile_cache.glob("shard-*"):  # the tile caches of shards this plan does not have
+        if stale.name not in kept:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def run_shard(plan: Plan, i: int) -> Scored:

@@ -87,6 +87,10 @@ class Work:
     def selected(self, z: int) -> Path:
         return self.selected_root / f"zoom={z}"
 
+    def shard_tile_cache(self, i: int) -> Path:
+        """Shard ``i``'s MVT tiles from the last build (kept across builds: the shards' folders are not)."""
+        return self.tile_cache / f"shard-{i}"
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -100,6 +104,16 @@ class Shard:
     final = _in_root("final")  # a plan's only shard: every zoom's cells, ready to move into place
     selected = _in_root("selected.json")  # what it chose, per zoom (publish.select_shard)
     selections = _in_root("selected")  # its tiles' selection, a folder per zoom (see selection)
+    encoding = _in_root("encoded.json")  # what it encoded, per zoom (publish.encode_shard)
+    encoded_root = _in_root("encoded")
+
+    def strays(self, z: int) -> Path:
+        """Its features' buffered rows drawn in other shards' tiles at zoom ``z`` (see publish.select_shard)."""
+        return self.root / "strays" / f"{z}.arrow"
+
+    def encoded(self, z: int) -> Path:
+        """Its MVT tiles of zoom ``z`` (gzip; Arrow IPC, a batch per part)."""
+        return self.encoded_root / f"{z}.arrow"
 
     @property
     def lease(self) -> Path:

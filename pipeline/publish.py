@@ -1,11 +1,13 @@
 """Selection, tiles and atomic snapshots: what map clients fetch.
 
-Three steps, each callable on its own (each is a Dagster asset):
+Four steps, each callable on its own (each is a Dagster asset):
 
 * :func:`select_tileset` chooses, per zoom, the features of every tile and of
   the overview, into ``<home>/work/<tileset>/selected/`` (private); the
   zooms whose tiles each lie in one shard were chosen by the shards
   (:func:`select_shard`) and are only put together here;
+* :func:`encode_shard` (once per shard) encodes the MVT tiles of a shard's
+  range at those zooms (:func:`encode_tiles`: every shard, one after another);
 * :func:`stage_snapshot` writes the public files into a fresh
   ``output/<tileset>/snapshots/.tmp-<token>/``;
 * :func:`finalize_snapshot` adds ``manifest.json``, names the snapshot by its
@@ -325,17 +327,25 @@ def select_shard(plan: Plan, i: int) -> list[dict]:
             frames = read_parts(shard.cells(z))
         out = shard.selection(z)
         out.mkdir(parents=True)
-        start = plan.shards[i][0] >> 2 * (tilemath.KEY_LEVEL - z)  # its first tile's key at z
+        start, end = shard_range(plan, i, z)
         last = _Previous.open(plan.work.selected(z), salt, start)
         tally = _Tally(z + plan.settings.strata_detail)
         cell_span: pyramid.Span | None = None
-        with _IpcParts(out / "cells.arrow") as rows, _IpcParts(out / "tile_features.arrow") as feats:
+        with (
+            _IpcParts(out / "cells.arrow") as rows,
+            _IpcParts(out / "tile_features.arrow") as feats,
+            _IpcParts(shard.strays(z)) as strays,
+        ):
+            offset = 0  # the part's first feature among the shard's at z
             for cells in tile_parts(frames, detail, SELECT_PART_CELLS):
                 found = pyramid.Span.of(cells.get_column("score"))
                 cell_span = found.join(cell_span) if found else cell_span
                 annotated, tile_features = _select_part(plan, z, cells, last, None, tally)
                 rows.write(annotated)
                 feats.write(tile_features)
+                # rows its neighbours in other shards draw (before intensity: finished by those shards)
+                strays.write(vector.strays(tile_features, z, offset, start, end))
+                offset += tile_features.height
         _write_tiles(out / "tiles.arrow", tally.known, salt)
         return {
             "z": z,
@@ -350,6 +360,13 @@ def select_shard(plan: Plan, i: int) -> list[dict]:
     return zooms
 
 
+def shard_range(plan: Plan, i: int, z: int) -> tuple[int, int]:
+    """The tile keys ``[lo, hi)`` at zoom ``z`` (at or below the shard zoom) of shard ``i``."""
+    shift = 2 * (tilemath.KEY_LEVEL - z)
+    lo, hi = plan.shards[i]
+    return lo >> shift, hi >> shift
+
+
 def read_shard_selection(plan: Plan, i: int) -> list[ZoomSelection]:
     """What shard ``i`` chose, per zoom (:func:`select_shard`)."""
     doc = json.loads(plan.work.shard(i).selected.read_text())
@@ -360,27 +377,32 @@ def _shard_selections(plan: Plan) -> list[tuple[Shard, dict[int, dict]]]:
     """Each shard and its zooms' selection summaries (:func:`select_shard`), checked against the plan."""
     out = []
     for i in range(len(plan.shards)):
-        shard = plan.work.shard(i)
-        try:
-            doc = json.loads(shard.selected.read_text())
-        except FileNotFoundError:
-            raise PublishError(
-                f"shard {i} of {plan.key} has not chosen its tiles (no {shard.selected}): run the build again"
-            ) from None
-        if doc["plan"] != plan.digest():
-            raise PublishError(f"shard {i} of {plan.key} chose its tiles for another plan: run the build again")
-        out.append((shard, {s["z"]: s for s in doc["zooms"]}))
+        doc = _shard_doc(plan, i, plan.work.shard(i).selected, ("chosen", "chose"))
+        out.append((plan.work.shard(i), {s["z"]: s for s in doc["zooms"]}))
     return out
+
+
+def _shard_doc(plan: Plan, i: int, path: Path, did: tuple[str, str]) -> dict:
+    """A summary shard ``i`` wrote for this plan (``did``: how to say it chose or encoded its tiles)."""
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PublishError(
+            f"shard {i} of {plan.key} has not {did[0]} its tiles (no {path}): run the build again"
+        ) from None
+    if doc["plan"] != plan.digest():
+        raise PublishError(f"shard {i} of {plan.key} {did[1]} its tiles for another plan: run the build again")
+    return doc
 
 
 def _assemble_zoom(plan: Plan, z: int, chosen: list[tuple[Shard, dict[int, dict]]], salt: str) -> ZoomSelection | None:
     """A zoom the shards chose, put together in key order (shard after shard), with the whole zoom's intensity."""
-    held = [(shard.selection(z), doc[z]) for shard, doc in chosen if z in doc]
+    held = [(shard.selection(z), doc[z], i) for i, (shard, doc) in enumerate(chosen) if z in doc]
     if not held:
         return None
     cell_span = span = None
     extent: list[float] = []
-    for _, doc in held:
+    for _, doc, _ in held:
         if doc["cell_span"]:
             cell_span = pyramid.Span(*doc["cell_span"]).join(cell_span)
         extent = geoparquet.union(extent, doc["extent"])
@@ -388,17 +410,25 @@ def _assemble_zoom(plan: Plan, z: int, chosen: list[tuple[Shard, dict[int, dict]
             span = pyramid.Span(*doc["selection"]["tile_span"]).join(span)
     out = plan.work.selected(z)
     out.mkdir(parents=True, exist_ok=True)
+    layout: list[dict] = []  # where each shard's tile features lie in the zoom's (see encode_shard)
     with (
         geoparquet.writing(out / "cells.parquet", extent) as published,
         _IpcParts(out / "tile_features.arrow") as feats,
     ):
-        for folder, _ in held:
+        batches = features = 0
+        for folder, _, i in held:
             for rows in read_parts(folder / "cells.arrow"):
                 published.write(_published(rows, plan.profile, cell_span))
+            mine = {"shard": i, "first_batch": batches, "batches": 0, "offset": features}
             for tile_features in read_parts(folder / "tile_features.arrow"):
                 feats.write(tile_features)
-    _write_tiles(out / "tiles.arrow", [_read_table(folder / "tiles.arrow") for folder, _ in held], salt)
-    s = [ZoomSelection(**doc["selection"]) for _, doc in held]
+                mine["batches"] += 1
+                features += tile_features.height
+            batches += mine["batches"]
+            layout.append(mine)
+    _write_tiles(out / "tiles.arrow", [_read_table(folder / "tiles.arrow") for folder, _, _ in held], salt)
+    _write_json(out / "shards.json", layout)
+    s = [ZoomSelection(**doc["selection"]) for _, doc, _ in held]
     return ZoomSelection(
         z,
         sum(x.cells for x in s),
@@ -412,6 +442,118 @@ def _assemble_zoom(plan: Plan, z: int, chosen: list[tuple[Shard, dict[int, dict]
         tuple(n for x in s for n in x.parts),
         sum(x.reused for x in s),
     )
+
+
+# --- encoding in the shards ---------------------------------------------------
+
+
+def encode_shard(plan: Plan, i: int) -> dict:
+    """Encode shard ``i``'s MVT tiles at :func:`shard_zooms`, once the selection has put its zooms together.
+
+    The build's second wave of shards: a tile's bytes need its zoom's
+    intensity scale (all shards' features), known only after the selection.
+    Per zoom, the shard encodes every tile in its range: its own features
+    (read from the zoom's tile features, where :func:`_assemble_zoom` put
+    them, shard after shard), with the rows of other shards' features whose
+    buffer reaches into its tiles (their ``strays``, written as they chose
+    them). Each feature keeps its position among the zoom's, so a tile's
+    bytes are those one process makes. Tiles whose rows are unchanged come
+    from the shard's tile cache. Writes ``<shard>/encoded/<z>.arrow`` and
+    ``<shard>/encoded.json``; returns the summary.
+    """
+    shard = plan.work.shard(i)
+    shard.encoding.unlink(missing_ok=True)
+    shutil.rmtree(shard.encoded_root, ignore_errors=True)
+    selection = {s["z"]: s for s in read_selection(plan.work)}
+    cache = vector.TileCache(plan.work.shard_tile_cache(i))
+    zooms = []
+    try:
+        with vector.Encoder(cache=cache) as encoder:
+            for z in shard_zooms(plan):
+                lo, hi = shard_range(plan, i, z)
+                if z not in selection or lo == hi:  # no cells at z, or a shard without tiles
+                    continue
+                tiles, extent = 0, []
+                with vector.writing_encoded(shard.encoded(z)) as write:
+                    before = None
+                    for part, tile_features in _shard_parts(plan, i, selection[z]):
+                        encoding = encoder.submit(tile_features, z, part)
+                        extent = geoparquet.union(extent, geoparquet.extent(tile_features))
+                        del tile_features
+                        if before is not None:
+                            tiles += _written(write, before)
+                        before = encoding
+                    if before is not None:
+                        tiles += _written(write, before)
+                zooms.append({"z": z, "tiles": tiles, "extent": extent})  # its features' extent
+    except BaseException:
+        cache.discard()
+        raise
+    cache.commit()
+    summary = {"plan": plan.digest(), "zooms": zooms, "encoded": cache.encoded, "reused": cache.reused}
+    _write_json(shard.encoding, summary)
+    return summary
+
+
+def encode_tiles(plan: Plan) -> list[dict]:
+    """Every shard's tiles (:func:`encode_shard`), one after another in this process."""
+    return [encode_shard(plan, i) for i in range(len(plan.shards))]
+
+
+def _written(write, encoding: vector.Pending) -> int:
+    encoded = encoding.result()
+    write(encoded)
+    return len(encoded.data)
+
+
+def _shard_parts(plan: Plan, i: int, s: dict) -> Iterator[tuple[vector.Part, pl.DataFrame]]:
+    """Shard ``i``'s parts of a zoom (see :func:`encode_shard`), each a :class:`vector.Part` with its strays."""
+    z, shift = s["z"], 2 * plan.settings.cell_detail
+    span = pyramid.Span(*s["tile_span"]) if s["tile_span"] else None
+    lo, hi = shard_range(plan, i, z)
+    path = plan.work.selected(z) / "tile_features.arrow"
+    layout = json.loads((path.parent / "shards.json").read_text())
+    mine = next((e for e in layout if e["shard"] == i), None)
+
+    def own(columns: list[str] | None = None) -> Iterator[pl.DataFrame]:
+        batches = read_parts(path, columns, first=mine["first_batch"]) if mine else iter(())
+        for _, tile_features in zip(range(mine["batches"] if mine else 0), batches):
+            yield tile_features if columns else finish(tile_features, plan.profile, span)
+
+    firsts, offsets, at = [], [], mine["offset"] if mine else 0
+    for keys in own(["cell_key"]):  # a first pass: where its parts begin
+        firsts.append(int(keys.get_column("cell_key")[0]) >> shift)
+        offsets.append(at)
+        at += keys.height
+    bounds = [lo, *firsts[1:], hi]
+    # the other shards' rows drawn in this one's tiles, at their features' positions in the zoom
+    strays = [
+        finish(f, plan.profile, span)
+        .with_columns(pl.col("_order") + e["offset"])
+        .filter(pl.col("_target").is_between(lo, hi, closed="left"))
+        for e in layout
+        if e["shard"] != i
+        for f in read_parts(plan.work.shard(e["shard"]).strays(z))
+    ]
+    if len(firsts) > 1:  # and the rows its parts draw in each other's tiles
+        for k, tile_features in enumerate(own()):
+            found = vector.strays(tile_features, z, offsets[k], bounds[k], bounds[k + 1])
+            strays.append(found.filter(pl.col("_target").is_between(lo, hi, closed="left")))
+    strays = [f for f in strays if f.height]
+    held = pl.concat([f.select(strays[0].columns) for f in strays]) if strays else None
+    if firsts:
+        frames = own()
+    else:  # no features of its own: the tiles its neighbours' buffers reach
+        frames, offsets = iter([finish(pl.from_arrow(_schema(path).empty_table()), plan.profile, span)]), [at]
+    for k, tile_features in enumerate(frames):
+        a, b = bounds[k], bounds[k + 1]
+        theirs = held.filter(pl.col("_target").is_between(a, b, closed="left")) if held is not None else None
+        yield vector.Part(offsets[k], a, b, theirs), tile_features
+
+
+def _schema(path: Path) -> pa.Schema:
+    with pa.OSFile(str(path)) as source:
+        return pa.ipc.open_file(source).schema
 
 
 SELECTION_CACHE_VERSION = 4  # a change to what selection makes of the same cells: add one
@@ -822,9 +964,9 @@ def _stage_into(plan: Plan, folder: SnapshotFolder) -> dict:
         if box:
             extent[:] = geoparquet.union(extent, box)
 
-    def add_tiles(zoom: dict, encoding: vector.Pending) -> None:
+    def add_tiles(zoom: dict, encoded: vector.Encoded) -> None:
         """A part's MVT tiles into the archive (and the mvt/ folder)."""
-        z, encoded = zoom["z"], encoding.result()
+        z = zoom["z"]
         archive.add(encoded)
         sizes = [len(d) for d in encoded.data]
         if in_folders(z, "mvt"):
@@ -838,23 +980,38 @@ def _stage_into(plan: Plan, folder: SnapshotFolder) -> dict:
     # Zoom by zoom, part by part (a part: whole tiles, see select_tileset):
     # while a part's tiles are encoded (DuckDB and gzip, on worker threads), its
     # files are written and the part before it goes into the archive. At
-    # most two parts' features and tiles are held at once.
+    # most two parts' features and tiles are held at once. The shards encoded
+    # the tiles of the zooms they chose (encode_shard): those are read.
+    by_shards = _shard_encodings(plan)
     cache = vector.TileCache(plan.work.tile_cache)
     try:
         with vector.Encoder(cache=cache) as encoder:
             before = None
             for s in selection:
                 zoom = zoom_files(s)
+                zooms.append(zoom)
+                if s["z"] in by_shards.files:
+                    if in_folders(s["z"], "geojson"):
+                        for tile_features in _finished_parts(plan, s):
+                            write_part(zoom, tile_features)
+                    else:  # what writing them would find, without reading them
+                        names = _schema(plan.work.selected(s["z"]) / "tile_features.arrow").names
+                        metrics.update(m for m in geojson.METRICS if m in names)
+                        for box in by_shards.extents[s["z"]]:
+                            extent[:] = geoparquet.union(extent, box)
+                    for path in by_shards.files[s["z"]]:
+                        for encoded in vector.read_encoded(path, s["z"]):
+                            add_tiles(zoom, encoded)
+                    continue
                 for part, tile_features in _encoding_parts(plan, s):
                     encoding = encoder.submit(tile_features, s["z"], part)
                     write_part(zoom, tile_features)
                     del tile_features
                     if before is not None:
-                        add_tiles(*before)
+                        add_tiles(before[0], before[1].result())
                     before = (zoom, encoding)
-                zooms.append(zoom)
             if before is not None:
-                add_tiles(*before)
+                add_tiles(before[0], before[1].result())
     except BaseException:
         archive.discard()
         cache.discard()
@@ -889,10 +1046,42 @@ def _stage_into(plan: Plan, folder: SnapshotFolder) -> dict:
         "max_features_per_tile": ts.max_features_per_tile,
         "folders": published,
         "shared": {"files": folder.shared, "bytes": folder.shared_bytes},
-        "mvt": {"encoded": cache.encoded, "reused": cache.reused},
+        "mvt": {
+            "encoded": cache.encoded + sum(d["encoded"] for d in by_shards.summaries),
+            "reused": cache.reused + sum(d["reused"] for d in by_shards.summaries),
+        },
     }
     _write_json(plan.work.staged, staged)
     return staged
+
+
+class _ShardTiles(NamedTuple):
+    """The MVT tiles the shards encoded: per zoom their files in shard order, and each shard's summary."""
+
+    files: dict[int, list[Path]]
+    extents: dict[int, list[list[float]]]  # each shard's features' extent
+    summaries: list[dict]
+
+
+def _shard_encodings(plan: Plan) -> _ShardTiles:
+    """What the shards encoded (:func:`encode_shard`), checked against the plan."""
+    zooms = shard_zooms(plan)
+    out = _ShardTiles({z: [] for z in zooms}, {z: [] for z in zooms}, [])
+    for i in range(len(plan.shards)) if zooms else ():
+        shard = plan.work.shard(i)
+        doc = _shard_doc(plan, i, shard.encoding, ("encoded", "encoded"))
+        out.summaries.append(doc)
+        for zoom in doc["zooms"]:
+            out.files[zoom["z"]].append(shard.encoded(zoom["z"]))
+            out.extents[zoom["z"]].append(zoom["extent"])
+    return out
+
+
+def _finished_parts(plan: Plan, s: dict) -> Iterator[pl.DataFrame]:
+    """A zoom's tile features a part at a time, with their intensity."""
+    span = pyramid.Span(*s["tile_span"]) if s["tile_span"] else None
+    for tile_features in read_parts(plan.work.selected(s["z"]) / "tile_features.arrow"):
+        yield finish(tile_features, plan.profile, span)
 
 
 def _encoding_parts(plan: Plan, s: dict) -> Iterator[tuple[vector.Part | None, pl.DataFrame]]:
@@ -902,12 +1091,12 @@ def _encoding_parts(plan: Plan, s: dict) -> Iterator[tuple[vector.Part | None, p
     given the features of other parts that reach into them (the buffer),
     found in a first pass.
     """
+    if len(s["parts"]) <= 1:
+        for tile_features in _finished_parts(plan, s):
+            yield None, tile_features
+        return
     span = pyramid.Span(*s["tile_span"]) if s["tile_span"] else None
     path = plan.work.selected(s["z"]) / "tile_features.arrow"
-    if len(s["parts"]) <= 1:
-        for tile_features in read_parts(path):
-            yield None, finish(tile_features, plan.profile, span)
-        return
     z, shift = s["z"], 2 * plan.settings.cell_detail
     firsts, offsets, at = [], [], 0
     for tile_features in read_parts(path):

@@ -22,7 +22,7 @@ import secrets
 import shutil
 import threading
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -161,6 +161,8 @@ def _wanted(features: pl.DataFrame) -> pl.DataFrame:
 def strays(features: pl.DataFrame, z: int, offset: int, lo: int, hi: int) -> pl.DataFrame:
     """A part's buffered rows drawn in tiles outside its own ``[lo, hi)``, with ``_target``."""
     # a feature's own tile is in its part: only its neighbours' rows may stray
+    if lo <= 0 and hi >= 4**z:  # every tile of the zoom: none can (only the columns are made)
+        features = features.head(0)
     rows = with_buffer(_wanted(features), z, offset=offset, own=False).with_columns(_target_key())
     return rows.filter((pl.col("_target") < lo) | (pl.col("_target") >= hi))
 
@@ -407,6 +409,35 @@ def _concat(z: int, parts: list[Encoded]) -> Encoded:
     return Encoded(
         z, *(np.concatenate([getattr(p, k) for p in parts])[order] for k in ("x", "y")), ids[order], data, digests
     )
+
+
+_ENCODED_SCHEMA = pa.schema(
+    [("tile_id", pa.int64()), ("x", pa.int64()), ("y", pa.int64()), ("data", pa.binary()), ("content", pa.binary(16))]
+)
+
+
+@contextmanager
+def writing_encoded(path: Path) -> Iterator[Callable[[Encoded], None]]:
+    """Write :class:`Encoded` tiles of one zoom into ``path`` (Arrow IPC, a batch each): the function given
+    takes them one after another. The file is complete or not there."""
+    with atomic.replacing(path) as tmp, pa.OSFile(str(tmp), "wb") as sink:
+        with pa.ipc.new_file(sink, _ENCODED_SCHEMA) as writer:
+
+            def write(tiles: Encoded) -> None:
+                columns = [tiles.tile_id.astype(np.int64), tiles.x, tiles.y, tiles.data, tiles.digest]
+                writer.write_batch(pa.record_batch(columns, schema=_ENCODED_SCHEMA))
+
+            yield write
+
+
+def read_encoded(path: Path, z: int) -> Iterator[Encoded]:
+    """The :class:`Encoded` tiles :func:`writing_encoded` wrote, a batch at a time."""
+    with pa.OSFile(str(path)) as source:
+        reader = pa.ipc.open_file(source)
+        for i in range(reader.num_record_batches):
+            b = reader.get_batch(i)
+            tile_id, x, y = (b.column(c).to_numpy() for c in ("tile_id", "x", "y"))
+            yield Encoded(z, x, y, tile_id, b.column("data").to_pylist(), b.column("content").to_pylist())
 
 
 class TileCache:

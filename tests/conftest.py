@@ -79,6 +79,7 @@ def publish_tileset(cfg: Config, tileset: str, as_of: datetime = AS_OF) -> publi
     build.score_tileset(frozen)
     build.build_cells(frozen)
     publish.select_tileset(frozen)
+    publish.encode_tiles(frozen)
     publish.stage_snapshot(frozen)
     return publish.finalize_snapshot(frozen)
 
@@ -96,14 +97,15 @@ def extract_config(write_config):
 
 
 def execute_build(defs, instance, tileset: str, params: dict | None = None, raise_on_error: bool = True):
-    """A tileset's build as Dagster runs it: the plan job, a shard job per shard, the publish job.
+    """A tileset's build as Dagster runs it: the plan job, a shard job per shard, the merge job, a
+    shard tiles job per shard, the publish job.
 
     ``params`` (RunParams) go to every op that takes config. Returns the last
     run's result (the first that failed, if one did).
     """
     import dagster as dg
 
-    from assets.location import PLAN_JOB, PUBLISH_JOB, SHARD_JOB
+    from assets.location import MERGE_JOB, PLAN_JOB, PUBLISH_JOB, SHARD_JOB, SHARD_TILES_JOB
 
     def run(job_name: str, key):
         job = defs.resolve_job_def(job_name)
@@ -119,10 +121,11 @@ def execute_build(defs, instance, tileset: str, params: dict | None = None, rais
     if not planned.success:
         return planned
     [meta] = [e.materialization.metadata for e in planned.get_asset_materialization_events()]
-    for i in range(meta["shards"].value):
-        shard = run(SHARD_JOB, dg.MultiPartitionKey({"tileset": tileset, "shard": str(i)}))
-        if not shard.success:
-            return shard
+    shards = [dg.MultiPartitionKey({"tileset": tileset, "shard": str(i)}) for i in range(meta["shards"].value)]
+    for job in (SHARD_JOB, MERGE_JOB, SHARD_TILES_JOB):
+        for result in [run(job, key) for key in shards] if job != MERGE_JOB else [run(job, tileset)]:
+            if not result.success:
+                return result
     return run(PUBLISH_JOB, tileset)
 
 

@@ -69,7 +69,9 @@ def test_runs_are_recorded_in_the_instance_make_dev_shows(write_config, tmp_path
     )
     with dg.DagsterInstance.local_temp(str(tmp_path / ".hotspots" / "dagster")) as instance:
         runs = sorted((r.job_name, _tileset(r)) for r in instance.get_runs())
-        builds = [(job, t) for t in ("campus", "points", "points") for job in ("plan", "shard", "publish")]
+        builds = [
+            (job, t) for t in ("campus", "points", "points") for job in ("plan", "shard", "merge", "encode", "publish")
+        ]
         assert runs == sorted([("extract", ""), ("extract", ""), *builds])
         assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in instance.get_runs())
         published = instance.get_runs(dg.RunsFilter(job_name="publish", tags={"dagster/partition": "points"}))[0]

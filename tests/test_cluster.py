@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from assets.location import EXTRACT_JOB, PLAN_JOB, PUBLISH_JOB, SHARD_JOB, build_definitions
+from assets.location import EXTRACT_JOB, MERGE_JOB, PLAN_JOB, PUBLISH_JOB, SHARD_JOB, SHARD_TILES_JOB, build_definitions
 from pipeline.config import load_config
 
 from .conftest import AS_OF, IN_CI, execute_build
@@ -81,6 +81,14 @@ def test_a_sharded_tileset_on_a_dask_cluster_publishes_the_in_process_bytes(writ
             assert sum(1 for n in rows if n) >= 2  # the work really was split
             assert all(f > 0 for n, f in zip(rows, chosen) if n)  # each shard chose its own tiles' features
             assert ran_on <= workers and ran_on  # every shard ran in a worker process of the cluster
+            run(MERGE_JOB, "rail")
+            encoded_on, tiles = set(), []
+            for i in range(4):  # the second wave: each shard encodes its tiles
+                shard = run(SHARD_TILES_JOB, dg.MultiPartitionKey({"tileset": "rail", "shard": str(i)}))
+                [m] = [e.materialization.metadata for e in shard.get_asset_materialization_events()]
+                tiles.append(m["dagster/row_count"].value)
+                encoded_on.add(m["process"].value)
+            assert sum(1 for n in tiles if n) >= 2 and encoded_on <= workers
             run(PUBLISH_JOB, "rail")
     finally:
         cluster.close()

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from assets.extraction import conservation, raw_reports, rejected_share, validated_reports
-from assets.location import EXTRACT_JOB, PLAN_JOB, PUBLISH_JOB, SHARD_JOB, build_definitions
+from assets.location import EXTRACT_JOB, MERGE_JOB, PLAN_JOB, PUBLISH_JOB, SHARD_JOB, SHARD_TILES_JOB, build_definitions
 from pipeline import build, publish, warehouse
 from pipeline.config import load_config
 from resources import HotspotsResource
@@ -72,6 +72,7 @@ def test_definitions_load(small_config):
         "scored_reports",
         "cells",
         "selection",
+        "shard_tiles",
         "tiles",
         "snapshot",
     }
@@ -88,6 +89,7 @@ def test_definitions_load(small_config):
     assert publish.partitions_def.get_partition_keys() == ["rail", "roads"]
     assert defs.resolve_job_def(PLAN_JOB).partitions_def.get_partition_keys() == ["rail", "roads"]
     shards = defs.resolve_job_def(SHARD_JOB).partitions_def  # tileset x shard
+    assert defs.resolve_job_def(SHARD_TILES_JOB).partitions_def == shards  # the second wave of shards
     assert isinstance(shards, dg.MultiPartitionsDefinition)
     assert {d.name for d in shards.partitions_defs} == {"tileset", "shard"}
     assert defs.resolve_job_def(EXTRACT_JOB).partitions_def is None
@@ -101,7 +103,9 @@ def test_definitions_load(small_config):
         "publish_after_extract",
         "publish_after_partial_extract",
         "shards_after_plan",
-        "publish_after_shards",
+        "merge_after_shards",
+        "tiles_after_merge",
+        "publish_after_tiles",
     ]
 
 
@@ -136,15 +140,31 @@ def test_materialize_everything(small_config, tmp_path):
             instance=instance,
         )
         assert shard.success
+        merged = dg.materialize(
+            [*assets, *checks],
+            selection=dg.AssetSelection.assets("scored_reports", "cells", "selection"),
+            partition_key=tileset,
+            resources=resources,
+            instance=instance,
+        )
+        assert merged.success
+        encoded = dg.materialize(
+            [*assets, *checks],
+            selection=dg.AssetSelection.assets("shard_tiles"),
+            partition_key=dg.MultiPartitionKey({"tileset": tileset, "shard": "0"}),
+            resources=resources,
+            instance=instance,
+        )
+        assert encoded.success
         published = dg.materialize(
             [*assets, *checks],
-            selection=dg.AssetSelection.assets("scored_reports", "cells", "selection", "tiles", "snapshot"),
+            selection=dg.AssetSelection.assets("tiles", "snapshot"),
             partition_key=tileset,
             resources=resources,
             instance=instance,
         )
         assert published.success
-        evaluations = {e.check_name: e.passed for e in published.get_asset_check_evaluations()}
+        evaluations = {e.check_name: e.passed for run in (merged, published) for e in run.get_asset_check_evaluations()}
         assert evaluations == {
             "scoring_conservation": True,
             "publish_guard": True,
@@ -154,8 +174,10 @@ def test_materialize_everything(small_config, tmp_path):
         }
         meta = {
             e.materialization.asset_key.to_user_string(): e.materialization.metadata
-            for e in published.get_asset_materialization_events()
+            for run in (merged, encoded, published)
+            for e in run.get_asset_materialization_events()
         }
+        assert meta["shard_tiles"]["dagster/row_count"].value > 0  # the shard encoded its tiles
         assert "| 14 |" in meta["cells"]["zooms"].value and "| 0 |" in meta["cells"]["zooms"].value
         assert (tmp_path / ".hotspots" / "work" / tileset / "cells" / "zoom=14" / "cells.parquet").exists()
         latest = json.loads((tmp_path / "output" / tileset / "latest.json").read_text())
@@ -301,7 +323,7 @@ if job_name == "extract":
     result = defs.resolve_job_def(job_name).execute_in_process(
         run_config={"ops": ops}, instance=instance, raise_on_error=False
     )
-else:  # a tileset's whole build: plan, shards, publish
+else:  # a tileset's whole build: plan, shards, merge, the shards' tiles, publish
     result = execute_build(defs, instance, partition, {"as_of": as_of}, raise_on_error=False)
 print("OK" if result.success else "FAILED")
 """.replace("REPO", repr(str(REPO)), 1)
@@ -452,9 +474,14 @@ def test_a_yaml_edit_between_steps_changes_nothing_in_a_planned_build(small_conf
     edited = yaml.safe_load(small_config.read_text())
     edited["tilesets"]["roads"].update(cell_detail=4, strata_detail=1, maxzoom=9, max_features_per_tile=40)
     small_config.write_text(yaml.safe_dump(edited))
-    rest = steps("selection", "tiles", "snapshot")
-    assert rest.success
-    assert {e.check_name: e.passed for e in rest.get_asset_check_evaluations()} == {
+    chosen = steps("selection")
+    assert dg.materialize(
+        everything, selection=["shard_tiles"], partition_key=shard, resources=resources, instance=instance
+    ).success
+    rest = steps("tiles", "snapshot")
+    assert chosen.success and rest.success
+    evaluations = [e for run in (chosen, rest) for e in run.get_asset_check_evaluations()]
+    assert {e.check_name: e.passed for e in evaluations} == {
         "selection_holds": True,
         "latest_is_complete": True,
     }
@@ -469,7 +496,11 @@ def test_a_yaml_edit_between_steps_changes_nothing_in_a_planned_build(small_conf
     assert dg.materialize(
         everything, selection=["shards"], partition_key=shard, resources=resources, instance=instance
     ).success
-    assert steps("scored_reports", "cells", "selection", "tiles", "snapshot").success
+    assert steps("scored_reports", "cells", "selection").success
+    assert dg.materialize(
+        everything, selection=["shard_tiles"], partition_key=shard, resources=resources, instance=instance
+    ).success
+    assert steps("tiles", "snapshot").success
     latest = publish.read_latest(cfg.published("roads"))
     manifest = json.loads((cfg.published("roads").root / latest["path"] / "manifest.json").read_text())
     assert manifest["config"]["cell_detail"] == 4 and max(z["z"] for z in manifest["zooms"]) == 9
@@ -521,13 +552,26 @@ def test_the_sensors_carry_a_build_from_its_plan_through_its_shards_to_its_snaps
         {"tileset": "rail", "shard": str(i)} for i in range(3)
     ]
     assert set(instance.get_dynamic_partitions("shard")) >= {"0", "1", "2"}
-    publish_requests = []
-    for request in shard_requests:
-        run = defs.resolve_job_def(SHARD_JOB).execute_in_process(
-            partition_key=request.partition_key, tags=request.tags, instance=instance
-        )
-        publish_requests.append(sensor_after("publish_after_shards", run))
-    assert [len(r) for r in publish_requests] == [0, 0, 1]  # only once every shard is done
+
+    def each(job: str, requests: list[dg.RunRequest], after: str) -> list[list[dg.RunRequest]]:
+        """Run ``job`` for each request as the daemon would; what sensor ``after`` asks for after each run."""
+        asked = []
+        for r in requests:
+            run = defs.resolve_job_def(job).execute_in_process(
+                partition_key=r.partition_key, tags=r.tags, instance=instance
+            )
+            assert run.success
+            asked.append(sensor_after(after, run))
+        return asked
+
+    merge_requests = each(SHARD_JOB, shard_requests, "merge_after_shards")
+    assert [len(r) for r in merge_requests] == [0, 0, 1]  # only once every shard is done
+    [tile_requests] = each(MERGE_JOB, merge_requests[-1], "tiles_after_merge")
+    assert [r.partition_key.keys_by_dimension for r in tile_requests] == [
+        {"tileset": "rail", "shard": str(i)} for i in range(3)
+    ]
+    publish_requests = each(SHARD_TILES_JOB, tile_requests, "publish_after_tiles")
+    assert [len(r) for r in publish_requests] == [0, 0, 1]  # once every shard has encoded its tiles
     [final] = publish_requests[-1]
     published = defs.resolve_job_def(PUBLISH_JOB).execute_in_process(
         partition_key=final.partition_key, tags=final.tags, instance=instance

@@ -11,7 +11,7 @@ import dagster as dg
 import polars as pl
 import yaml
 
-from assets.location import EXTRACT_JOB, PLAN_JOB, PUBLISH_JOB, SHARD_JOB, build_definitions
+from assets.location import EXTRACT_JOB, MERGE_JOB, PLAN_JOB, PUBLISH_JOB, SHARD_JOB, SHARD_TILES_JOB, build_definitions
 from assets.publishing import CHAIN_INTERVAL_S, FRESH_TAG
 from pipeline import freshness, publish
 from pipeline.config import load_config
@@ -95,9 +95,15 @@ class Daemon:
             for shard_request in self.after("shards_after_plan", planned):
                 shard = self.run(SHARD_JOB, shard_request)
                 assert shard.success
-                for publish_request in self.after("publish_after_shards", shard):
-                    assert self.run(PUBLISH_JOB, publish_request).success
-                    published.append(publish_request.partition_key)
+                for merge_request in self.after("merge_after_shards", shard):
+                    merged = self.run(MERGE_JOB, merge_request)
+                    assert merged.success
+                    for tiles_request in self.after("tiles_after_merge", merged):
+                        tiles = self.run(SHARD_TILES_JOB, tiles_request)
+                        assert tiles.success
+                        for publish_request in self.after("publish_after_tiles", tiles):
+                            assert self.run(PUBLISH_JOB, publish_request).success
+                            published.append(publish_request.partition_key)
         return published
 
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import build, geoparquet, paths, plan, publish, tilemath, warehouse
+from pipeline import build, geoparquet, paths, plan, publish, tilemath, vector, warehouse
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, PlanError, PublishError
 
@@ -41,6 +41,7 @@ def published_as(cfg, tileset: str, out: Path, part_cells: int | None = None, **
         publish.SELECT_PART_CELLS = default
     checks = publish.check_selection(frozen)
     assert checks and all(c.holds for c in checks)
+    publish.encode_tiles(frozen)
     publish.stage_snapshot(frozen)
     return publish.finalize_snapshot(frozen).path
 
@@ -319,3 +320,52 @@ def _selected_contents(selected: Path) -> dict[str, object]:
     for path in sorted(selected.rglob("tile_features.arrow")):
         out[str(path.relative_to(selected))] = pl.concat(publish.read_parts(path)).rows()
     return out
+
+
+def test_shards_encode_their_own_tiles_and_the_publication_reads_them(write_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(publish, "SELECT_PART_CELLS", 40)  # parts: rows strays between a shard's own parts too
+    write_points(tmp_path / "pts.csv", seed=8, n=3000, clusters=2)  # shard borders run through clusters
+    cfg = config_for(write_config, tmp_path, shards=3, shard_zoom=10)
+    run_extraction(cfg)
+    first = build.split(plan.make(cfg, "pts", AS_OF))
+    plan.write(first)
+    build.score_tileset(first)
+    build.build_cells(first)
+    publish.select_tileset(first)
+    # each shard's features whose buffers reach into other shards' tiles were kept for those shards
+    zooms = publish.shard_zooms(first)
+    shards = [first.work.shard(i) for i in range(3)]
+    strays = [f.height for z in zooms for s in shards if s.strays(z).exists() for f in publish.read_parts(s.strays(z))]
+    assert sum(strays) > 0
+    done = [publish.encode_shard(first, i) for i in range(3)]
+    assert sum(1 for d in done if d["zooms"] and d["encoded"]) >= 2  # more than one shard encoded tiles
+    seen: dict[int, set] = {}
+    for i in range(3):
+        for zoom in done[i]["zooms"]:
+            z = zoom["z"]
+            tiles = pl.concat([_keys(e) for e in vector.read_encoded(first.work.shard(i).encoded(z), z)])
+            lo, hi = publish.shard_range(first, i, z)
+            assert tiles.height == zoom["tiles"] and tiles["key"].is_between(lo, hi, closed="left").all()
+            assert not seen.setdefault(z, set()) & set(tiles["key"])  # a tile is one shard's
+            seen[z] |= set(tiles["key"])
+    # the publication needs every shard's tiles, for this plan
+    first.work.shard(1).encoding.unlink()
+    with pytest.raises(PublishError, match="shard 1 of pts has not encoded its tiles"):
+        publish.stage_snapshot(first)
+    publish.encode_shard(first, 1)
+    with pytest.raises(PublishError, match="shard 0 of pts encoded its tiles for another plan"):
+        publish.stage_snapshot(replace(first, as_of=AS_OF.replace(hour=13)))
+    staged = publish.stage_snapshot(first)
+    for zoom in staged["zooms"]:
+        if zoom["z"] in seen:  # every tile of a zoom the shards encoded is in the archive, none twice
+            assert zoom["mvt_tiles"] == len(seen[zoom["z"]])
+    # again, nothing changed: every tile comes from its shard's tile cache
+    again = [publish.encode_shard(first, i) for i in range(3)]
+    assert sum(d["encoded"] for d in again) == 0
+    assert sum(d["reused"] for d in again) == sum(len(keys) for keys in seen.values())
+
+
+def _keys(tiles: vector.Encoded) -> pl.DataFrame:
+    """The Morton keys (``key``) of encoded tiles."""
+    xy = pl.DataFrame({"x": tiles.x, "y": tiles.y}).cast(pl.UInt64)
+    return xy.select(tilemath.morton(pl.col("x"), pl.col("y")).alias("key"))
