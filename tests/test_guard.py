@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets.extraction import conservation, raw_reports, rejected_share, validated_reports
-from assets.location import EXTRACT_JOB, build_definitions
+from assets.location import EXTRACT_JOB, MERGE_JOB, build_definitions
 from pipeline import strictjson
 from resources import HotspotsResource
 
@@ -214,7 +214,7 @@ def test_dagster_checks_carry_the_numbers_and_block_only_the_lost_source(write_c
     for request in requests:
         params = request.run_config["ops"]["build_plan"]["config"]
         run = execute_build(defs, instance, request.partition_key, params, raise_on_error=False)
-        guard = [c for c in run.get_asset_check_evaluations() if c.check_name == "publish_guard"][0]
+        guard = _check(instance, MERGE_JOB, request.partition_key, "publish_guard")
         outcomes[request.partition_key] = (run.success, guard.passed, guard.metadata)
     assert outcomes["quakes"][:2] == (True, True)
     ok, passed, meta = outcomes["nyc"]
@@ -223,6 +223,16 @@ def test_dagster_checks_carry_the_numbers_and_block_only_the_lost_source(write_c
     assert "source nyc: 4,969 of 4,969 rows rejected" in meta["problem"].value
     assert not (tmp_path / "output" / "nyc" / "latest.json").exists()
     assert (tmp_path / "output" / "quakes" / "latest.json").exists()
+
+
+def _check(instance: dg.DagsterInstance, job: str, tileset: str, name: str):
+    """The evaluation of check ``name`` in the tileset's latest run of ``job``."""
+    [run] = instance.get_runs(dg.RunsFilter(job_name=job, tags={"dagster/partition": tileset}), limit=1)
+    events = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+    [found] = [
+        e.dagster_event.event_specific_data for e in events if e.dagster_event.event_specific_data.check_name == name
+    ]
+    return found
 
 
 def test_extraction_check_alone_blocks_in_materialize(write_config):
