@@ -968,14 +968,17 @@ def _stage_into(plan: Plan, folder: SnapshotFolder) -> dict:
         """A part's MVT tiles into the archive (and the mvt/ folder)."""
         z = zoom["z"]
         archive.add(encoded)
-        sizes = [len(d) for d in encoded.data]
+        sizes = np.array([len(d) for d in encoded.data], np.int64)
         if in_folders(z, "mvt"):
             for x, y, data in zip(encoded.x.tolist(), encoded.y.tolist(), encoded.data):
                 folder.put(f"mvt/{z}/{x}/{y}.mvt", data)
-            zoom["mvt_folder_bytes"] += sum(sizes)
+            zoom["mvt_folder_bytes"] += int(sizes.sum())
+        count_tiles(zoom, sizes)
+
+    def count_tiles(zoom: dict, sizes: np.ndarray) -> None:
         zoom["mvt_tiles"] += len(sizes)
-        zoom["mvt_bytes"] += sum(sizes)
-        zoom["mvt_max_tile_bytes"] = max(zoom["mvt_max_tile_bytes"], *sizes, 0)
+        zoom["mvt_bytes"] += int(sizes.sum())
+        zoom["mvt_max_tile_bytes"] = max(zoom["mvt_max_tile_bytes"], int(sizes.max(initial=0)))
 
     # Zoom by zoom, part by part (a part: whole tiles, see select_tileset):
     # while a part's tiles are encoded (DuckDB and gzip, on worker threads), its
@@ -1000,8 +1003,11 @@ def _stage_into(plan: Plan, folder: SnapshotFolder) -> dict:
                         for box in by_shards.extents[s["z"]]:
                             extent[:] = geoparquet.union(extent, box)
                     for path in by_shards.files[s["z"]]:
-                        for encoded in vector.read_encoded(path, s["z"]):
-                            add_tiles(zoom, encoded)
+                        for batch in vector.encoded_batches(path):
+                            if in_folders(s["z"], "mvt"):  # each tile a file too
+                                add_tiles(zoom, vector.encoded_of(batch, s["z"]))
+                            else:
+                                count_tiles(zoom, archive.add_batch(batch))
                     continue
                 for part, tile_features in _encoding_parts(plan, s):
                     encoding = encoder.submit(tile_features, s["z"], part)

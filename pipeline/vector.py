@@ -430,14 +430,18 @@ def writing_encoded(path: Path) -> Iterator[Callable[[Encoded], None]]:
             yield write
 
 
-def read_encoded(path: Path, z: int) -> Iterator[Encoded]:
-    """The :class:`Encoded` tiles :func:`writing_encoded` wrote, a batch at a time."""
+def encoded_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    """The batches of tiles :func:`writing_encoded` wrote (for :meth:`Archive.add_batch`)."""
     with pa.OSFile(str(path)) as source:
         reader = pa.ipc.open_file(source)
         for i in range(reader.num_record_batches):
-            b = reader.get_batch(i)
-            tile_id, x, y = (b.column(c).to_numpy() for c in ("tile_id", "x", "y"))
-            yield Encoded(z, x, y, tile_id, b.column("data").to_pylist(), b.column("content").to_pylist())
+            yield reader.get_batch(i)
+
+
+def encoded_of(batch: pa.RecordBatch, z: int) -> Encoded:
+    """A batch of :func:`encoded_batches` as :class:`Encoded` tiles (a Python object per tile)."""
+    tile_id, x, y = (batch.column(c).to_numpy() for c in ("tile_id", "x", "y"))
+    return Encoded(z, x, y, tile_id, batch.column("data").to_pylist(), batch.column("content").to_pylist())
 
 
 class TileCache:
@@ -597,13 +601,30 @@ class Archive:
         """Add a batch of tiles (each tile id once in an archive)."""
         if not tiles.data:
             return
-        sizes = np.array([len(d) for d in tiles.data], np.uint64)
         self._data.writelines(tiles.data)  # a repeated content too: it is stored once at close
+        sizes = np.array([len(d) for d in tiles.data], np.uint64)
+        self._record(tiles.tile_id, sizes, b"".join(tiles.digest))
+
+    def add_batch(self, batch: pa.RecordBatch) -> np.ndarray:
+        """Add a batch of :func:`encoded_batches` (no Python object per tile); returns the tiles' sizes."""
+        data, content = batch.column("data"), batch.column("content")
+        if not len(data):
+            return np.empty(0, np.uint64)
+        offsets = np.frombuffer(data.buffers()[1], np.int32, len(data) + 1, data.offset * 4)
+        self._data.write(memoryview(data.buffers()[2])[offsets[0] : offsets[-1]])
+        sizes = np.diff(offsets).astype(np.uint64)
+        width = content.type.byte_width
+        digests = memoryview(content.buffers()[1])[content.offset * width : (content.offset + len(content)) * width]
+        self._record(batch.column("tile_id").to_numpy(), sizes, digests)
+        return sizes
+
+    def _record(self, ids: np.ndarray, sizes: np.ndarray, digests) -> None:
+        """Where tiles just written to the scratch file lie, with their ids and contents' digests."""
         self._offsets.frombytes((_starts(sizes) + np.uint64(self._size)).tobytes())
         self._size += int(sizes.sum())
-        self._ids.frombytes(tiles.tile_id.astype(np.uint64).tobytes())
+        self._ids.frombytes(ids.astype(np.uint64).tobytes())
         self._lengths.frombytes(sizes.tobytes())
-        self._digests.frombytes(b"".join(tiles.digest))
+        self._digests.frombytes(digests)
 
     def _layout(self) -> tuple[np.ndarray, ...]:
         """Directory entries (id, offset, length, run) and each content's scratch offset, in write order."""

@@ -36,8 +36,10 @@ from pipeline.vector import (
     TileCache,
     digest,
     directories,
+    encoded_batches,
     serialize_directory,
     varints,
+    writing_encoded,
 )
 
 from .conftest import publish_tileset, run_extraction
@@ -289,6 +291,18 @@ def test_archive_stores_duplicates_once_reads_back_and_ignores_the_order_tiles_c
     twice.add(batches[1])
     with pytest.raises(ValueError, match="added twice"):
         twice.close({}, [-1.0, -1.0, 1.0, 1.0])
+    # as a shard writes its tiles, and the publication adds them from their Arrow batches
+    (tmp_path / "shard").mkdir()
+    with writing_encoded(tmp_path / "shard" / "tiles.arrow") as write:
+        for batch in batches:
+            write(batch)
+    archive, sizes = Archive(tmp_path / "shard" / "d.pmtiles"), []
+    for batch in encoded_batches(tmp_path / "shard" / "tiles.arrow"):
+        for piece in (batch.slice(0, 1), batch.slice(1)):  # a slice begins inside its buffers
+            sizes += archive.add_batch(piece).tolist()
+    archive.close({"name": "t"}, [-10.0, -10.0, 10.0, 10.0])
+    assert (tmp_path / "shard" / "d.pmtiles").read_bytes() == built[0]
+    assert sizes == [len(d) for b in batches for d in b.data]
 
 
 @settings(max_examples=60, deadline=None)
