@@ -508,26 +508,13 @@ def _written(write, encoding: vector.Pending) -> int:
 
 def _shard_parts(plan: Plan, i: int, s: dict) -> Iterator[tuple[vector.Part, pl.DataFrame]]:
     """Shard ``i``'s parts of a zoom (see :func:`encode_shard`), each a :class:`vector.Part` with its strays."""
-    z, shift = s["z"], 2 * plan.settings.cell_detail
+    z = s["z"]
     span = pyramid.Span(*s["tile_span"]) if s["tile_span"] else None
     lo, hi = shard_range(plan, i, z)
-    path = plan.work.selected(z) / "tile_features.arrow"
-    layout = json.loads((path.parent / "shards.json").read_text())
-    mine = next((e for e in layout if e["shard"] == i), None)
-
-    def own(columns: list[str] | None = None) -> Iterator[pl.DataFrame]:
-        batches = read_parts(path, columns, first=mine["first_batch"]) if mine else iter(())
-        for _, tile_features in zip(range(mine["batches"] if mine else 0), batches):
-            yield tile_features if columns else finish(tile_features, plan.profile, span)
-
-    firsts, offsets, at = [], [], mine["offset"] if mine else 0
-    for keys in own(["cell_key"]):  # a first pass: where its parts begin
-        firsts.append(int(keys.get_column("cell_key")[0]) >> shift)
-        offsets.append(at)
-        at += keys.height
-    bounds = [lo, *firsts[1:], hi]
+    layout = json.loads((plan.work.selected(z) / "shards.json").read_text())
+    mine = next((e for e in layout if e["shard"] == i), {"first_batch": 0, "batches": 0, "offset": 0})
     # the other shards' rows drawn in this one's tiles, at their features' positions in the zoom
-    strays = [
+    theirs = [
         finish(f, plan.profile, span)
         .with_columns(pl.col("_order") + e["offset"])
         .filter(pl.col("_target").is_between(lo, hi, closed="left"))
@@ -535,7 +522,36 @@ def _shard_parts(plan: Plan, i: int, s: dict) -> Iterator[tuple[vector.Part, pl.
         if e["shard"] != i
         for f in read_parts(plan.work.shard(e["shard"]).strays(z))
     ]
-    if len(firsts) > 1:  # and the rows its parts draw in each other's tiles
+    yield from _parts_in(plan, s, (mine["first_batch"], mine["batches"], mine["offset"]), (lo, hi), theirs)
+
+
+def _parts_in(
+    plan: Plan, s: dict, batches: tuple[int, int, int], keys: tuple[int, int], strays: list[pl.DataFrame]
+) -> Iterator[tuple[vector.Part, pl.DataFrame]]:
+    """The parts of a zoom's tile features that encode the tiles of ``keys`` (``[lo, hi)``), with intensity.
+
+    ``batches``: their first batch of the zoom's features, how many, and the
+    position of their first feature among the zoom's. Each part's
+    :class:`vector.Part` has the rows other parts draw in its tiles, found in
+    a first pass, and those of ``strays`` (rows from elsewhere, in ``keys``).
+    A range without features of its own still encodes the tiles ``strays`` reach.
+    """
+    z, shift = s["z"], 2 * plan.settings.cell_detail
+    span = pyramid.Span(*s["tile_span"]) if s["tile_span"] else None
+    path = plan.work.selected(z) / "tile_features.arrow"
+    (first, count, at), (lo, hi) = batches, keys
+
+    def own(columns: list[str] | None = None) -> Iterator[pl.DataFrame]:
+        for _, tile_features in zip(range(count), read_parts(path, columns, first=first)):
+            yield tile_features if columns else finish(tile_features, plan.profile, span)
+
+    firsts, offsets = [], []
+    for cells in own(["cell_key"]):  # a first pass: where its parts begin
+        firsts.append(int(cells.get_column("cell_key")[0]) >> shift)
+        offsets.append(at)
+        at += cells.height
+    bounds = [lo, *firsts[1:], hi]
+    if len(firsts) > 1:  # the rows its parts draw in each other's tiles
         for k, tile_features in enumerate(own()):
             found = vector.strays(tile_features, z, offsets[k], bounds[k], bounds[k + 1])
             strays.append(found.filter(pl.col("_target").is_between(lo, hi, closed="left")))
@@ -543,12 +559,12 @@ def _shard_parts(plan: Plan, i: int, s: dict) -> Iterator[tuple[vector.Part, pl.
     held = pl.concat([f.select(strays[0].columns) for f in strays]) if strays else None
     if firsts:
         frames = own()
-    else:  # no features of its own: the tiles its neighbours' buffers reach
+    else:  # no features of its own: the tiles other features' buffers reach
         frames, offsets = iter([finish(pl.from_arrow(_schema(path).empty_table()), plan.profile, span)]), [at]
     for k, tile_features in enumerate(frames):
         a, b = bounds[k], bounds[k + 1]
-        theirs = held.filter(pl.col("_target").is_between(a, b, closed="left")) if held is not None else None
-        yield vector.Part(offsets[k], a, b, theirs), tile_features
+        reach = held.filter(pl.col("_target").is_between(a, b, closed="left")) if held is not None else None
+        yield vector.Part(offsets[k], a, b, reach), tile_features
 
 
 def _schema(path: Path) -> pa.Schema:
@@ -1093,31 +1109,14 @@ def _finished_parts(plan: Plan, s: dict) -> Iterator[pl.DataFrame]:
 def _encoding_parts(plan: Plan, s: dict) -> Iterator[tuple[vector.Part | None, pl.DataFrame]]:
     """A zoom's tile features a part at a time, with their intensity, and each part's :class:`vector.Part`.
 
-    One part (``None``): the whole zoom. Several: each part's tiles are
-    given the features of other parts that reach into them (the buffer),
-    found in a first pass.
+    One part (``None``): the whole zoom. Several: see :func:`_parts_in`.
     """
     if len(s["parts"]) <= 1:
         for tile_features in _finished_parts(plan, s):
             yield None, tile_features
         return
-    span = pyramid.Span(*s["tile_span"]) if s["tile_span"] else None
-    path = plan.work.selected(s["z"]) / "tile_features.arrow"
-    z, shift = s["z"], 2 * plan.settings.cell_detail
-    firsts, offsets, at = [], [], 0
-    for tile_features in read_parts(path):
-        firsts.append(int(tile_features.get_column("cell_key")[0]) >> shift)
-        offsets.append(at)
-        at += tile_features.height
-    bounds = vector.part_bounds(z, firsts)
-    strays = pl.concat(
-        vector.strays(finish(f, plan.profile, span), z, offsets[i], bounds[i], bounds[i + 1])
-        for i, f in enumerate(read_parts(path))
-    )
-    for i, tile_features in enumerate(read_parts(path)):
-        lo, hi = bounds[i], bounds[i + 1]
-        mine = strays.filter(pl.col("_target").is_between(lo, hi, closed="left"))
-        yield vector.Part(offsets[i], lo, hi, mine), finish(tile_features, plan.profile, span)
+    everything = (0, len(s["parts"]), 0)  # a batch per part
+    yield from _parts_in(plan, s, everything, (0, 4 ** s["z"]), [])
 
 
 class Snapshot(NamedTuple):

@@ -144,11 +144,6 @@ class Part(NamedTuple):
     strays: pl.DataFrame | None
 
 
-def part_bounds(z: int, first_keys: list[int]) -> list[int]:
-    """Tile-key bounds of consecutive parts, from each part's first tile key: they cover every tile."""
-    return [0, *first_keys[1:], 4**z]
-
-
 def _target_key() -> pl.Expr:  # the Morton key of the tile a buffered row is drawn in
     return tilemath.morton(pl.col("tx").cast(pl.UInt64), pl.col("ty").cast(pl.UInt64)).alias("_target")
 
