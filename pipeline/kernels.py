@@ -117,6 +117,32 @@ def segment_min(a, starts, order=None):
 
 
 @njit(**_JIT)
+def run_starts(values, shift):
+    """Where each run of equal ``values >> shift`` starts (the values sorted), and each run's length."""
+    starts = np.empty(len(values), np.int64)
+    found, before, s = 0, np.uint64(0), np.uint64(shift)
+    for i in range(len(values)):
+        v = values[i] >> s
+        if i == 0 or v != before:
+            starts[found] = i
+            found += 1
+            before = v
+    lengths = np.empty(found, np.int64)
+    for k in range(found):
+        lengths[k] = (starts[k + 1] if k + 1 < found else len(values)) - starts[k]
+    return starts[:found], lengths
+
+
+@njit(**_JIT)
+def count_codes(codes, mask, starts, counts):
+    """Add one to ``counts[k, codes[i] & mask]`` for every value ``i`` of run ``k`` (runs from ``starts``)."""
+    for k in range(len(starts)):
+        e = starts[k + 1] if k + 1 < len(starts) else len(codes)
+        for i in range(starts[k], e):
+            counts[k, codes[i] & mask] += 1
+
+
+@njit(**_JIT)
 def segment_rows(a, starts):
     """``np.add.reduceat(a, starts, axis=0)`` of a 2-D unsigned array (wrapping, as NumPy's)."""
     out = np.empty((len(starts), a.shape[1]), a.dtype)
@@ -301,6 +327,8 @@ def warm() -> None:
                 whole_seconds(a)
     key, n, v = np.zeros(2, np.uint64), np.ones(2, np.int64), np.zeros(2)
     parent_runs(key), cell_xy(key), quadkey_views(key, 1), quadkey_views(key, INLINE + 1)
+    for lanes in (np.uint8, np.uint16, np.uint32, np.uint64):
+        count_codes(key, np.uint64(1), run_starts(key, 0)[0], np.zeros((1, 8), lanes))
     segment_rows(np.zeros((2, 2), np.uint64), starts)
     for lanes in (np.uint8, np.uint16, np.uint32, np.uint64):
         top_lane(np.zeros((2, 8), lanes), 1, n)

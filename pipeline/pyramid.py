@@ -115,37 +115,37 @@ class Level(NamedTuple):
     def finest(
         cls,
         reports: pl.DataFrame,
-        key: np.ndarray,
-        code: np.ndarray,
+        sorted_by: np.ndarray,
+        shift: int,
+        codes: np.ndarray,
+        mask: int,
         categories: tuple[str, ...],
         columns: list[tuple[str, str]],
         order: np.ndarray | None = None,
     ) -> Level:
         """Finest cells from reports sorted (stably) by cell key, then category code.
 
-        ``order``: the reports are ``reports[order]`` (sorted without making
-        that frame); ``key`` and ``code`` are already in that order. Sums take
+        ``sorted_by >> shift`` is each report's cell key, ``codes & mask``
+        its category code (one packed column, or the key and the code
+        apart), both in the sorted order. ``order``: the reports are
+        ``reports[order]`` (sorted without making that frame). Sums take
         each cell's reports in that fixed order (NumPy's pairwise sum,
         :mod:`pipeline.kernels`), so the same input gives the same bits,
         whatever the thread count.
         """
         k = _kernels()
-        new_cell, new_pair = _changes(key), _changes(code)
-        new_pair |= new_cell
-        starts, pair_starts = np.flatnonzero(new_cell), np.flatnonzero(new_pair)
-        sums = {"report_count": np.diff(starts, append=len(key)).astype(np.int64)}
-        # (cell, category) pairs are runs too: their lengths are the category counts
-        pair_cell = np.cumsum(new_cell[pair_starts]) - 1
-        counts = _lanes(len(starts), len(categories), _lane_type(sums["report_count"]))
-        counts[pair_cell, code[pair_starts].astype(np.intp)] = np.diff(pair_starts, append=len(key))
+        starts, report_count = k.run_starts(sorted_by, shift)
+        counts = _lanes(len(starts), len(categories), _lane_type(report_count))
+        k.count_codes(codes, np.uint64(mask), starts, counts)
+        sums = {"report_count": report_count}
 
         def runs(reduce, values: np.ndarray) -> np.ndarray:
             return reduce(values, starts) if order is None else reduce(values, starts, order)
 
         # whole seconds before the extremes: the floor of a minimum is the minimum of the floors
-        times = k.whole_seconds(_column(reports.select(pl.col("observed_at").dt.epoch("us")), "observed_at"))
+        times = k.whole_seconds(np.ascontiguousarray(reports.get_column("observed_at").dt.epoch("us").to_numpy()))
         sums.update({name: runs(k.segment_sum, _column(reports, c)) for name, c in columns})
-        cell_key = key[starts]
+        cell_key = sorted_by[starts] >> np.uint64(shift)
         x, y = k.cell_xy(cell_key)
         return cls(
             cell_key,
@@ -171,8 +171,7 @@ class Level(NamedTuple):
         words = k.segment_rows(counts.view(np.uint64), starts)
         return Level(
             key,
-            self.x[starts] >> 1,
-            self.y[starts] >> 1,
+            *k.cell_xy(key),  # (one pass over the keys: faster than gathering the children's and halving them)
             sums,
             k.segment_max(self.max_weight, starts),
             k.segment_min(self.first_seen, starts),
@@ -324,14 +323,6 @@ def _column(frame: pl.DataFrame, name: str) -> np.ndarray:
     return np.ascontiguousarray(frame.get_column(name).to_numpy())
 
 
-def _changes(values: np.ndarray) -> np.ndarray:
-    """True where a value differs from the one before it (and at 0)."""
-    out = np.empty(len(values), dtype=bool)
-    out[:1] = True
-    np.not_equal(values[1:], values[:-1], out=out[1:])
-    return out
-
-
 def _nondecreasing(values: np.ndarray) -> bool:
     """True when the values are in ascending order (equal neighbours allowed)."""
     return bool(np.all(values[1:] >= values[:-1]))
@@ -375,7 +366,10 @@ def build(
 def finest(scored: pl.DataFrame, profile: Profile, level: int) -> Level:
     """The finest cells (tiles at ``level``) of scored reports: the one pass over the reports."""
     metrics = [m for m in METRIC_COLUMNS if m in scored.columns]
-    categories = tuple(scored.get_column("category").drop_nulls().unique().sort().to_list())
+    if profile.categories is not None:  # scoring left no other (a lane for each known one: none has to be found)
+        categories = tuple(sorted(set(profile.categories)))
+    else:
+        categories = tuple(scored.get_column("category").drop_nulls().unique().sort().to_list())
     summed = [("weight", "weight"), ("lng_sum", "lng"), ("lat_sum", "lat"), *[(m, m) for m in metrics]]
     if profile.score == "boosted_count":  # what seed 002's score needs beyond the count
         summed += [("severity_boost_sum", "severity_boost"), ("decay_sum", "decay")]
@@ -408,11 +402,11 @@ def finest(scored: pl.DataFrame, profile: Profile, level: int) -> Level:
                 by_packed = pl.arg_sort_by("packed", maintain_order=True)
                 order = reports.select(by_packed).to_series().to_numpy().astype(np.int64)
             packed_values = packed_values[order]
-        key, code = packed_values >> np.uint64(code_bits), packed_values & np.uint64((1 << code_bits) - 1)
-        return Level.finest(reports, key, code, categories, summed, order)
+        mask = (1 << code_bits) - 1
+        return Level.finest(reports, packed_values, code_bits, packed_values, mask, categories, summed, order)
     reports = keyed.sort(["key", "code"], maintain_order=True).collect()
-    key, code = reports.get_column("key").to_numpy(), reports.get_column("code").to_numpy()
-    return Level.finest(reports, key, code, categories, summed)
+    key, code = _column(reports, "key"), _column(reports, "code")
+    return Level.finest(reports, key, 0, code, 2**64 - 1, categories, summed)
 
 
 def roll_up(cells: Level, top: int, bottom: int, detail: int, profile: Profile) -> Iterator[tuple[pl.DataFrame, Level]]:
@@ -478,7 +472,10 @@ def _frame(cells: Level, z: int, detail: int, profile: Profile) -> pl.DataFrame:
             "cell_key": cells.key,
         }
     )
-    frame = frame.with_columns(score(profile).alias("score"))
+    if profile.score == "mean":  # score()'s division in NumPy: the same IEEE operation, in one pass
+        frame = frame.with_columns(pl.Series("score", np.divide(cells.sums["weight"], n)))
+    else:
+        frame = frame.with_columns(score(profile).alias("score"))
     return frame.select(*(c for c in CELL_COLUMNS if c != "intensity"), *metrics, *boosted, "cell_key")
 
 

@@ -112,22 +112,47 @@ def age_days(as_of: datetime) -> pl.Expr:
     return ((pl.lit(as_of) - pl.col("observed_at")).dt.total_microseconds() * (1.0 / DAY_US)).clip(lower_bound=0.0)
 
 
-def decay_days(profile: Profile) -> pl.Expr:
-    """Half-life / time constant of each report: by category, then its class, then "default"."""
+def decay_days(profile: Profile, counted: bool = False) -> pl.Expr:
+    """Half-life / time constant of each report: by category, then its class, then "default".
+
+    ``counted``: only for reports scoring counts, whose categories all have
+    days (the others are excluded as ``unknown_category``): then a category
+    is looked up among the other values' categories only, and what is left
+    has the default, or the most common value.
+    """
     days = profile.decay.days
     per_category = {c: days[k] for c, k in profile.category_class.items() if k in days}
     per_category.update({k: v for k, v in days.items() if k not in profile.category_class.values()})
     per_category.pop("default", None)
-    return pl.col("category").replace_strict(per_category, default=days.get("default"), return_dtype=pl.Float64)
+    default = days.get("default")
+    if counted:
+        by_value: dict[float, list[str]] = {}
+        for c, v in per_category.items():
+            by_value.setdefault(v, []).append(c)
+        if default is None and by_value:
+            default = max(by_value, key=lambda v: len(by_value[v]))
+        expr = pl.lit(default, dtype=pl.Float64)
+        for v, cats in by_value.items():
+            if v != default:
+                expr = pl.when(pl.col("category").is_in(cats)).then(pl.lit(v, dtype=pl.Float64)).otherwise(expr)
+        return expr
+    if not per_category:
+        return pl.lit(default, dtype=pl.Float64)
+    # a category's place among the known ones, then its days by that place: faster than
+    # looking each report's string up in a mapping (unknown and null: no place)
+    known = sorted(per_category)
+    place = pl.col("category").cast(pl.Enum(known), strict=False).to_physical()
+    looked_up = pl.lit(pl.Series([per_category[c] for c in known], dtype=pl.Float64)).gather(place)
+    return looked_up if default is None else looked_up.fill_null(default)
 
 
 def decay(profile: Profile, as_of: datetime) -> pl.Expr:
-    """Decay factor in [0, 1] of each report."""
+    """Decay factor in [0, 1] of each report that counts (see :func:`decay_days`)."""
     d = profile.decay
     if d.mode == "half_life":
-        return pl.lit(0.5) ** (age_days(as_of) / decay_days(profile))
+        return pl.lit(0.5) ** (age_days(as_of) / decay_days(profile, counted=True))
     if d.mode == "time_constant":  # seed 001's literal exp(-age/τ)
-        return (-age_days(as_of) / decay_days(profile)).exp()
+        return (-age_days(as_of) / decay_days(profile, counted=True)).exp()
     if d.mode == "normalized_exponential":  # seed 002
         return (-d.factor * (age_days(as_of) * (1.0 / d.max_age_days)).clip(upper_bound=1.0)).exp()
     return pl.lit(1.0)
@@ -198,7 +223,7 @@ def filter_passes(filters: Filters) -> pl.Expr:
 
 
 def exclusion(profile: Profile, filters: Filters, as_of: datetime) -> pl.Expr:
-    """The first exclusion reason of each report, or null when it counts."""
+    """The first exclusion reason of each report (its place in :data:`EXCLUSIONS`), or null when it counts."""
     rules: list[tuple[pl.Expr, str]] = [
         (pl.col("is_public").not_(), "not_public"),
         (pl.col("observed_at") > pl.lit(as_of), "after_as_of"),
@@ -215,10 +240,11 @@ def exclusion(profile: Profile, filters: Filters, as_of: datetime) -> pl.Expr:
         rules.append((~pl.col("severity").is_between(lo, hi), "severity_out_of_range"))
     rules.append((~filter_passes(filters), "filtered_out"))
 
-    expr = pl.when(rules[0][0].fill_null(False)).then(pl.lit(rules[0][1]))
+    code = {reason: i for i, reason in enumerate(EXCLUSIONS)}  # a small integer is cheaper to count by than a string
+    expr = pl.when(rules[0][0].fill_null(False)).then(pl.lit(code[rules[0][1]], pl.UInt8))
     for cond, reason in rules[1:]:
-        expr = expr.when(cond.fill_null(False)).then(pl.lit(reason))
-    return expr.otherwise(pl.lit(None, dtype=pl.String)).alias("excluded")
+        expr = expr.when(cond.fill_null(False)).then(pl.lit(code[reason], pl.UInt8))
+    return expr.otherwise(pl.lit(None, dtype=pl.UInt8)).alias("excluded")
 
 
 def score_reports(reports: pl.LazyFrame, profile: Profile, filters: Filters, as_of: datetime) -> ScoreResult:
@@ -243,22 +269,25 @@ def score_reports(reports: pl.LazyFrame, profile: Profile, filters: Filters, as_
     reports = reports.with_columns(pl.col(c).cast(t) for c, t in READ_TYPES.items() if c in present)
     if "tile_key" not in present:
         reports = reports.with_columns(tile_key(pl.col("lng"), pl.col("lat")).alias("tile_key"))
-    judged = reports.with_columns(exclusion(profile, filters, as_of))
+    reason = exclusion(profile, filters, as_of)
+    boost, decays = severity_score(profile) * priority_boost(profile), decay(profile, as_of)
+    columns = [*SCORED_COLUMNS, *(METRIC_COLUMNS if profile.metrics else ())]
+    # Judged once: the columns scoring reads, and each report's reason. The reasons are
+    # counted from it, and the reports that count are scored from it.
+    read = {c for e in (reason, boost, decays, weight(profile)) for c in e.meta.root_names()}
+    read |= {*columns, *(("entity_type", "entity_id", "report_id") if profile.one_point_per_entity else ())}
+    judged = reports.select(*(c for c in reports.collect_schema().names() if c in read), reason).collect()
     kept = (
-        judged.filter(pl.col("excluded").is_null())
-        .with_columns(
-            (severity_score(profile) * priority_boost(profile)).alias("severity_boost"),
-            decay(profile, as_of).alias("decay"),
-        )
+        judged.lazy()
+        .filter(pl.col("excluded").is_null())
+        .with_columns(boost.alias("severity_boost"), decays.alias("decay"))
         .with_columns(weight(profile).alias("weight"))
     )
-    columns = [*SCORED_COLUMNS, *(METRIC_COLUMNS if profile.metrics else ())]
     if profile.one_point_per_entity:
         kept = _one_point_per_entity(kept, columns)
-    # one pass: the reason counts and the scored rows share the exclusion work
-    reasons, scored = pl.collect_all([judged.group_by("excluded").len(), kept.select(columns)])
+    reasons, scored = judged.group_by("excluded").len(), kept.select(columns).collect()
     valid = int(reasons.get_column("len").sum())
-    excluded = dict(reasons.drop_nulls("excluded").iter_rows())
+    excluded = {EXCLUSIONS[code]: n for code, n in reasons.drop_nulls("excluded").iter_rows()}
     folded = valid - sum(excluded.values()) - scored.height
     if folded:
         excluded["folded_into_entity"] = folded

@@ -96,6 +96,31 @@ def test_category_words_add_as_numpy_adds_them(data):
 
 @settings(max_examples=200, deadline=None)
 @given(
+    st.lists(st.tuples(st.integers(0, 2**40), st.integers(0, 14)), min_size=1, max_size=400),
+    st.sampled_from([np.uint8, np.uint16, np.uint32, np.uint64]),
+    st.booleans(),
+)
+def test_runs_and_category_counts_are_those_numpy_finds(reports, lanes, packed):
+    """The finest cells' runs and category counts, from one packed sort column or a key and a code apart."""
+    key = np.array(sorted(reports), dtype=np.uint64)
+    cell, code = key[:, 0], key[:, 1]
+    bits = 4
+    values, shift, codes, mask = (
+        (cell << np.uint64(bits) | code, bits, cell << np.uint64(bits) | code, 2**bits - 1)
+        if packed
+        else (cell, 0, code, 2**64 - 1)
+    )
+    starts, lengths = kernels.run_starts(values, shift)
+    want = np.flatnonzero(np.concatenate([[True], cell[1:] != cell[:-1]]))
+    assert np.array_equal(starts, want) and np.array_equal(lengths, np.diff(want, append=len(cell)))
+    counts = np.zeros((len(starts), 16), lanes)
+    kernels.count_codes(codes, np.uint64(mask), starts, counts)
+    for k, (s, n) in enumerate(zip(starts, lengths)):
+        assert np.array_equal(counts[k], np.bincount(code[s : s + n].astype(np.intp), minlength=16))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
     hnp.arrays(np.uint8, st.tuples(st.integers(1, 300), st.integers(2, 24)), elements=st.integers(0, 9)),
     st.sampled_from([np.uint8, np.uint16, np.uint32, np.uint64]),
 )

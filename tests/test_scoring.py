@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline import pyramid, scoring
 from pipeline.config import Tileset
@@ -276,3 +278,33 @@ def test_generic_profile_with_configured_decay_per_category():
     )
     assert result.scored.get_column("decay").to_list() == pytest.approx([0.5, 2**-0.5])
     assert result.excluded == {"unknown_category": 1}
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.sampled_from(["road_conditions", "generic"]),
+    st.dictionaries(
+        st.sampled_from(["ice", "pothole", "a", "weather_environmental", "structural", "default"]),
+        st.sampled_from([1.5, 2.0, 7.0]),
+        min_size=1,
+    ),
+    st.lists(st.tuples(st.sampled_from(["ice", "snow", "pothole", "crack", "a", "b", None]), st.floats(0.1, 80))),
+)
+def test_a_reports_half_life_is_its_categorys_then_its_classs_then_the_default(name, days, rows):
+    """Each report's days: by category, then its class, then "default"; a report with none is excluded."""
+    ts = {"profile": name, "scoring": {"decay": {"mode": "half_life", "days": days}}}
+    profile, _ = resolve(Tileset(source="s", **ts))
+    result = score(ts, *({"category": c, "observed_at": ago(age), "severity": 2.0} for c, age in rows))
+    classes = set(profile.category_class.values())
+
+    def days_of(category):
+        if category in days and category not in classes:
+            return days[category]
+        return days.get(profile.category_class.get(category), days.get("default"))
+
+    known = profile.categories
+    counted = [(c, age) for c, age in rows if (known is None or c in known) and days_of(c) is not None]
+    assert result.holds and result.scored.height == len(counted)
+    assert result.excluded.get("unknown_category", 0) == len(rows) - len(counted)
+    want = [0.5 ** (age / days_of(c)) for c, age in counted]
+    assert result.scored.get_column("decay").to_list() == pytest.approx(want, rel=1e-9)
