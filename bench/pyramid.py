@@ -105,7 +105,7 @@ def hotspots_side(path: str) -> dict:
 SHARD_ZOOM = 8  # the sharded side splits the reports at a tile of this zoom; cells at z2 and above are merged
 
 
-def shard_side(path: str, out: str) -> dict:
+def shard_side(path: str, out: str, shards: str) -> dict:
     """One shard of the sharded side: its reports loaded, then (on "go" from stdin) scored and its
     zooms built down to the pivot zoom, the pivot level saved for the merge, as ``build.run_shard`` does."""
     from pipeline import pyramid, scoring
@@ -121,13 +121,16 @@ def shard_side(path: str, out: str) -> dict:
     started = time.perf_counter()
     scored = scoring.score_reports(reports.lazy(), profile, filters, AS_OF).scored
     del reports
-    cells, level = 0, None
+    cells = 0
     with pyramid.reusing_memory():  # as build.run_shard does
         finest = pyramid.finest(scored, profile, MAXZOOM + DETAIL)
         del scored
-        for frame, level in pyramid.roll_up(finest, MAXZOOM, SHARD_ZOOM - DETAIL, DETAIL, profile):  # noqa: B007
-            cells += frame.height
+        overlap = pyramid.core_to_spare(int(shards))  # as build.run_shard decides
+        rolled = pyramid.roll_up(finest, MAXZOOM, SHARD_ZOOM - DETAIL, DETAIL, profile, overlap)
         del finest
+        for frame, level in rolled:  # noqa: B007
+            cells += frame.height
+            del frame
     level.save(Path(out))
     return {"seconds": time.perf_counter() - started, "cells": cells, "rss_gb": _rss_gb()}
 
@@ -166,10 +169,10 @@ def sharded(path: Path, shards: int = 2) -> dict:
         reports.filter(*inside).write_parquet(part)
         parts.append(part)
     del reports, keys
-    code = "import json, sys, bench.pyramid as b; print(json.dumps(b.shard_side(sys.argv[1], sys.argv[2])))"
+    code = "import json, sys, bench.pyramid as b; print(json.dumps(b.shard_side(*sys.argv[1:])))"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", code, str(p), str(p.with_suffix(".npz"))],
+            [sys.executable, "-c", code, str(p), str(p.with_suffix(".npz")), str(shards)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -257,19 +257,18 @@ def _shard_zooms(plan: Plan, i: int, finest: pyramid.Level | None) -> None:
     shard.pivot.unlink(missing_ok=True)
     if finest is None:
         return
+    bottom = ts.minzoom if len(plan.shards) == 1 else pivot_zoom(plan)
+    overlap = pyramid.core_to_spare(len(plan.shards))
+    rolled = pyramid.roll_up(finest, ts.maxzoom, bottom, ts.cell_detail, plan.profile, overlap)
+    del finest  # the roll-up drops each level once the next is made (their memory is reused)
     if len(plan.shards) == 1:
-        frames = (
-            (f, int(f.get_column("z")[0]))
-            for f, _ in pyramid.roll_up(finest, ts.maxzoom, ts.minzoom, ts.cell_detail, plan.profile)
-        )
-        summaries = _write_zooms(frames, shard.root / "final-tmp", plan)
+        summaries = _write_zooms(((f, int(f.get_column("z")[0])) for f, _ in rolled), shard.root / "final-tmp", plan)
         _atomic(shard.root / "final.json", lambda p: p.write_text(json.dumps([s._asdict() for s in summaries])))
         (shard.root / "final-tmp").rename(shard.final)
         return
-    level = finest
-    for frame, level in pyramid.roll_up(finest, ts.maxzoom, pivot_zoom(plan), ts.cell_detail, plan.profile):  # noqa: B007
-        z = int(frame.get_column("z")[0])
-        _atomic(shard.cells(z), lambda p, f=frame: f.write_ipc(p, compression="lz4"))
+    for frame, level in rolled:  # noqa: B007 (the last level, the pivot zoom's, is saved below)
+        _atomic(shard.cells(int(frame.get_column("z")[0])), lambda p, f=frame: f.write_ipc(p, compression="lz4"))
+        del frame
     _atomic(shard.pivot, level.save)  # the last level rolled up: the pivot zoom's
 
 

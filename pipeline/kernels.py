@@ -119,18 +119,28 @@ def segment_min(a, starts, order=None):
 @njit(**_JIT)
 def run_starts(values, shift):
     """Where each run of equal ``values >> shift`` starts (the values sorted), and each run's length."""
-    starts = np.empty(len(values), np.int64)
-    found, before, s = 0, np.uint64(0), np.uint64(shift)
+    s, found = np.uint64(shift), 0
+    for i in range(len(values)):  # counted first: the arrays are made to size, no larger
+        found += i == 0 or values[i] >> s != values[i - 1] >> s
+    starts, lengths = np.empty(found, np.int64), np.empty(found, np.int64)
+    k = -1
     for i in range(len(values)):
-        v = values[i] >> s
-        if i == 0 or v != before:
-            starts[found] = i
-            found += 1
-            before = v
-    lengths = np.empty(found, np.int64)
-    for k in range(found):
-        lengths[k] = (starts[k + 1] if k + 1 < found else len(values)) - starts[k]
-    return starts[:found], lengths
+        if i == 0 or values[i] >> s != values[i - 1] >> s:
+            k += 1
+            starts[k] = i
+            lengths[k] = 0
+        lengths[k] += 1
+    return starts, lengths
+
+
+@njit(**_JIT)
+def nondecreasing(values, shift):
+    """True when ``values >> shift`` never falls from one value to the next."""
+    s = np.uint64(shift)
+    for i in range(1, len(values)):
+        if values[i] >> s < values[i - 1] >> s:
+            return False
+    return True
 
 
 @njit(**_JIT)
@@ -193,11 +203,10 @@ def view_rows(table, rows, none):
 
 @njit(**_JIT)
 def whole_seconds(micros):
-    """Microseconds since the epoch to the whole second before, in milliseconds."""
-    out = np.empty(len(micros), np.int64)
+    """Microseconds since the epoch to the whole second before, in milliseconds: in place, and returned."""
     for i in range(len(micros)):
-        out[i] = micros[i] // 1_000_000 * 1_000
-    return out
+        micros[i] = micros[i] // 1_000_000 * 1_000
+    return micros
 
 
 @njit(**_JIT)
@@ -323,12 +332,14 @@ def warm() -> None:
             a.flags.writeable = writeable
             segment_sum(a, starts), segment_max(a, starts), segment_min(a, starts)
             segment_sum(a, starts, order), segment_max(a, starts, order), segment_min(a, starts, order)
-            if dtype is np.int64:
+            if dtype is np.int64 and writeable:  # (in place: the extremes' own arrays)
                 whole_seconds(a)
+            if dtype is np.uint64:  # the finest cells' sort column: sorted by NumPy, or polars' as it is
+                nondecreasing(a, 0)
+                for lanes in (np.uint8, np.uint16, np.uint32, np.uint64):
+                    count_codes(a, np.uint64(1), run_starts(a, 0)[0], np.zeros((1, 8), lanes))
     key, n, v = np.zeros(2, np.uint64), np.ones(2, np.int64), np.zeros(2)
     parent_runs(key), cell_xy(key), quadkey_views(key, 1), quadkey_views(key, INLINE + 1)
-    for lanes in (np.uint8, np.uint16, np.uint32, np.uint64):
-        count_codes(key, np.uint64(1), run_starts(key, 0)[0], np.zeros((1, 8), lanes))
     segment_rows(np.zeros((2, 2), np.uint64), starts)
     for lanes in (np.uint8, np.uint16, np.uint32, np.uint64):
         top_lane(np.zeros((2, 8), lanes), 1, n)

@@ -135,7 +135,8 @@ def test_the_top_category_is_the_first_of_the_largest_or_none(counts, lanes):
 @settings(max_examples=100, deadline=None)
 @given(hnp.arrays(np.int64, st.integers(0, 200), elements=st.integers(-(2**62), 2**62)))
 def test_times_go_to_the_whole_second_before(micros):
-    assert same_bits(kernels.whole_seconds(micros), micros // 1_000_000 * 1_000)
+    want = micros // 1_000_000 * 1_000
+    assert same_bits(kernels.whole_seconds(micros), want) and same_bits(micros, want)  # in place
 
 
 @settings(max_examples=200, deadline=None)
@@ -177,3 +178,12 @@ def test_centroids_go_on_the_grid_as_numpy_puts_them(level, cells, count):
     assert same_bits(kernels.mean_lng_on_grid(lng, n, x, 2.0**level, inside, pyramid.GRID), want_lng)
     assert same_bits(kernels.mean_on_grid(lat, n, south + inside, north - inside, pyramid.GRID), want_lat)
     assert same_bits(pyramid._mean_lat(lat, n, x, y, level), want_lat)  # shared row edges, or not
+
+
+@settings(max_examples=200, deadline=None)
+@given(hnp.arrays(np.uint64, st.integers(0, 60), elements=st.integers(0, 40)), st.integers(0, 5))
+def test_values_are_nondecreasing_as_numpy_says(values, shift):
+    shifted = values >> np.uint64(shift)
+    assert kernels.nondecreasing(values, shift) == bool(np.all(shifted[1:] >= shifted[:-1]))
+    ordered = np.sort(values)
+    assert kernels.nondecreasing(ordered, shift)

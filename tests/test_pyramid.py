@@ -113,13 +113,17 @@ def test_category_counts_roll_up_exactly_through_every_lane_width():
     points = [(lng, lat, 1.0, 0, cat) for lng, lat, cat, n in groups for _ in range(n)]
     scored = _scored(points).with_columns(tile_key(pl.col("lng"), pl.col("lat")).alias("tile_key"))
     profile, _ = resolve(Tileset(source="s"))
-    widths = []
-    for frame, level in pyramid.roll_up(pyramid.finest(scored, profile, 20), 14, 0, 6, profile):
+    widths, level = [], pyramid.finest(scored, profile, 20)
+    for z in range(14, -1, -1):
+        level = level if z == 14 else level.parent()
         widths.append(level.category_counts.dtype.itemsize)
-        got = dict(zip(frame.get_column("cell_key").to_list(), frame.get_column("top_category").to_list()))
-        assert got == _expected_tops(scored, frame.get_column("z")[0] + 6)
         assert level.category_counts.sum() == len(points)  # each report in one lane: its category's or "none"
     assert widths[0] == 2 and widths[-1] == 4 and widths == sorted(widths)
+    for frame, last in pyramid.roll_up(pyramid.finest(scored, profile, 20), 14, 0, 6, profile):
+        got = dict(zip(frame.get_column("cell_key").to_list(), frame.get_column("top_category").to_list()))
+        assert got == _expected_tops(scored, frame.get_column("z")[0] + 6)
+        assert (last is None) == (frame.get_column("z")[0] > 0)  # only the last zoom's level comes with its frame
+    assert last.key.tolist() == level.key.tolist()
 
 
 @settings(max_examples=200, deadline=None)
@@ -162,11 +166,11 @@ def test_reports_in_key_order_take_the_fast_sort_and_give_the_same_cells(monkeyp
     # sorted as the pyramid sorts them (a stable sort keeps each run's reports in the order above)
     by_cell = in_order.sort([pl.col("tile_key") // 4**10, "category"], maintain_order=True)
     found, nondecreasing = [], pyramid._nondecreasing
-    monkeypatch.setattr(pyramid, "_nondecreasing", lambda v: found.append(nondecreasing(v)) or found[-1])
+    monkeypatch.setattr(pyramid, "_nondecreasing", lambda v, s=0: found.append(nondecreasing(v, s)) or found[-1])
     unsorted = list(pyramid.build(by_cell, profile, 8, 14, 6))
     assert found == [True]  # already in order: no sort at all
     calls = []
-    monkeypatch.setattr(pyramid, "_nondecreasing", lambda v: calls.append(len(v)) or False)
+    monkeypatch.setattr(pyramid, "_nondecreasing", lambda v, s=0: calls.append(len(v)) or False)
     slow = list(pyramid.build(in_order, profile, 8, 14, 6))
     assert calls == [len(points)] * 2
     assert all(a.equals(b) and a.equals(c) for a, b, c in zip(fast, slow, unsorted, strict=True))
