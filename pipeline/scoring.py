@@ -112,32 +112,17 @@ def age_days(as_of: datetime) -> pl.Expr:
     return ((pl.lit(as_of) - pl.col("observed_at")).dt.total_microseconds() * (1.0 / DAY_US)).clip(lower_bound=0.0)
 
 
-def decay_days(profile: Profile, counted: bool = False) -> pl.Expr:
-    """Half-life / time constant of each report: by category, then its class, then "default".
-
-    ``counted``: only for reports scoring counts, whose categories all have
-    days (the others are excluded as ``unknown_category``): then a category
-    is looked up among the other values' categories only, and what is left
-    has the default, or the most common value.
-    """
+def decay_days(profile: Profile) -> pl.Expr:
+    """Half-life / time constant of each report: by category, then its class, then "default"."""
     days = profile.decay.days
     per_category = {c: days[k] for c, k in profile.category_class.items() if k in days}
     per_category.update({k: v for k, v in days.items() if k not in profile.category_class.values()})
     per_category.pop("default", None)
     default = days.get("default")
-    if counted:
-        by_value: dict[float, list[str]] = {}
-        for c, v in per_category.items():
-            by_value.setdefault(v, []).append(c)
-        if default is None and by_value:
-            default = max(by_value, key=lambda v: len(by_value[v]))
-        expr = pl.lit(default, dtype=pl.Float64)
-        for v, cats in by_value.items():
-            if v != default:
-                expr = pl.when(pl.col("category").is_in(cats)).then(pl.lit(v, dtype=pl.Float64)).otherwise(expr)
-        return expr
+    # Always a column, never a number: the bits of age / days would then depend on
+    # the frame's length (see age_days), and a shard may hold a single report.
     if not per_category:
-        return pl.lit(default, dtype=pl.Float64)
+        return pl.col("category").replace_strict({}, default=default, return_dtype=pl.Float64)
     # a category's place among the known ones, then its days by that place: faster than
     # looking each report's string up in a mapping (unknown and null: no place)
     known = sorted(per_category)
@@ -147,12 +132,12 @@ def decay_days(profile: Profile, counted: bool = False) -> pl.Expr:
 
 
 def decay(profile: Profile, as_of: datetime) -> pl.Expr:
-    """Decay factor in [0, 1] of each report that counts (see :func:`decay_days`)."""
+    """Decay factor in [0, 1] of each report."""
     d = profile.decay
     if d.mode == "half_life":
-        return pl.lit(0.5) ** (age_days(as_of) / decay_days(profile, counted=True))
+        return pl.lit(0.5) ** (age_days(as_of) / decay_days(profile))
     if d.mode == "time_constant":  # seed 001's literal exp(-age/τ)
-        return (-age_days(as_of) / decay_days(profile, counted=True)).exp()
+        return (-age_days(as_of) / decay_days(profile)).exp()
     if d.mode == "normalized_exponential":  # seed 002
         return (-d.factor * (age_days(as_of) * (1.0 / d.max_age_days)).clip(upper_bound=1.0)).exp()
     return pl.lit(1.0)

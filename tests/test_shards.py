@@ -13,7 +13,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline import build, geoparquet, paths, plan, publish, tilemath, vector, warehouse
@@ -168,6 +168,8 @@ def test_a_warehouse_without_tile_keys_is_a_clear_error(write_config, tmp_path):
     min_count=st.sampled_from([1, 3]),
     part_cells=st.sampled_from([1, 7, 60]),
 )
+# a shard of one report: its half-life once came as a number, which polars divides by differently
+@example(seed=1038, n=66, clusters=1, shards=7, shard_zoom=7, profile="road_conditions", min_count=1, part_cells=1)
 def test_any_sharding_publishes_the_same_bytes(
     write_config, tmp_path_factory, seed, n, clusters, shards, shard_zoom, profile, min_count, part_cells
 ):
