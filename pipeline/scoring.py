@@ -255,18 +255,18 @@ def score_reports(reports: pl.LazyFrame, profile: Profile, filters: Filters, as_
     if "tile_key" not in present:
         reports = reports.with_columns(tile_key(pl.col("lng"), pl.col("lat")).alias("tile_key"))
     reason = exclusion(profile, filters, as_of)
-    boost, decays = severity_score(profile) * priority_boost(profile), decay(profile, as_of)
+    boost, decays, weights = severity_score(profile) * priority_boost(profile), decay(profile, as_of), weight(profile)
     columns = [*SCORED_COLUMNS, *(METRIC_COLUMNS if profile.metrics else ())]
     # Judged once: the columns scoring reads, and each report's reason. The reasons are
     # counted from it, and the reports that count are scored from it.
-    read = {c for e in (reason, boost, decays, weight(profile)) for c in e.meta.root_names()}
+    read = {c for e in (reason, boost, decays, weights) for c in e.meta.root_names()}
     read |= {*columns, *(("entity_type", "entity_id", "report_id") if profile.one_point_per_entity else ())}
     judged = reports.select(*(c for c in reports.collect_schema().names() if c in read), reason).collect()
     kept = (
         judged.lazy()
         .filter(pl.col("excluded").is_null())
         .with_columns(boost.alias("severity_boost"), decays.alias("decay"))
-        .with_columns(weight(profile).alias("weight"))
+        .with_columns(weights.alias("weight"))
     )
     if profile.one_point_per_entity:
         kept = _one_point_per_entity(kept, columns)

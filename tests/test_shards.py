@@ -168,7 +168,7 @@ def test_a_warehouse_without_tile_keys_is_a_clear_error(write_config, tmp_path):
     min_count=st.sampled_from([1, 3]),
     part_cells=st.sampled_from([1, 7, 60]),
 )
-# a shard of one report: its half-life once came as a number, which polars divides by differently
+# a shard whose reports all had one half-life: polars once took it as a number, and divided by it differently
 @example(seed=1038, n=66, clusters=1, shards=7, shard_zoom=7, profile="road_conditions", min_count=1, part_cells=1)
 def test_any_sharding_publishes_the_same_bytes(
     write_config, tmp_path_factory, seed, n, clusters, shards, shard_zoom, profile, min_count, part_cells
