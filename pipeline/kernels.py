@@ -144,12 +144,12 @@ def nondecreasing(values, shift):
 
 
 @njit(**_JIT)
-def count_codes(codes, mask, starts, counts):
-    """Add one to ``counts[k, codes[i] & mask]`` for every value ``i`` of run ``k`` (runs from ``starts``)."""
+def count_codes(codes, starts, counts):
+    """Add one to ``counts[k, codes[i]]`` for every value ``i`` of run ``k`` (runs from ``starts``)."""
     for k in range(len(starts)):
         e = starts[k + 1] if k + 1 < len(starts) else len(codes)
         for i in range(starts[k], e):
-            counts[k, codes[i] & mask] += 1
+            counts[k, codes[i]] += 1
 
 
 @njit(**_JIT)
@@ -268,33 +268,41 @@ def parent_runs(key):
 
 
 INLINE = 12  # an Arrow string view holds a string of up to 12 bytes itself
+# the four quadkey digits of a byte of a key (its bit pairs from the top) as four ASCII bytes, the first lowest
+_DIGITS = np.array([sum((48 | (b >> 6 - 2 * d) & 3) << 8 * d for d in range(4)) for b in range(256)], np.uint32)
 
 
 @njit(**_JIT)
 def quadkey_views(key, level):
     """The quadkeys of cell keys at ``level`` as an Arrow string view array's buffers: the views
-    (16 bytes a cell) and the data (``level`` ASCII digits a cell, end to end; none when a view holds them).
+    (16 bytes a cell) and the data (none when a view holds the digits).
 
-    A view is the length (int32), then the string itself when it is short,
-    else its first 4 bytes, buffer 0 and where it starts there (int32).
+    A view is the length (int32), then the string itself when it is short
+    (zero-padded), else its first 4 bytes, buffer 0 and where it starts
+    there (int32). Digits are written four at a time (a byte of the key:
+    :data:`_DIGITS`), so a cell's data takes ``level`` rounded up to 4 bytes.
     """
     n, inline = len(key), level <= INLINE
+    words = (level + 3) // 4
+    pad = np.uint64(2 * (4 * words - level))  # digits "0" after the last: whole words
+    last = np.uint32(0xFFFFFFFF >> 8 * (4 * words - level))  # an inline string's last word, zero-padded
     views = np.zeros((n, 4), np.uint32)
-    held = views.view(np.uint8).reshape(n, 16)
-    data = np.empty(0 if inline else n * level, np.uint8)
+    data = np.empty(0 if inline else n * words, np.uint32)
     for i in range(n):
-        k = key[i]
+        k = key[i] << pad
         views[i, 0] = level
         if inline:
-            for d in range(level):  # digit d: the key's bits 2 (level - 1 - d) and up
-                held[i, 4 + d] = 48 | ((k >> np.uint64(2 * (level - 1 - d))) & np.uint64(3))
+            for j in range(words):
+                views[i, 1 + j] = _DIGITS[(k >> np.uint64(8 * (words - 1 - j))) & np.uint64(0xFF)]
+            if words:
+                views[i, words] &= last
         else:
-            at = i * level
-            for d in range(level):
-                data[at + d] = 48 | ((k >> np.uint64(2 * (level - 1 - d))) & np.uint64(3))
-            views[i, 1] = data[at] | data[at + 1] << 8 | data[at + 2] << 16 | data[at + 3] << 24
-            views[i, 3] = at
-    return views, data
+            at = i * words
+            for j in range(words):
+                data[at + j] = _DIGITS[(k >> np.uint64(8 * (words - 1 - j))) & np.uint64(0xFF)]
+            views[i, 1] = data[at]
+            views[i, 3] = 4 * at
+    return views, data.view(np.uint8)
 
 
 @njit(**_JIT)
@@ -334,10 +342,14 @@ def warm() -> None:
             segment_sum(a, starts, order), segment_max(a, starts, order), segment_min(a, starts, order)
             if dtype is np.int64 and writeable:  # (in place: the extremes' own arrays)
                 whole_seconds(a)
-            if dtype is np.uint64:  # the finest cells' sort column: sorted by NumPy, or polars' as it is
+            if dtype is np.uint64:  # the reports' tile keys: polars' as they are, or sorted by NumPy
                 nondecreasing(a, 0)
-                for lanes in (np.uint8, np.uint16, np.uint32, np.uint64):
-                    count_codes(a, np.uint64(1), run_starts(a, 0)[0], np.zeros((1, 8), lanes))
+                run_starts(a, 0)
+    for writeable in (True, False):  # the category codes: polars' (read-only), or sorted by NumPy
+        codes = np.zeros(2, np.uint32)
+        codes.flags.writeable = writeable
+        for lanes in (np.uint8, np.uint16, np.uint32, np.uint64):
+            count_codes(codes, starts, np.zeros((1, 8), lanes))
     key, n, v = np.zeros(2, np.uint64), np.ones(2, np.int64), np.zeros(2)
     parent_runs(key), cell_xy(key), quadkey_views(key, 1), quadkey_views(key, INLINE + 1)
     segment_rows(np.zeros((2, 2), np.uint64), starts)

@@ -114,28 +114,26 @@ class Level(NamedTuple):
     def finest(
         cls,
         reports: pl.DataFrame,
-        sorted_by: np.ndarray,
+        keys: np.ndarray,
         shift: int,
         codes: np.ndarray,
-        mask: int,
         categories: tuple[str, ...],
         columns: list[tuple[str, str]],
         order: np.ndarray | None = None,
     ) -> Level:
-        """Finest cells from reports sorted (stably) by cell key, then category code.
+        """Finest cells from reports sorted (stably) by cell.
 
-        ``sorted_by >> shift`` is each report's cell key, ``codes & mask``
-        its category code (one packed column, or the key and the code
-        apart), both in the sorted order. ``order``: the reports are
+        ``keys >> shift`` is each report's cell key, ``codes`` its category
+        code, both in the sorted order. ``order``: the reports are
         ``reports[order]`` (sorted without making that frame). Sums take
         each cell's reports in that fixed order (NumPy's pairwise sum,
         :mod:`pipeline.kernels`), so the same input gives the same bits,
         whatever the thread count.
         """
         k = _kernels()
-        starts, report_count = k.run_starts(sorted_by, shift)
+        starts, report_count = k.run_starts(keys, shift)
         counts = _lanes(len(starts), len(categories), _lane_type(report_count))
-        k.count_codes(codes, np.uint64(mask), starts, counts)
+        k.count_codes(codes, starts, counts)
         sums = {"report_count": report_count}
 
         def runs(reduce, values: np.ndarray) -> np.ndarray:
@@ -144,7 +142,7 @@ class Level(NamedTuple):
         sums.update({name: runs(k.segment_sum, _column(reports, c)) for name, c in columns})
         micros = np.ascontiguousarray(reports.get_column("observed_at").dt.epoch("us").to_numpy())
         return cls(
-            sorted_by[starts] >> np.uint64(shift),
+            keys[starts] >> np.uint64(shift),
             sums,
             runs(k.segment_max, _column(reports, "weight")),
             # whole seconds of the extremes: the floor of a minimum is the minimum of the floors
@@ -360,40 +358,30 @@ def finest(scored: pl.DataFrame, profile: Profile, level: int) -> Level:
     summed = [("weight", "weight"), ("lng_sum", "lng"), ("lat_sum", "lat"), *[(m, m) for m in metrics]]
     if profile.score == "boosted_count":  # what seed 002's score needs beyond the count
         summed += [("severity_boost_sum", "severity_boost"), ("decay_sum", "decay")]
-    code_bits = len(categories).bit_length()
-    report_key = pl.col("tile_key") if "tile_key" in scored.columns else tile_key(pl.col("lng"), pl.col("lat"))
-    # Key the reports, sort them once by (cell, category), and every coarser
-    # cell is a contiguous run of finer ones.
-    keyed = scored.lazy().select(
+    if "tile_key" not in scored.columns:
+        scored = scored.with_columns(tile_key(pl.col("lng"), pl.col("lat")).alias("tile_key"))
+    shift = 2 * (KEY_LEVEL - level)  # a report's cell key: its tile key's first 2 * level bits
+    reports = scored.select(
         *{c for _, c in summed},
         "observed_at",
-        (report_key.cast(pl.UInt64) // (1 << 2 * (KEY_LEVEL - level))).alias("key"),
+        pl.col("tile_key").cast(pl.UInt64),
         pl.col("category")
         .cast(pl.Enum(categories))
         .to_physical()
-        .cast(pl.UInt64)
+        .cast(pl.UInt32)
         .fill_null(len(categories))
         .alias("code"),  # the last code: no category
     )
-    if 2 * level + code_bits <= 64:  # one packed sort column is faster than two
-        packed = (pl.col("key") * (1 << code_bits) + pl.col("code")).alias("packed")
-        reports = keyed.select(pl.all().exclude("key", "code"), packed).collect()
-        packed_values = _column(reports, "packed")
-        order = None  # the reports are sorted where they lie: their order, not a sorted copy
-        if not _nondecreasing(packed_values):
-            if _nondecreasing(packed_values, code_bits):
-                # the warehouse's order (by tile key): only each cell's reports to sort by
-                # category, which a stable NumPy sort (runs merged) does in a fraction of the time
-                order = np.argsort(packed_values, kind="stable")
-            else:
-                by_packed = pl.arg_sort_by("packed", maintain_order=True)
-                order = reports.select(by_packed).to_series().to_numpy().astype(np.int64)
-            packed_values = packed_values[order]
-        mask = (1 << code_bits) - 1
-        return Level.finest(reports, packed_values, code_bits, packed_values, mask, categories, summed, order)
-    reports = keyed.sort(["key", "code"], maintain_order=True).collect()
-    key, code = _column(reports, "key"), _column(reports, "code")
-    return Level.finest(reports, key, 0, code, 2**64 - 1, categories, summed)
+    keys, codes = _column(reports, "tile_key"), _column(reports, "code")
+    # Sorted once by cell, every coarser cell is a contiguous run of finer ones. In
+    # the warehouse's order (by tile key) the reports are sorted where they lie;
+    # otherwise a stable sort by cell keeps each cell's reports in the order given.
+    order = None
+    if not _nondecreasing(keys, shift):
+        by_cell = pl.arg_sort_by(pl.col("tile_key") // (1 << shift), maintain_order=True)
+        order = reports.select(by_cell).to_series().to_numpy().astype(np.int64)
+        keys, codes = keys[order], codes[order]
+    return Level.finest(reports, keys, shift, codes, categories, summed, order)
 
 
 def roll_up(
@@ -461,19 +449,21 @@ def _frame(cells: Level, z: int, detail: int, profile: Profile) -> pl.DataFrame:
     categories = list(cells.categories)
     n = cells.sums["report_count"]
     x, y = _kernels().cell_xy(cells.key)
+    # the mean of member positions, held inside the cell against rounding
+    # (and against the last-ulp differences between math libraries' sinh)
+    lng = _kernels().mean_lng_on_grid(cells.sums["lng_sum"], n, x, 2.0**level, INSIDE, GRID)
+    lat = _mean_lat(cells.sums["lat_sum"], n, x, y, level)
     boosted = {c: cells.sums[c] for c in ("severity_boost_sum", "decay_sum") if c in cells.sums}
     frame = pl.DataFrame(
         {
             "z": pl.Series(np.full(len(n), z, np.int32)),
             "quadkey": _quadkeys(cells.key, level),
-            "tile_x": x >> detail,
-            "tile_y": y >> detail,
+            "tile_x": np.right_shift(x, detail, out=x),  # in place: each fresh array costs page faults
+            "tile_y": np.right_shift(y, detail, out=y),
             "report_count": n,
             "weight": cells.sums["weight"],
-            # the mean of member positions, held inside the cell against rounding
-            # (and against the last-ulp differences between math libraries' sinh)
-            "lng": _kernels().mean_lng_on_grid(cells.sums["lng_sum"], n, x, 2.0**level, INSIDE, GRID),
-            "lat": _mean_lat(cells.sums["lat_sum"], n, x, y, level),
+            "lng": lng,
+            "lat": lat,
             "max_weight": cells.max_weight,
             "top_category": _top_categories(cells.category_counts, categories, n),
             "first_seen": _times(cells.first_seen),
@@ -492,7 +482,8 @@ def _frame(cells: Level, z: int, detail: int, profile: Profile) -> pl.DataFrame:
 
 def _quadkeys(key: np.ndarray, level: int) -> pl.Series:
     """Quadkey strings of cell keys at ``level``, written as polars keeps strings (no conversion)."""
-    per_buffer = (2**31 - 1) // level  # a view's offset into its buffer is an int32
+    stride = 4 * ((level + 3) // 4) or 1  # bytes a cell takes in the data (kernels.quadkey_views)
+    per_buffer = (2**31 - 1) // stride  # a view's offset into its buffer is an int32
     parts = []
     for at in range(0, max(len(key), 1), per_buffer):
         views, data = _kernels().quadkey_views(key[at : at + per_buffer], level)

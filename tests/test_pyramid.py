@@ -151,9 +151,9 @@ def test_top_category_is_the_first_of_the_most_reported_whatever_the_lanes(categ
     assert got.to_list() == [names[i] if i < categories else None for i in expected]
 
 
-def test_reports_in_key_order_take_the_fast_sort_and_give_the_same_cells(monkeypatch):
-    """Reports in the warehouse's tile-key order are sorted by NumPy; any order by polars; reports already
-    in (cell, category) order are not sorted: the same bits."""
+def test_reports_in_key_order_are_not_sorted_and_give_the_cells_a_sort_would(monkeypatch):
+    """Reports in the warehouse's tile-key order are taken where they lie; in any other order they are
+    sorted by cell, stably: the same bits when that puts each cell's reports in the same order."""
     from pipeline.tilemath import tile_key
 
     points = [
@@ -162,18 +162,18 @@ def test_reports_in_key_order_take_the_fast_sort_and_give_the_same_cells(monkeyp
     scored = _scored(points).with_columns(tile_key(pl.col("lng"), pl.col("lat")).alias("tile_key"))
     in_order = scored.sort("tile_key", maintain_order=True)
     profile, _ = resolve(Tileset(source="s"))
-    fast = list(pyramid.build(in_order, profile, 8, 14, 6))
-    # sorted as the pyramid sorts them (a stable sort keeps each run's reports in the order above)
-    by_cell = in_order.sort([pl.col("tile_key") // 4**10, "category"], maintain_order=True)
     found, nondecreasing = [], pyramid._nondecreasing
     monkeypatch.setattr(pyramid, "_nondecreasing", lambda v, s=0: found.append(nondecreasing(v, s)) or found[-1])
-    unsorted = list(pyramid.build(by_cell, profile, 8, 14, 6))
-    assert found == [True]  # already in order: no sort at all
-    calls = []
-    monkeypatch.setattr(pyramid, "_nondecreasing", lambda v, s=0: calls.append(len(v)) or False)
-    slow = list(pyramid.build(in_order, profile, 8, 14, 6))
-    assert calls == [len(points)] * 2
-    assert all(a.equals(b) and a.equals(c) for a, b, c in zip(fast, slow, unsorted, strict=True))
+    fast = list(pyramid.build(in_order, profile, 8, 14, 6))
+    # each cell's reports in the order above, the cells in another order: a sort puts them back
+    cells_reversed = in_order.sort(pl.col("tile_key") // 4**10, descending=True, maintain_order=True)
+    slow = list(pyramid.build(cells_reversed, profile, 8, 14, 6))
+    assert found == [True, False]  # in order: no sort; the cells reversed: sorted
+    assert all(a.equals(b) for a, b in zip(fast, slow, strict=True))
+    # and the sort was needed: taken as they lie, the cells come out of order
+    monkeypatch.setattr(pyramid, "_nondecreasing", lambda v, s=0: True)
+    unsorted = pyramid.finest(cells_reversed, profile, 20).key
+    assert len(unsorted) == len(fast[0]) and np.all(unsorted[1:] < unsorted[:-1])
 
 
 # --- an independent brute-force twin, per profile ----------------------------
