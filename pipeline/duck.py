@@ -2,8 +2,8 @@
 
 DuckDB lets one process write a database file, and a process that opens the
 same file twice with different settings fails; so connections are made here,
-always with the same settings and the spatial extension loaded from the
-installed ``duckdb-extension-spatial`` wheel (never downloaded). The
+always with the same settings, and the spatial extension loaded (where it is
+needed) from the installed ``duckdb-extension-spatial`` wheel (never downloaded). The
 warehouse (:mod:`pipeline.warehouse`) and the in-memory encoders
 (:mod:`pipeline.vector`) both connect through :func:`connect`.
 """
@@ -61,8 +61,10 @@ def load_postgres(con: duckdb.DuckDBPyConnection, extension_dir: Path) -> None:
     con.execute("LOAD postgres")
 
 
-def connect(path: str | Path | None = None, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """Open a DuckDB connection with Hotspots' settings and spatial loaded.
+def connect(
+    path: str | Path | None = None, *, read_only: bool = False, spatial: bool = True
+) -> duckdb.DuckDBPyConnection:
+    """Open a DuckDB connection with Hotspots' settings (and spatial loaded).
 
     Parameters
     ----------
@@ -70,10 +72,15 @@ def connect(path: str | Path | None = None, *, read_only: bool = False) -> duckd
         Database file; in-memory when omitted.
     read_only : bool
         Open the file read-only.
+    spatial : bool
+        Load the spatial extension (a quarter to half a second a connection).
+        The warehouse stores no geometry: a connection that only reads it
+        needs none.
     """
     con = duckdb.connect(str(path) if path else ":memory:", read_only=read_only)
     try:
-        con.execute(f"LOAD '{spatial_extension_path()}'")
+        if spatial:
+            con.execute(f"LOAD '{spatial_extension_path()}'")
         for key, value in SETTINGS.items():
             con.execute(f"SET {key} = '{value}'")
         if path:

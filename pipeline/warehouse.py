@@ -159,12 +159,12 @@ def _fill_tile_keys(con: duckdb.DuckDBPyConnection) -> None:
 
 @contextmanager
 def reader(db: str | Path, timeout: float = DEFAULTS.lock_timeout_s) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Shared read-only connection to the warehouse (waits for writers)."""
+    """Shared read-only connection to the warehouse (waits for writers), without the spatial extension."""
     db = Path(db)
     if not db.exists():
         raise FileNotFoundError(f"no warehouse at {db}: run the extraction first")
     with _locked(db, exclusive=False, timeout=timeout):
-        con = connect(db, read_only=True)
+        con = connect(db, read_only=True, spatial=False)
         try:
             yield con
         finally:

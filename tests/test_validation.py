@@ -261,6 +261,16 @@ def test_geojson_points_give_positions_other_geometries_are_rejected(tmp_path, e
         "far": "outside_mercator",
     }
     assert _rows(cfg, "SELECT lat, lng FROM reports") == [(40.7, -73.9)]
+    # the warehouse keeps no geometry: its readers read every table without the spatial extension
+    with warehouse.reader(cfg.warehouse_path) as con:
+        assert con.execute("SELECT loaded FROM duckdb_extensions() WHERE extension_name = 'spatial'").fetchall() in (
+            [],
+            [(False,)],
+        )
+        tables = [t for (t,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()]
+        assert {"raw_reports", "reports", "rejected_reports", "checked_rows"} <= set(tables)
+        for table in tables:
+            con.execute(f'SELECT * FROM "{table}"').fetchall()
 
 
 def test_wkt_geometry_column_and_empty_points(tmp_path, extract_config):
