@@ -983,10 +983,9 @@ def _stage_into(plan: Plan, folder: SnapshotFolder) -> dict:
     def add_tiles(zoom: dict, encoded: vector.Encoded) -> None:
         """A part's MVT tiles into the archive (and the mvt/ folder)."""
         z = zoom["z"]
-        archive.add(encoded)
-        sizes = np.array([len(d) for d in encoded.data], np.int64)
+        sizes = archive.add(encoded)
         if in_folders(z, "mvt"):
-            for x, y, data in zip(encoded.x.tolist(), encoded.y.tolist(), encoded.data):
+            for x, y, data in zip(encoded.x.tolist(), encoded.y.tolist(), encoded.data.to_pylist()):
                 folder.put(f"mvt/{z}/{x}/{y}.mvt", data)
             zoom["mvt_folder_bytes"] += int(sizes.sum())
         count_tiles(zoom, sizes)

@@ -163,18 +163,35 @@ def strays(features: pl.DataFrame, z: int, offset: int, lo: int, hi: int) -> pl.
 
 
 class Encoded(NamedTuple):
-    """A zoom's (or a part's) MVT tiles (gzip), in tile-id order, with a digest of each (to store repeats once)."""
+    """A zoom's (or a part's) MVT tiles (gzip), in tile-id order, with a digest of each (to store repeats once).
+
+    The bytes stay in Arrow arrays from the encoder to the files (no Python
+    object per tile on the way: a refresh takes most of its tiles from the cache).
+    """
 
     z: int
     x: np.ndarray
     y: np.ndarray
     tile_id: np.ndarray
-    data: list[bytes]
-    digest: list[bytes]
+    data: pa.Array  # binary: each tile's gzip bytes
+    digest: pa.Array  # fixed_size_binary(16): each one's :func:`digest`
+
+    @classmethod
+    def of(cls, z: int, x: np.ndarray, y: np.ndarray, tile_id: np.ndarray, data: list[bytes]) -> Encoded:
+        """Tiles from their bytes (their digests computed)."""
+        return cls(z, x, y, tile_id, pa.array(data, pa.binary()), pa.array([digest(d) for d in data], DIGEST))
+
+
+DIGEST = pa.binary(16)
 
 
 def digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _offsets(data: pa.Array) -> np.ndarray:
+    """A binary array's offsets: value i is bytes ``[o[i], o[i + 1])`` of its data buffer."""
+    return np.frombuffer(data.buffers()[1], np.int32, len(data) + 1, data.offset * 4)
 
 
 class Budget:
@@ -309,13 +326,12 @@ class Encoder:
         finally:
             self._free.append(con)
         data = [isal_zlib.compress(b, GZIP_LEVEL, wbits=31) for b in encoded.column("mvt").to_pylist()]  # gzip
-        return Encoded(
+        return Encoded.of(
             z,
             encoded.column("tx").to_numpy().astype(np.int64),
             encoded.column("ty").to_numpy().astype(np.int64),
             encoded.column("tile_id").to_numpy(),
             data,
-            [digest(d) for d in data],
         )
 
 
@@ -395,12 +411,12 @@ class Pending(NamedTuple):
 def _concat(z: int, parts: list[Encoded]) -> Encoded:
     """Encoded tiles of one zoom, in tile-id order."""
     if not parts:
-        return Encoded(z, *(np.empty(0, np.int64),) * 3, [], [])
+        return Encoded.of(z, *(np.empty(0, np.int64),) * 3, [])
     ids = np.concatenate([p.tile_id for p in parts])
     order = np.argsort(ids, kind="stable")
-    data, digests = [d for p in parts for d in p.data], [h for p in parts for h in p.digest]
+    data, digests = (pa.concat_arrays([getattr(p, k) for p in parts]) for k in ("data", "digest"))
     if len(parts) > 1:
-        data, digests = [data[i] for i in order], [digests[i] for i in order]
+        data, digests = data.take(order), digests.take(order)
     return Encoded(
         z, *(np.concatenate([getattr(p, k) for p in parts])[order] for k in ("x", "y")), ids[order], data, digests
     )
@@ -434,9 +450,9 @@ def encoded_batches(path: Path) -> Iterator[pa.RecordBatch]:
 
 
 def encoded_of(batch: pa.RecordBatch, z: int) -> Encoded:
-    """A batch of :func:`encoded_batches` as :class:`Encoded` tiles (a Python object per tile)."""
+    """A batch of :func:`encoded_batches` as :class:`Encoded` tiles."""
     tile_id, x, y = (batch.column(c).to_numpy() for c in ("tile_id", "x", "y"))
-    return Encoded(z, x, y, tile_id, batch.column("data").to_pylist(), batch.column("content").to_pylist())
+    return Encoded(z, x, y, tile_id, batch.column("data"), batch.column("content"))
 
 
 class TileCache:
@@ -484,10 +500,9 @@ class TileCache:
         self.encoded -= int(hit.sum())
         if not hit.any():
             return hit, None
-        taken = old.select(["data", "content"]).take(pa.array(found[hit]))
+        taken = old.select(["data", "content"]).take(pa.array(found[hit])).combine_chunks()
         x, y, tile_id = inputs.x[hit], inputs.y[hit], inputs.tile_id[hit]
-        data, contents = taken.column("data").to_pylist(), taken.column("content").to_pylist()
-        return hit, Encoded(inputs.z, x, y, tile_id, data, contents)
+        return hit, Encoded(inputs.z, x, y, tile_id, *(taken.column(c).chunk(0) for c in ("data", "content")))
 
     def _read(self, inputs: Inputs) -> pa.Table | None:
         """The old batches of the zoom whose bounds meet ``inputs``' (with the same properties)."""
@@ -515,8 +530,8 @@ class TileCache:
             [
                 pa.array(encoded.tile_id, pa.int64()),
                 pa.array(inputs.digest, pa.uint64()),
-                pa.array(encoded.data, pa.binary()),
-                pa.array(encoded.digest, pa.binary(16)),
+                encoded.data,
+                encoded.digest,
             ],
             schema=_CACHE_SCHEMA,
         )
@@ -592,25 +607,24 @@ class Archive:
         self._ids, self._offsets, self._lengths, self._digests = (array("Q") for _ in range(4))
         self._size = 0
 
-    def add(self, tiles: Encoded) -> None:
-        """Add a batch of tiles (each tile id once in an archive)."""
-        if not tiles.data:
-            return
-        self._data.writelines(tiles.data)  # a repeated content too: it is stored once at close
-        sizes = np.array([len(d) for d in tiles.data], np.uint64)
-        self._record(tiles.tile_id, sizes, b"".join(tiles.digest))
+    def add(self, tiles: Encoded) -> np.ndarray:
+        """Add a batch of tiles (each tile id once in an archive); returns their sizes."""
+        return self._add(tiles.tile_id, tiles.data, tiles.digest)
 
     def add_batch(self, batch: pa.RecordBatch) -> np.ndarray:
-        """Add a batch of :func:`encoded_batches` (no Python object per tile); returns the tiles' sizes."""
-        data, content = batch.column("data"), batch.column("content")
+        """Add a batch of :func:`encoded_batches`; returns the tiles' sizes."""
+        return self._add(batch.column("tile_id").to_numpy(), batch.column("data"), batch.column("content"))
+
+    def _add(self, ids: np.ndarray, data: pa.Array, content: pa.Array) -> np.ndarray:
         if not len(data):
             return np.empty(0, np.uint64)
-        offsets = np.frombuffer(data.buffers()[1], np.int32, len(data) + 1, data.offset * 4)
+        offsets = _offsets(data)
+        # a repeated content too: it is stored once at close
         self._data.write(memoryview(data.buffers()[2])[offsets[0] : offsets[-1]])
         sizes = np.diff(offsets).astype(np.uint64)
         width = content.type.byte_width
         digests = memoryview(content.buffers()[1])[content.offset * width : (content.offset + len(content)) * width]
-        self._record(batch.column("tile_id").to_numpy(), sizes, digests)
+        self._record(ids, sizes, digests)
         return sizes
 
     def _record(self, ids: np.ndarray, sizes: np.ndarray, digests) -> None:
@@ -650,7 +664,7 @@ class Archive:
         """Write the archive; returns its size. No tiles: one empty tile at 0/0/0."""
         if not self._ids:
             zero = np.zeros(1, np.int64)
-            self.add(Encoded(0, zero, zero, zero, [EMPTY_TILE], [digest(EMPTY_TILE)]))
+            self.add(Encoded.of(0, zero, zero, zero, [EMPTY_TILE]))
         self._data.close()
         ids, offsets, lengths, runs, scratch, sizes = self._layout()
         root, leaves = directories(ids, offsets, lengths, runs)

@@ -34,7 +34,6 @@ from pipeline.vector import (
     Encoded,
     Encoder,
     TileCache,
-    digest,
     directories,
     encoded_batches,
     serialize_directory,
@@ -257,7 +256,7 @@ def _tiles(z: int, xy: list[tuple[int, int]], data: list[bytes]) -> Encoded:
     x, y = np.array([t[0] for t in xy]), np.array([t[1] for t in xy])
     ids = tile_ids(z, x, y)
     order = np.argsort(ids)
-    return Encoded(z, x[order], y[order], ids[order], [data[i] for i in order], [digest(data[i]) for i in order])
+    return Encoded.of(z, x[order], y[order], ids[order], [data[i] for i in order])
 
 
 def test_archive_stores_duplicates_once_reads_back_and_ignores_the_order_tiles_came_in(tmp_path):
@@ -302,7 +301,7 @@ def test_archive_stores_duplicates_once_reads_back_and_ignores_the_order_tiles_c
             sizes += archive.add_batch(piece).tolist()
     archive.close({"name": "t"}, [-10.0, -10.0, 10.0, 10.0])
     assert (tmp_path / "shard" / "d.pmtiles").read_bytes() == built[0]
-    assert sizes == [len(d) for b in batches for d in b.data]
+    assert sizes == [len(d) for b in batches for d in b.data.to_pylist()]
 
 
 @settings(max_examples=60, deadline=None)
@@ -499,7 +498,9 @@ def test_a_tile_from_the_cache_is_the_tile_encoding_would_give(archive_only, tmp
     assert np.array_equal(fresh.y, cached.y) and fresh.digest == cached.digest
     assert fresh.data == cached.data
     old = _encode(before, z)
-    unchanged = set(zip(old.tile_id.tolist(), old.data)) & set(zip(fresh.tile_id.tolist(), fresh.data))
+    unchanged = set(zip(old.tile_id.tolist(), old.data.to_pylist())) & set(
+        zip(fresh.tile_id.tolist(), fresh.data.to_pylist())
+    )
     assert cache.reused + cache.encoded == len(fresh.data)
     if not edits:
         assert cache.reused == len(fresh.data) > 10
