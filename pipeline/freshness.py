@@ -72,7 +72,7 @@ def _server_token(cfg: Config, name: str, src: PostgresSource, previous: str | N
         )
     else:  # no watermark: the row count
         sql = f"SELECT {sep} || count(*) FROM ({rows}) q"
-    con = duck.connect()
+    con = duck.connect(spatial=False)  # the query runs on the server and gives text
     try:
         duck.load_postgres(con, paths.duckdb_extensions(cfg.home))
         [(state,)] = query(con, name, src, sql)
