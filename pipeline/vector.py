@@ -179,10 +179,7 @@ class Encoded(NamedTuple):
     @classmethod
     def of(cls, z: int, x: np.ndarray, y: np.ndarray, tile_id: np.ndarray, data: list[bytes]) -> Encoded:
         """Tiles from their bytes (their digests computed)."""
-        return cls(z, x, y, tile_id, pa.array(data, pa.binary()), pa.array([digest(d) for d in data], DIGEST))
-
-
-DIGEST = pa.binary(16)
+        return cls(z, x, y, tile_id, pa.array(data, pa.binary()), pa.array([digest(d) for d in data], pa.binary(16)))
 
 
 def digest(data: bytes) -> bytes:
@@ -412,11 +409,11 @@ def _concat(z: int, parts: list[Encoded]) -> Encoded:
     """Encoded tiles of one zoom, in tile-id order."""
     if not parts:
         return Encoded.of(z, *(np.empty(0, np.int64),) * 3, [])
+    if len(parts) == 1:  # already in order
+        return parts[0]
     ids = np.concatenate([p.tile_id for p in parts])
     order = np.argsort(ids, kind="stable")
-    data, digests = (pa.concat_arrays([getattr(p, k) for p in parts]) for k in ("data", "digest"))
-    if len(parts) > 1:
-        data, digests = data.take(order), digests.take(order)
+    data, digests = (pa.concat_arrays([getattr(p, k) for p in parts]).take(order) for k in ("data", "digest"))
     return Encoded(
         z, *(np.concatenate([getattr(p, k) for p in parts])[order] for k in ("x", "y")), ids[order], data, digests
     )
@@ -500,9 +497,9 @@ class TileCache:
         self.encoded -= int(hit.sum())
         if not hit.any():
             return hit, None
-        taken = old.select(["data", "content"]).take(pa.array(found[hit])).combine_chunks()
+        taken = old.select(["data", "content"]).take(pa.array(found[hit]))
         x, y, tile_id = inputs.x[hit], inputs.y[hit], inputs.tile_id[hit]
-        return hit, Encoded(inputs.z, x, y, tile_id, *(taken.column(c).chunk(0) for c in ("data", "content")))
+        return hit, Encoded(inputs.z, x, y, tile_id, *(taken.column(c).combine_chunks() for c in ("data", "content")))
 
     def _read(self, inputs: Inputs) -> pa.Table | None:
         """The old batches of the zoom whose bounds meet ``inputs``' (with the same properties)."""
