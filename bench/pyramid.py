@@ -107,32 +107,42 @@ SHARD_ZOOM = 8  # the sharded side splits the reports at a tile of this zoom; ce
 
 def shard_side(path: str, out: str, shards: str) -> dict:
     """One shard of the sharded side: its reports loaded, then (on "go" from stdin) scored and its
-    zooms built down to the pivot zoom, the pivot level saved for the merge, as ``build.run_shard`` does."""
-    from pipeline import pyramid, scoring
+    zooms built down to the pivot zoom a block at a time, the pivot level saved for the merge, as
+    ``build.run_shard`` does (blocks of whole tiles at the shard zoom, ``block_reports`` reports each)."""
+    from pipeline import build, pyramid, scoring
     from pipeline.config import Tileset
+    from pipeline.defaults import DEFAULTS
     from pipeline.plan import resolve
 
     warm = pyramid.warm_up()  # as a shard does while it reads its reports (from the warehouse: longer than this)
-    reports = pl.read_parquet(path)
+    reports = pl.read_parquet(path)  # sorted by tile key, as make_reports writes them
     profile, filters = resolve(Tileset(source="roads", profile="road_conditions"))
+    tiles, counts = np.unique(
+        reports.get_column("tile_key").to_numpy() >> np.uint64(2 * (30 - SHARD_ZOOM)), return_counts=True
+    )
+    n = max(1, -(-reports.height // DEFAULTS.block_reports))
+    cuts = build.balanced_cuts(tiles, counts, n, 2 * (30 - SHARD_ZOOM), 1 << 60)
+    rows = np.searchsorted(reports.get_column("tile_key").to_numpy(), np.asarray(cuts, np.uint64))
+    blocks = list(zip([0, *rows], [*rows, reports.height]))
     warm.join()
     print("ready", flush=True)
     sys.stdin.readline()
     started = time.perf_counter()
-    scored = scoring.score_reports(reports.lazy(), profile, filters, AS_OF).scored
-    del reports
-    cells = 0
+    cells, levels = 0, []
+    overlap = pyramid.core_to_spare(int(shards))  # as build.run_shard decides
     with pyramid.reusing_memory():  # as build.run_shard does
-        finest = pyramid.finest(scored, profile, MAXZOOM + DETAIL)
-        del scored
-        overlap = pyramid.core_to_spare(int(shards))  # as build.run_shard decides
-        rolled = pyramid.roll_up(finest, MAXZOOM, SHARD_ZOOM - DETAIL, DETAIL, profile, overlap)
-        del finest
-        for frame, level in rolled:  # noqa: B007
-            cells += frame.height
-            del frame
-    level.save(Path(out))
-    return {"seconds": time.perf_counter() - started, "cells": cells, "rss_gb": _rss_gb()}
+        for lo, hi in blocks:  # as build.run_shard reads them, a block's range at a time
+            scored = scoring.score_reports(reports.slice(lo, hi - lo).lazy(), profile, filters, AS_OF).scored
+            finest = pyramid.finest(scored, profile, MAXZOOM + DETAIL)
+            del scored
+            rolled = pyramid.roll_up(finest, MAXZOOM, SHARD_ZOOM - DETAIL, DETAIL, profile, overlap)
+            del finest
+            for frame, level in rolled:  # noqa: B007
+                cells += frame.height
+                del frame
+            levels.append(level)
+    pyramid.Level.concat(levels).save(Path(out))
+    return {"seconds": time.perf_counter() - started, "cells": cells, "blocks": len(blocks), "rss_gb": _rss_gb()}
 
 
 def merge_side(paths: str) -> dict:

@@ -17,6 +17,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
@@ -29,7 +30,7 @@ import pyarrow.parquet as pq
 from . import atomic, extract, geoparquet, pyramid, scoring, tilemath, warehouse
 from .config import MAX_SHARDS
 from .errors import PlanError
-from .paths import Work
+from .paths import Shard, Work
 from .plan import Plan
 
 
@@ -90,11 +91,21 @@ def split(plan: Plan) -> Plan:
                 zoom = z
                 break
     keys, counts = _coarser(keys, counts, ts.maxzoom - zoom)
-    # shard j begins after the tile at which j/n of the reports are reached
-    reached = np.searchsorted(np.cumsum(counts) * n, np.arange(1, n) * total, side="left") + 1
-    shift, end = 2 * (tilemath.KEY_LEVEL - zoom), 1 << 2 * tilemath.KEY_LEVEL
-    starts = [0, *(int(keys[i]) << shift if i < len(keys) else end for i in reached)]
+    end = 1 << 2 * tilemath.KEY_LEVEL
+    starts = [0, *balanced_cuts(keys, counts, n, 2 * (tilemath.KEY_LEVEL - zoom), end)]
     return replace(plan, shards=tuple(zip(starts, [*starts[1:], end])), shard_zoom=zoom)
+
+
+def balanced_cuts(tiles: np.ndarray, counts: np.ndarray, n: int, shift: int, end: int) -> list[int]:
+    """Where ``n`` runs of whole tiles balanced by report count begin, but the first: ``n - 1`` tile keys.
+
+    ``tiles``: sorted keys of the busy tiles, ``counts`` their reports;
+    ``shift``: a tile's first report key is ``tile << shift``; a run that
+    would begin past the last tile begins at ``end`` (it is empty).
+    """
+    # run j begins after the tile at which j/n of the reports are reached
+    reached = np.searchsorted(np.cumsum(counts) * n, np.arange(1, n) * int(counts.sum()), side="left") + 1
+    return [int(tiles[i]) << shift if i < len(tiles) else end for i in reached]
 
 
 def _coarser(keys: np.ndarray, counts: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -130,15 +141,73 @@ def start(plan: Plan) -> None:
 
 def run_shard(plan: Plan, i: int) -> Scored:
     """Everything one shard does alone: score its reports, build its cells down to the pivot zoom, and
-    choose the features of its tiles at the zooms whose tiles it holds whole."""
-    scored, frame = _score_shard(plan, i)
-    with pyramid.reusing_memory():
-        finest = _finest(plan, frame)  # the scored reports in hand, not read back
-        del frame
-        _shard_zooms(plan, i, finest)
-        del finest
+    choose the features of its tiles at the zooms whose tiles it holds whole.
+
+    A shard of a sharded plan does the first two a block of its tiles at a
+    time (:func:`blocks`): each block's reports are read, scored and rolled
+    up while the last block's memory is still the process's to reuse.
+    """
+    _shard_cells(plan, i, _scored_blocks(plan, i))  # the scored reports in hand, not read back
     _select_shard(plan, i)
-    return scored
+    return _shard_scored(plan, i)
+
+
+def blocks(plan: Plan, i: int) -> list[tuple[int, int]]:
+    """Shard ``i``'s key range in blocks of whole tiles at the shard zoom, about ``block_reports`` reports each.
+
+    Cells at the pivot zoom and below lie in one such tile, so a shard's
+    blocks are built alone, as its shards are: each block's finer zooms are a
+    run of the shard's, and their pivot cells are put together as the merge
+    puts the shards' together. A plan's only shard builds every zoom whole:
+    one block.
+    """
+    lo, hi = plan.shards[i]
+    if len(plan.shards) == 1:
+        return [(lo, hi)]
+    shift = 2 * (tilemath.KEY_LEVEL - plan.shard_zoom)
+    with warehouse.reader(plan.warehouse) as con:
+        tiles = con.execute(
+            f"SELECT tile_key >> {shift} AS tile, count(*) AS n FROM reports "
+            "WHERE source = ? AND tile_key >= ? AND tile_key < ? GROUP BY tile ORDER BY tile",
+            [plan.source, lo, hi],
+        ).fetchnumpy()
+    keys, counts = np.asarray(tiles["tile"], dtype=np.uint64), np.asarray(tiles["n"], dtype=np.int64)
+    n = max(1, -(-int(counts.sum()) // plan.settings.block_reports))
+    starts = [lo, *(k for k in balanced_cuts(keys, counts, n, shift, hi) if lo < k < hi)]
+    return [(a, b) for a, b in zip(starts, [*starts[1:], hi]) if a < b] or [(lo, hi)]
+
+
+def _scored_blocks(plan: Plan, i: int) -> Iterator[pl.DataFrame]:
+    """Shard ``i``'s reports scored a block at a time, written to its ``scored.parquet`` and, summed,
+    ``scoring.json`` once the last is scored."""
+    if not 0 <= i < len(plan.shards):
+        raise PlanError(f"the plan of {plan.key} has {len(plan.shards)} shard(s), not a shard {i}")
+    pyramid.warm_up()  # for the cells that follow, while the reports are read and scored
+    shard = plan.work.shard(i)
+    shard.root.mkdir(parents=True, exist_ok=True)
+    shard.scoring.unlink(missing_ok=True)
+    parts = []
+    with atomic.replacing(shard.scored) as tmp:
+        writer = None
+        try:
+            for keys in blocks(plan, i):
+                reports = read_reports(plan.warehouse, plan.source, keys)
+                result = scoring.score_reports(reports, plan.profile, plan.filters, plan.as_of)
+                del reports
+                table = geoparquet.plain_strings(result.scored.to_arrow())
+                writer = writer or pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                writer.write_table(table)
+                del table
+                weight = float(result.scored.get_column("weight").sum())
+                parts.append(Scored(result.valid, result.scored.height, result.excluded, weight))
+                block = [result.scored]
+                del result
+                yield block.pop()  # not kept here while the caller builds its cells
+        finally:
+            if writer is not None:
+                writer.close()
+    scored = _sum_scored(parts)
+    _atomic(shard.scoring, lambda p: p.write_text(json.dumps({**scored._asdict(), "plan": plan.digest()})))
 
 
 def _select_shard(plan: Plan, i: int) -> None:
@@ -148,24 +217,16 @@ def _select_shard(plan: Plan, i: int) -> None:
 
 
 def score_shard(plan: Plan, i: int) -> Scored:
-    """Score one shard's reports into its ``scored.parquet`` (+ ``scoring.json``)."""
-    return _score_shard(plan, i)[0]
+    """Score one shard's reports into its ``scored.parquet`` (+ ``scoring.json``), a block at a time."""
+    for _ in _scored_blocks(plan, i):
+        pass
+    return _shard_scored(plan, i)
 
 
-def _score_shard(plan: Plan, i: int) -> tuple[Scored, pl.DataFrame]:
-    if not 0 <= i < len(plan.shards):
-        raise PlanError(f"the plan of {plan.key} has {len(plan.shards)} shard(s), not a shard {i}")
-    pyramid.warm_up()  # for the cells that follow, while the reports are read and scored
-    shard = plan.work.shard(i)
-    reports = read_reports(plan.warehouse, plan.source, plan.shards[i])
-    result = scoring.score_reports(reports, plan.profile, plan.filters, plan.as_of)
-    shard.root.mkdir(parents=True, exist_ok=True)
-    _atomic(shard.scored, lambda p: result.scored.write_parquet(p, compression="zstd"))
-    scored = Scored(
-        result.valid, result.scored.height, result.excluded, float(result.scored.get_column("weight").sum())
-    )
-    _atomic(shard.scoring, lambda p: p.write_text(json.dumps({**scored._asdict(), "plan": plan.digest()})))
-    return scored, result.scored
+def _shard_scored(plan: Plan, i: int) -> Scored:
+    doc = json.loads(plan.work.shard(i).scoring.read_text())
+    del doc["plan"]
+    return Scored(**doc)
 
 
 def score_tileset(plan: Plan) -> Scored:
@@ -191,17 +252,7 @@ def merge_scoring(plan: Plan) -> Scored:
         if doc.pop("plan") != plan.digest():
             raise PlanError(f"shard {i} of {plan.key} was built for another plan: run it again")
         parts.append(Scored(**doc))
-    excluded: dict[str, int] = {}
-    for part in parts:
-        for reason, n in part.excluded.items():
-            excluded[reason] = excluded.get(reason, 0) + n
-    order = {r: i for i, r in enumerate(scoring.EXCLUSIONS)}
-    total = Scored(
-        sum(p.valid for p in parts),
-        sum(p.scored for p in parts),
-        dict(sorted(excluded.items(), key=lambda kv: order[kv[0]])),
-        math.fsum(p.weight for p in parts),
-    )
+    total = _sum_scored(parts)
     summary = {
         "tileset": plan.tileset,
         "source": {"name": plan.source, **extract.source_counts(plan.warehouse, plan.source)},
@@ -214,6 +265,20 @@ def merge_scoring(plan: Plan) -> Scored:
     return total
 
 
+def _sum_scored(parts: list[Scored]) -> Scored:
+    excluded: dict[str, int] = {}
+    for part in parts:
+        for reason, n in part.excluded.items():
+            excluded[reason] = excluded.get(reason, 0) + n
+    order = {r: i for i, r in enumerate(scoring.EXCLUSIONS)}
+    return Scored(
+        sum(p.valid for p in parts),
+        sum(p.scored for p in parts),
+        dict(sorted(excluded.items(), key=lambda kv: order[kv[0]])),
+        math.fsum(p.weight for p in parts),
+    )
+
+
 def read_scoring(work: Work) -> dict:
     return json.loads(work.scoring.read_text())
 
@@ -224,11 +289,19 @@ def scored_rows(plan: Plan) -> int:
 
 
 def shard_cells(plan: Plan, i: int) -> None:
-    """One shard's cells, from ``maxzoom`` down to the pivot zoom, from its ``scored.parquet``; then its tiles'
-    selection."""
-    pyramid.warm_up()
-    with pyramid.reusing_memory():
-        _shard_zooms(plan, i, _finest(plan, pl.read_parquet(plan.work.shard(i).scored)))
+    """One shard's cells, from ``maxzoom`` down to the pivot zoom, from its ``scored.parquet`` (a block at a
+    time); then its tiles' selection."""
+    path = plan.work.shard(i).scored
+    whole = len(plan.shards) == 1
+    key = pl.col("tile_key")
+    _shard_cells(
+        plan,
+        i,
+        (
+            pl.read_parquet(path) if whole else pl.scan_parquet(path).filter(key >= lo, key < hi).collect()
+            for lo, hi in blocks(plan, i)
+        ),
+    )
     _select_shard(plan, i)
 
 
@@ -246,30 +319,49 @@ def pivot_zoom(plan: Plan) -> int:
     return max(plan.settings.minzoom, plan.shard_zoom - plan.settings.cell_detail)
 
 
-def _shard_zooms(plan: Plan, i: int, finest: pyramid.Level | None) -> None:
-    """A shard's zooms from its finest cells (none: no reports), down to the pivot zoom, without
-    intensity (it is per zoom). The only shard of a plan holds every zoom whole: it builds them all,
-    as GeoParquet with their intensity, for the merge to move into place.
+def _shard_cells(plan: Plan, i: int, scored_blocks: Iterator[pl.DataFrame]) -> None:
+    """A shard's zooms from its scored reports, given a block (:func:`blocks`) at a time in key order, down to
+    the pivot zoom, without intensity (it is per zoom): each zoom's cells a part per block, and the pivot
+    zoom's level for the merge. The only shard of a plan holds every zoom whole (its one block): it builds
+    them all, as GeoParquet with their intensity, for the merge to move into place.
     """
+    pyramid.warm_up()
     ts, shard = plan.settings, plan.work.shard(i)
     for stale in (shard.root / "cells", shard.final, shard.root / "final-tmp"):
         shutil.rmtree(stale, ignore_errors=True)
     shard.pivot.unlink(missing_ok=True)
-    if finest is None:
-        return
-    bottom = ts.minzoom if len(plan.shards) == 1 else pivot_zoom(plan)
+    whole = len(plan.shards) == 1
+    bottom = ts.minzoom if whole else pivot_zoom(plan)
     overlap = pyramid.core_to_spare(len(plan.shards))
-    rolled = pyramid.roll_up(finest, ts.maxzoom, bottom, ts.cell_detail, plan.profile, overlap)
-    del finest  # the roll-up drops each level once the next is made (their memory is reused)
-    if len(plan.shards) == 1:
-        summaries = _write_zooms(((f, int(f.get_column("z")[0])) for f, _ in rolled), shard.root / "final-tmp", plan)
-        _atomic(shard.root / "final.json", lambda p: p.write_text(json.dumps([s._asdict() for s in summaries])))
-        (shard.root / "final-tmp").rename(shard.final)
-        return
-    for frame, level in rolled:  # noqa: B007 (the last level, the pivot zoom's, is saved below)
-        _atomic(shard.cells(int(frame.get_column("z")[0])), lambda p, f=frame: f.write_ipc(p, compression="lz4"))
-        del frame
-    _atomic(shard.pivot, level.save)  # the last level rolled up: the pivot zoom's
+    levels = []
+    # memory freed by a block's roll-up is reused by the next block's (see pyramid.reusing_memory)
+    with pyramid.reusing_memory(), ExitStack() as files:
+        zooms: dict[int, IpcParts] = {}
+        for scored in scored_blocks:
+            finest = _finest(plan, scored)
+            del scored
+            if finest is None:
+                continue
+            rolled = pyramid.roll_up(finest, ts.maxzoom, bottom, ts.cell_detail, plan.profile, overlap)
+            del finest  # the roll-up drops each level once the next is made (their memory is reused)
+            if whole:
+                _write_final(plan, shard, ((f, int(f.get_column("z")[0])) for f, _ in rolled))
+                continue
+            for frame, level in rolled:  # noqa: B007 (the last level, the pivot zoom's, is kept below)
+                z = int(frame.get_column("z")[0])
+                if z not in zooms:
+                    zooms[z] = files.enter_context(IpcParts(shard.cells(z), plain=False))
+                zooms[z].write(frame)
+                del frame
+            levels.append(level)
+    if levels:
+        _atomic(shard.pivot, pyramid.Level.concat(levels).save)
+
+
+def _write_final(plan: Plan, shard: Shard, zooms: Iterator[tuple[pl.DataFrame, int]]) -> None:
+    summaries = _write_zooms(zooms, shard.root / "final-tmp", plan)
+    _atomic(shard.root / "final.json", lambda p: p.write_text(json.dumps([s._asdict() for s in summaries])))
+    (shard.root / "final-tmp").rename(shard.final)
 
 
 def build_cells(plan: Plan) -> list[ZoomSummary]:
@@ -433,6 +525,47 @@ def parquet_parts(path: Path, columns: list[str] | None = None, rows: int = 1 <<
 
 def parquet_rows(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
+
+
+class IpcParts:
+    """An Arrow IPC file written a part at a time, each part one record batch (read back by part).
+
+    ``plain``: strings as plain ``string`` (else as polars exports them, string views).
+    """
+
+    def __init__(self, path: Path, plain: bool = True) -> None:
+        self.path, self.plain = path, plain
+        self._replacing = atomic.replacing(path)
+        self._writer: pa.ipc.RecordBatchFileWriter | None = None
+
+    def __enter__(self) -> IpcParts:
+        self._tmp = self._replacing.__enter__()
+        return self
+
+    def write(self, frame: pl.DataFrame) -> None:
+        table = frame.to_arrow()
+        table = geoparquet.plain_strings(table) if self.plain else table
+        if self._writer is None:
+            # LZ4: a 100M build's features took 20 GB uncompressed, for one read back
+            options = pa.ipc.IpcWriteOptions(compression="lz4")
+            self._writer = pa.ipc.new_file(self._tmp, table.schema, options=options)
+        if table.num_rows:
+            self._writer.write_batch(table.combine_chunks().to_batches()[0])
+
+    def __exit__(self, *exc) -> bool:
+        if self._writer is not None:
+            self._writer.close()
+        return bool(self._replacing.__exit__(*exc))
+
+
+def read_parts(path: Path, columns: list[str] | None = None, first: int = 0) -> Iterator[pl.DataFrame]:
+    """The parts an :class:`IpcParts` file was written in, one at a time (``columns``: only these; ``first``:
+    from this part on)."""
+    with pa.OSFile(str(path)) as source:  # read, not mapped: a mapped file's pages count as the process's
+        reader = pa.ipc.open_file(source)
+        for i in range(first, reader.num_record_batches):
+            batch = reader.get_batch(i)
+            yield pl.from_arrow(batch.select(columns) if columns is not None else batch)
 
 
 def _atomic(path: Path, write) -> None:

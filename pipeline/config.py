@@ -271,6 +271,7 @@ class Tileset(_Strict):
     max_directory_features: int = Field(DEFAULTS.max_directory_features, ge=0)
     shards: int | str = DEFAULTS.shards  # "auto" or a count
     shard_reports: int = Field(DEFAULTS.shard_reports, ge=1)
+    block_reports: int = Field(DEFAULTS.block_reports, ge=1)
     shard_zoom: int | str = DEFAULTS.shard_zoom  # "auto" or a zoom
     min_count: int | None = Field(None, ge=1)
     # Fewer scored reports than this share of the live snapshot's: the run lost

@@ -39,11 +39,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import atomic, geojson, geoparquet, privacy, pyramid, site, strictjson, tilemath, vector
-from .build import parquet_parts, parquet_rows, read_cells, read_scoring
+from .build import IpcParts, parquet_parts, parquet_rows, read_cells, read_parts, read_scoring
 from .config import Tileset
 from .digests import tile_digests
 from .errors import PublishError
-from .geoparquet import plain_strings
 from .paths import SNAPSHOTS, Published, Shard, Work
 from .plan import Plan
 from .profiles import Profile
@@ -247,7 +246,7 @@ def _select_zoom(plan: Plan, z: int, last: _Previous | None, salt: str) -> ZoomS
     tally = _Tally(z + ts.strata_detail)
     with (
         geoparquet.writing(out / "cells.parquet", extent) as published,
-        _IpcParts(out / "tile_features.arrow") as feats,
+        IpcParts(out / "tile_features.arrow") as feats,
     ):
         plain = [c for c in pq.read_schema(path).names if c not in ("geometry", "intensity")]
         for cells in cell_parts(path, ts.cell_detail, SELECT_PART_CELLS, plain):
@@ -332,9 +331,9 @@ def select_shard(plan: Plan, i: int) -> list[dict]:
         tally = _Tally(z + plan.settings.strata_detail)
         cell_span: pyramid.Span | None = None
         with (
-            _IpcParts(out / "cells.arrow") as rows,
-            _IpcParts(out / "tile_features.arrow") as feats,
-            _IpcParts(shard.strays(z)) as strays,
+            IpcParts(out / "cells.arrow") as rows,
+            IpcParts(out / "tile_features.arrow") as feats,
+            IpcParts(shard.strays(z)) as strays,
         ):
             offset = 0  # the part's first feature among the shard's at z
             for cells in tile_parts(frames, detail, SELECT_PART_CELLS):
@@ -413,7 +412,7 @@ def _assemble_zoom(plan: Plan, z: int, chosen: list[tuple[Shard, dict[int, dict]
     layout: list[dict] = []  # where each shard's tile features lie in the zoom's (see encode_shard)
     with (
         geoparquet.writing(out / "cells.parquet", extent) as published,
-        _IpcParts(out / "tile_features.arrow") as feats,
+        IpcParts(out / "tile_features.arrow") as feats,
     ):
         batches = features = 0
         for folder, _, i in held:
@@ -576,7 +575,7 @@ SELECTION_CACHE_VERSION = 4  # a change to what selection makes of the same cell
 PREVIOUS_BATCH_ROWS = 1 << 17  # the last build's published cells, read this many at a time
 
 
-SHARDING = ("shards", "shard_reports", "shard_zoom")  # settings the published bytes never depend on
+SHARDING = ("shards", "shard_reports", "shard_zoom", "block_reports")  # settings the published bytes never depend on
 
 
 def _selection_salt(plan: Plan) -> str:
@@ -747,43 +746,6 @@ def _annotated(cells: pl.DataFrame, tile_choice: pl.DataFrame, over_choice: pl.D
         .sort("cell_key")
         .drop("cell_key")  # the exact quadkey as a number stays private (see privacy.coarsen)
     )
-
-
-class _IpcParts:
-    """An Arrow IPC file written a part at a time, each part one record batch (read back by part)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._replacing = atomic.replacing(path)
-        self._writer: pa.ipc.RecordBatchFileWriter | None = None
-
-    def __enter__(self) -> _IpcParts:
-        self._tmp = self._replacing.__enter__()
-        return self
-
-    def write(self, frame: pl.DataFrame) -> None:
-        table = plain_strings(frame.to_arrow())
-        if self._writer is None:
-            # LZ4: a 100M build's features took 20 GB uncompressed, for one read back
-            options = pa.ipc.IpcWriteOptions(compression="lz4")
-            self._writer = pa.ipc.new_file(self._tmp, table.schema, options=options)
-        if table.num_rows:
-            self._writer.write_batch(table.combine_chunks().to_batches()[0])
-
-    def __exit__(self, *exc) -> bool:
-        if self._writer is not None:
-            self._writer.close()
-        return bool(self._replacing.__exit__(*exc))
-
-
-def read_parts(path: Path, columns: list[str] | None = None, first: int = 0) -> Iterator[pl.DataFrame]:
-    """The parts an :class:`_IpcParts` file was written in, one at a time (``columns``: only these; ``first``:
-    from this part on)."""
-    with pa.OSFile(str(path)) as source:  # read, not mapped: a mapped file's pages count as the process's
-        reader = pa.ipc.open_file(source)
-        for i in range(first, reader.num_record_batches):
-            batch = reader.get_batch(i)
-            yield pl.from_arrow(batch.select(columns) if columns is not None else batch)
 
 
 def read_selection(work: Work) -> list[dict]:

@@ -23,19 +23,31 @@ from pipeline.errors import ConfigError, PlanError, PublishError
 from .conftest import AS_OF, REPO, run_extraction
 
 
-def published_as(cfg, tileset: str, out: Path, part_cells: int | None = None, **changes) -> Path:
+def published_as(
+    cfg, tileset: str, out: Path, part_cells: int | None = None, as_steps: bool = False, **changes
+) -> Path:
     """Build and publish ``tileset`` into ``out`` with its settings changed; the snapshot folder.
 
-    ``part_cells``: zooms are selected and encoded in parts of about this many cells.
+    ``part_cells``: zooms are selected and encoded in parts of about this many cells. ``as_steps``: each
+    shard scores, builds and selects in one go (``build.run_shard``, as the Dagster step does); else the
+    shards are scored, then built.
     """
     made = plan.make(cfg, tileset, AS_OF)
     frozen = build.split(replace(made, settings=made.settings.model_copy(update=changes), output=out))
     plan.write(frozen)
-    build.score_tileset(frozen)
+    if not as_steps:
+        build.score_tileset(frozen)
     default = publish.SELECT_PART_CELLS
     publish.SELECT_PART_CELLS = part_cells or default  # shards choose their tiles in parts too
     try:
-        build.build_cells(frozen)
+        if as_steps:
+            build.start(frozen)
+            for i in range(len(frozen.shards)):
+                build.run_shard(frozen, i)
+            build.merge_scoring(frozen)
+            build.merge_cells(frozen)
+        else:
+            build.build_cells(frozen)
         publish.select_tileset(frozen)
     finally:
         publish.SELECT_PART_CELLS = default
@@ -47,7 +59,7 @@ def published_as(cfg, tileset: str, out: Path, part_cells: int | None = None, **
 
 
 def digests(folder: Path) -> dict[str, str]:
-    """Every file of a snapshot by its content, the manifest without its shard count."""
+    """Every file of a snapshot by its content, the manifest without its shard count and block size."""
     out = {}
     for path in sorted(folder.rglob("*")):
         if path.is_file():
@@ -55,6 +67,7 @@ def digests(folder: Path) -> dict[str, str]:
             if path.name == "manifest.json":
                 manifest = json.loads(data)
                 assert manifest["config"].pop("shards") is not None  # the manifest records the count
+                assert manifest["config"].pop("block_reports") is not None  # and the blocks' size
                 data = json.dumps(manifest, sort_keys=True).encode()
             out[str(path.relative_to(folder))] = hashlib.sha256(data).hexdigest()
     return out
@@ -167,13 +180,38 @@ def test_a_warehouse_without_tile_keys_is_a_clear_error(write_config, tmp_path):
     profile=st.sampled_from(["generic", "road_conditions"]),
     min_count=st.sampled_from([1, 3]),
     part_cells=st.sampled_from([1, 7, 60]),
+    block_reports=st.sampled_from([1, 25, 10**6]),
+    as_steps=st.booleans(),
 )
 # a shard whose reports all had one half-life: polars once took it as a number, and divided by it differently
-@example(seed=1038, n=66, clusters=1, shards=7, shard_zoom=7, profile="road_conditions", min_count=1, part_cells=1)
+@example(
+    seed=1038,
+    n=66,
+    clusters=1,
+    shards=7,
+    shard_zoom=7,
+    profile="road_conditions",
+    min_count=1,
+    part_cells=1,
+    block_reports=10**6,
+    as_steps=False,
+)
 def test_any_sharding_publishes_the_same_bytes(
-    write_config, tmp_path_factory, seed, n, clusters, shards, shard_zoom, profile, min_count, part_cells
+    write_config,
+    tmp_path_factory,
+    seed,
+    n,
+    clusters,
+    shards,
+    shard_zoom,
+    profile,
+    min_count,
+    part_cells,
+    block_reports,
+    as_steps,
 ):
-    """Shards, and the parts of whole tiles a zoom is selected and encoded in, change no byte."""
+    """Shards, the blocks a shard builds its cells in, and the parts of whole tiles a zoom is selected and
+    encoded in, change no byte."""
     tmp = tmp_path_factory.mktemp("shards")
     write_points(tmp / "pts.csv", seed, n, clusters)
     columns = {c: c for c in ("lat", "lng", "category", "severity", "observed_at")}
@@ -193,7 +231,8 @@ def test_any_sharding_publishes_the_same_bytes(
     cfg = load_config(path)
     run_extraction(cfg)
     one = published_as(cfg, "pts", tmp / "one", shards=1, shard_zoom=shard_zoom)
-    many = published_as(cfg, "pts", tmp / "many", part_cells, shards=shards, shard_zoom=shard_zoom)
+    sharding = {"shards": shards, "shard_zoom": shard_zoom, "block_reports": block_reports}
+    many = published_as(cfg, "pts", tmp / "many", part_cells, as_steps, **sharding)
     assert digests(one) == digests(many)
 
 
@@ -211,6 +250,10 @@ def test_the_default_run_publishes_the_same_bytes_with_1_7_and_64_shards_and_in_
         # zooms in parts of a few thousand cells: tiles whose buffers reach into other parts' tiles
         snapshots.append(published_as(cfg, tileset, tmp_path / "out-parts", 3000, shards=1))
         assert max(len(s["parts"]) for s in publish.read_selection(work)) > 1
+        # 7 shards as the Dagster steps run them, each building its cells in blocks of a few hundred reports
+        snapshots.append(published_as(cfg, tileset, tmp_path / "out-blocks", None, True, shards=7, block_reports=300))
+        blocked = plan.read(work.plan)
+        assert max(len(build.blocks(blocked, i)) for i in range(7)) > 1, tileset
         first = digests(snapshots[0])
         assert len(first) > 20
         for other in snapshots[1:]:
