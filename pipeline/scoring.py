@@ -247,7 +247,9 @@ def score_reports(reports: pl.LazyFrame, profile: Profile, filters: Filters, as_
     Returns
     -------
     ScoreResult
-        ``scored`` has :data:`SCORED_COLUMNS` plus the profile's metrics.
+        ``scored`` has :data:`SCORED_COLUMNS` plus the profile's metrics; its
+        ``category`` is an ``Enum`` of the profile's categories where it has a
+        list of them (no other is kept), else a string.
     """
     present = reports.collect_schema().names()
     # the canonical types, whatever the caller built (an all-null column has no type of its own)
@@ -270,7 +272,11 @@ def score_reports(reports: pl.LazyFrame, profile: Profile, filters: Filters, as_
     )
     if profile.one_point_per_entity:
         kept = _one_point_per_entity(kept, columns)
-    reasons, scored = judged.group_by("excluded").len(), kept.select(columns).collect()
+    category = pl.col("category")
+    if profile.categories is not None:  # every report kept has one: a code per report, not a string
+        category = category.cast(pl.Enum(sorted(set(profile.categories))))
+    scored = kept.select(*(category if c == "category" else c for c in columns)).collect()
+    reasons = judged.group_by("excluded").len()
     valid = int(reasons.get_column("len").sum())
     excluded = {EXCLUSIONS[code]: n for code, n in reasons.drop_nulls("excluded").iter_rows()}
     folded = valid - sum(excluded.values()) - scored.height
