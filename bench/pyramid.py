@@ -120,7 +120,7 @@ def shard_side(path: str, out: str, shards: str) -> dict:
     tiles, counts = np.unique(
         reports.get_column("tile_key").to_numpy() >> np.uint64(2 * (30 - SHARD_ZOOM)), return_counts=True
     )
-    n = max(1, -(-reports.height // DEFAULTS.block_reports))
+    n = max(1, reports.height // DEFAULTS.block_reports)
     cuts = build.balanced_cuts(tiles, counts, n, 2 * (30 - SHARD_ZOOM), 1 << 60)
     rows = np.searchsorted(reports.get_column("tile_key").to_numpy(), np.asarray(cuts, np.uint64))
     blocks = list(zip([0, *rows], [*rows, reports.height]))

@@ -153,7 +153,8 @@ def run_shard(plan: Plan, i: int) -> Scored:
 
 
 def blocks(plan: Plan, i: int) -> list[tuple[int, int]]:
-    """Shard ``i``'s key range in blocks of whole tiles at the shard zoom, about ``block_reports`` reports each.
+    """Shard ``i``'s key range in blocks of whole tiles at the shard zoom, balanced by report count: as many
+    as it has ``block_reports`` reports, at least one.
 
     Cells at the pivot zoom and below lie in one such tile, so a shard's
     blocks are built alone, as its shards are: each block's finer zooms are a
@@ -172,7 +173,7 @@ def blocks(plan: Plan, i: int) -> list[tuple[int, int]]:
             [plan.source, lo, hi],
         ).fetchnumpy()
     keys, counts = np.asarray(tiles["tile"], dtype=np.uint64), np.asarray(tiles["n"], dtype=np.int64)
-    n = max(1, -(-int(counts.sum()) // plan.settings.block_reports))
+    n = max(1, int(counts.sum()) // plan.settings.block_reports)  # blocks of at least block_reports (if it has them)
     starts = [lo, *(k for k in balanced_cuts(keys, counts, n, shift, hi) if lo < k < hi)]
     return [(a, b) for a, b in zip(starts, [*starts[1:], hi]) if a < b] or [(lo, hi)]
 
@@ -195,7 +196,11 @@ def _scored_blocks(plan: Plan, i: int) -> Iterator[pl.DataFrame]:
                 result = scoring.score_reports(reports, plan.profile, plan.filters, plan.as_of)
                 del reports
                 table = geoparquet.plain_strings(result.scored.to_arrow())
-                writer = writer or pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                # work state, read back once if at all: written as fast as polars would (LZ4, no
+                # dictionaries), with statistics for a block's key range only
+                writer = writer or pq.ParquetWriter(
+                    tmp, table.schema, compression="lz4", use_dictionary=False, write_statistics=["tile_key"]
+                )
                 writer.write_table(table)
                 del table
                 weight = float(result.scored.get_column("weight").sum())

@@ -46,10 +46,11 @@ class Defaults:
     shards: int | str = 1
     shard_reports: int = 2_000_000
     # A shard of a sharded build reads, scores and rolls up its tiles in
-    # blocks of about this many reports, one after another: the memory a
-    # block frees is the next one's, so a process holds a block, not its
-    # shard, and does not wait on the kernel for fresh pages (a world shard
-    # of 5M reports took a fifth less time in blocks of 1M).
+    # blocks of at least this many reports (as many blocks as it has this
+    # many reports), one after another: the memory a block frees is the
+    # next one's, so a process holds a block, not its shard, and does not
+    # wait on the kernel for fresh pages (a world shard of 5M reports took
+    # a fifth less time in blocks of 1M).
     block_reports: int = 1_000_000
     # Shards split at this zoom (tiles at or below it belong to one shard);
     # "auto": the coarsest zoom below the overviews' at which no tile holds
