@@ -355,7 +355,7 @@ def _shard_cells(plan: Plan, i: int, scored_blocks: Iterator[pl.DataFrame]) -> N
             for frame, level in rolled:  # noqa: B007 (the last level, the pivot zoom's, is kept below)
                 z = int(frame.get_column("z")[0])
                 if z not in zooms:
-                    zooms[z] = files.enter_context(IpcParts(shard.cells(z), plain=False))
+                    zooms[z] = files.enter_context(IpcParts(shard.cells(z), plain=False, batch_rows=CELL_BATCH_ROWS))
                 zooms[z].write(frame)
                 del frame
             levels.append(level)
@@ -532,14 +532,18 @@ def parquet_rows(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 
 
+CELL_BATCH_ROWS = 1 << 17  # a shard's cells are read back (to choose its tiles' features) this many at a time
+
+
 class IpcParts:
     """An Arrow IPC file written a part at a time, each part one record batch (read back by part).
 
-    ``plain``: strings as plain ``string`` (else as polars exports them, string views).
+    ``plain``: strings as plain ``string`` (else as polars exports them, string views); ``batch_rows``:
+    a part is written as batches of at most this many rows (each read back alone).
     """
 
-    def __init__(self, path: Path, plain: bool = True) -> None:
-        self.path, self.plain = path, plain
+    def __init__(self, path: Path, plain: bool = True, batch_rows: int | None = None) -> None:
+        self.path, self.plain, self.batch_rows = path, plain, batch_rows
         self._replacing = atomic.replacing(path)
         self._writer: pa.ipc.RecordBatchFileWriter | None = None
 
@@ -555,7 +559,8 @@ class IpcParts:
             options = pa.ipc.IpcWriteOptions(compression="lz4")
             self._writer = pa.ipc.new_file(self._tmp, table.schema, options=options)
         if table.num_rows:
-            self._writer.write_batch(table.combine_chunks().to_batches()[0])
+            for batch in table.combine_chunks().to_batches(max_chunksize=self.batch_rows):
+                self._writer.write_batch(batch)
 
     def __exit__(self, *exc) -> bool:
         if self._writer is not None:
