@@ -121,6 +121,10 @@ def decay_days(profile: Profile) -> pl.Expr:
     default = days.get("default")
     # Always a column, never a number: the bits of age / days would then depend on
     # the frame's length (see age_days), and a shard may hold a single report.
+    if profile.categories is not None:  # a report's code (category_code) picks its days (none: excluded)
+        known = _closed(profile)
+        days_by_code = pl.Series([per_category.get(c, default) for c in known], dtype=pl.Float64)
+        return pl.lit(days_by_code).gather(pl.col(CODE).to_physical())
     if not per_category:
         return pl.col("category").replace_strict({}, default=default, return_dtype=pl.Float64)
     # a category's place among the known ones, then its days by that place: faster than
@@ -129,6 +133,19 @@ def decay_days(profile: Profile) -> pl.Expr:
     place = pl.col("category").cast(pl.Enum(known), strict=False).to_physical()
     looked_up = pl.lit(pl.Series([per_category[c] for c in known], dtype=pl.Float64)).gather(place)
     return looked_up if default is None else looked_up.fill_null(default)
+
+
+CODE = "_category_code"  # scoring's own column: the category as an Enum of a closed list (null: not on it)
+
+
+def _closed(profile: Profile) -> list[str]:
+    return sorted(set(profile.categories))
+
+
+def category_code(profile: Profile) -> pl.Expr:
+    """A profile with a closed list of categories: each report's as an ``Enum`` of that list, null for
+    any other (and for none), read once by the exclusion rules, the decay and the scored reports."""
+    return pl.col("category").cast(pl.Enum(_closed(profile)), strict=False).alias(CODE)
 
 
 def decay(profile: Profile, as_of: datetime) -> pl.Expr:
@@ -217,7 +234,7 @@ def exclusion(profile: Profile, filters: Filters, as_of: datetime) -> pl.Expr:
     if profile.max_age_days is not None:  # seed 001: counts while submitted_at > now - 90 days
         rules.append((age_days(as_of) >= profile.max_age_days, "too_old"))
     if profile.categories is not None:
-        rules.append((~_in("category", profile.categories), "unknown_category"))
+        rules.append((pl.col(CODE).is_null(), "unknown_category"))
     if profile.decay.mode in ("half_life", "time_constant") and not _every_category_decays(profile):
         rules.append((decay_days(profile).is_null(), "unknown_category"))
     if profile.severity_range is not None:
@@ -256,13 +273,17 @@ def score_reports(reports: pl.LazyFrame, profile: Profile, filters: Filters, as_
     reports = reports.with_columns(pl.col(c).cast(t) for c, t in READ_TYPES.items() if c in present)
     if "tile_key" not in present:
         reports = reports.with_columns(tile_key(pl.col("lng"), pl.col("lat")).alias("tile_key"))
+    closed = profile.categories is not None
+    if closed:  # the category read once, as a code (the string only where a filter reads it)
+        reports = reports.with_columns(category_code(profile))
     reason = exclusion(profile, filters, as_of)
     boost, decays, weights = severity_score(profile) * priority_boost(profile), decay(profile, as_of), weight(profile)
     columns = [*SCORED_COLUMNS, *(METRIC_COLUMNS if profile.metrics else ())]
+    made_from = [CODE if closed and c == "category" else c for c in columns]  # the scored reports' columns
     # Judged once: the columns scoring reads, and each report's reason. The reasons are
     # counted from it, and the reports that count are scored from it.
     read = {c for e in (reason, boost, decays, weights) for c in e.meta.root_names()}
-    read |= {*columns, *(("entity_type", "entity_id", "report_id") if profile.one_point_per_entity else ())}
+    read |= {*made_from, *(("entity_type", "entity_id", "report_id") if profile.one_point_per_entity else ())}
     judged = reports.select(*(c for c in reports.collect_schema().names() if c in read), reason).collect()
     kept = (
         judged.lazy()
@@ -271,11 +292,8 @@ def score_reports(reports: pl.LazyFrame, profile: Profile, filters: Filters, as_
         .with_columns(weights.alias("weight"))
     )
     if profile.one_point_per_entity:
-        kept = _one_point_per_entity(kept, columns)
-    category = pl.col("category")
-    if profile.categories is not None:  # every report kept has one: a code per report, not a string
-        category = category.cast(pl.Enum(sorted(set(profile.categories))))
-    scored = kept.select(*(category if c == "category" else c for c in columns)).collect()
+        kept = _one_point_per_entity(kept, made_from, CODE if closed else "category")
+    scored = kept.select(pl.col(c).alias(name) for c, name in zip(made_from, columns)).collect()
     reasons = judged.group_by("excluded").len()
     valid = int(reasons.get_column("len").sum())
     excluded = {EXCLUSIONS[code]: n for code, n in reasons.drop_nulls("excluded").iter_rows()}
@@ -287,11 +305,12 @@ def score_reports(reports: pl.LazyFrame, profile: Profile, filters: Filters, as_
     return ScoreResult(scored, valid, excluded)
 
 
-def _one_point_per_entity(kept: pl.LazyFrame, columns: list[str]) -> pl.LazyFrame:
+def _one_point_per_entity(kept: pl.LazyFrame, columns: list[str], category: str) -> pl.LazyFrame:
     # Seed 000: GROUP BY lat, lng, entity type and id; weight = MAX over active
     # notes. The point shows its heaviest note's label and its latest time.
+    # (``category``: the column it is in, a string or a code of names in order)
     entity = pl.coalesce(pl.col("entity_id"), pl.col("report_id")).alias("_entity")
-    by_weight = [pl.col("weight"), pl.col("category")]
+    by_weight = [pl.col("weight"), pl.col(category)]
     return (
         kept.with_columns(entity)
         .group_by(["entity_type", "_entity", "lat", "lng"])
@@ -301,7 +320,7 @@ def _one_point_per_entity(kept: pl.LazyFrame, columns: list[str]) -> pl.LazyFram
             pl.col("decay").max(),
             pl.col("observed_at").max(),
             pl.col("tile_key").first(),  # the same position: the same key
-            pl.col("category").sort_by(by_weight, descending=[True, False]).first(),
+            pl.col(category).sort_by(by_weight, descending=[True, False]).first(),
         )
         .sort(["entity_type", "_entity", "lat", "lng"])  # deterministic order
         .select(columns)

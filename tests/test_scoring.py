@@ -192,6 +192,22 @@ def test_seed001_exclusions_90_days_categories_severity_activity():
     assert result.scored.height == 1 and result.holds
 
 
+def test_a_closed_category_list_is_read_once_as_codes_and_a_category_filter_still_reads_the_names():
+    rows = [
+        {"category": "ice", "severity": 1.0},
+        {"category": "pothole", "severity": 2.0},
+        {"category": "sinkhole", "severity": 2.0},  # not on the list
+        {"category": None, "severity": 2.0},
+        {"category": "crack", "severity": 3.0},
+    ]
+    result = score({"profile": "road_conditions", "filters": {"categories": ["ice", "crack", "sinkhole"]}}, *rows)
+    assert result.excluded == {"unknown_category": 2, "filtered_out": 1}
+    scored = result.scored
+    assert isinstance(scored.schema["category"], pl.Enum)
+    assert scored.get_column("category").to_list() == ["ice", "crack"]
+    assert scored.get_column("decay").to_list() == [1.0, 1.0] and "_category_code" not in scored.columns
+
+
 def test_upvotes_weight():
     ts = {"profile": "road_conditions", "scoring": {"upvote_weight": 0.5}}
     result = score(ts, {"category": "crack", "severity": 2.0, "upvotes": 4})
