@@ -67,19 +67,7 @@ def split(plan: Plan) -> Plan:
     falls between two. The published bytes depend on neither choice.
     """
     ts = plan.settings
-    shift = 2 * (tilemath.KEY_LEVEL - ts.maxzoom)
-    with warehouse.reader(plan.warehouse) as con:
-        tiles = con.execute(
-            f"SELECT tile_key >> {shift} AS tile, count(*) AS n FROM reports "
-            "WHERE source = ? GROUP BY tile ORDER BY tile",
-            [plan.source],
-        ).fetchnumpy()
-    if np.ma.getmaskarray(tiles["tile"]).any():
-        raise PlanError(
-            f"the warehouse's reports of {plan.source} have no tile keys (written by an older version): "
-            "run the extraction again (hotspots run)"
-        )
-    keys, counts = np.asarray(tiles["tile"], dtype=np.uint64), np.asarray(tiles["n"], dtype=np.int64)
+    keys, counts = _tile_counts(plan, 2 * (tilemath.KEY_LEVEL - ts.maxzoom))
     total = int(counts.sum())
     n = ts.shards if ts.shards != "auto" else max(1, min(MAX_SHARDS, -(-total // ts.shard_reports)))
     if ts.shard_zoom != "auto":
@@ -94,6 +82,25 @@ def split(plan: Plan) -> Plan:
     end = 1 << 2 * tilemath.KEY_LEVEL
     starts = [0, *balanced_cuts(keys, counts, n, 2 * (tilemath.KEY_LEVEL - zoom), end)]
     return replace(plan, shards=tuple(zip(starts, [*starts[1:], end])), shard_zoom=zoom)
+
+
+def _tile_counts(plan: Plan, shift: int, keys: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The source's busy tiles (report keys ``>> shift``, sorted) and their reports: of every key, or of
+    the keys in ``[lo, hi)``."""
+    where, params = "source = ?", [plan.source]
+    if keys is not None:
+        where, params = where + " AND tile_key >= ? AND tile_key < ?", [*params, *keys]
+    with warehouse.reader(plan.warehouse) as con:
+        tiles = con.execute(
+            f"SELECT tile_key >> {shift} AS tile, count(*) AS n FROM reports WHERE {where} GROUP BY tile ORDER BY tile",
+            params,
+        ).fetchnumpy()
+    if np.ma.getmaskarray(tiles["tile"]).any():
+        raise PlanError(
+            f"the warehouse's reports of {plan.source} have no tile keys (written by an older version): "
+            "run the extraction again (hotspots run)"
+        )
+    return np.asarray(tiles["tile"], dtype=np.uint64), np.asarray(tiles["n"], dtype=np.int64)
 
 
 def balanced_cuts(tiles: np.ndarray, counts: np.ndarray, n: int, shift: int, end: int) -> list[int]:
@@ -166,13 +173,7 @@ def blocks(plan: Plan, i: int) -> list[tuple[int, int]]:
     if len(plan.shards) == 1:
         return [(lo, hi)]
     shift = 2 * (tilemath.KEY_LEVEL - plan.shard_zoom)
-    with warehouse.reader(plan.warehouse) as con:
-        tiles = con.execute(
-            f"SELECT tile_key >> {shift} AS tile, count(*) AS n FROM reports "
-            "WHERE source = ? AND tile_key >= ? AND tile_key < ? GROUP BY tile ORDER BY tile",
-            [plan.source, lo, hi],
-        ).fetchnumpy()
-    keys, counts = np.asarray(tiles["tile"], dtype=np.uint64), np.asarray(tiles["n"], dtype=np.int64)
+    keys, counts = _tile_counts(plan, shift, (lo, hi))
     n = max(1, int(counts.sum()) // plan.settings.block_reports)  # blocks of at least block_reports (if it has them)
     starts = [lo, *(k for k in balanced_cuts(keys, counts, n, shift, hi) if lo < k < hi)]
     return [(a, b) for a, b in zip(starts, [*starts[1:], hi]) if a < b] or [(lo, hi)]
