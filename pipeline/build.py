@@ -84,12 +84,12 @@ def split(plan: Plan) -> Plan:
     return replace(plan, shards=tuple(zip(starts, [*starts[1:], end])), shard_zoom=zoom)
 
 
-def _tile_counts(plan: Plan, shift: int, keys: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _tile_counts(plan: Plan, shift: int, key_range: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The source's busy tiles (report keys ``>> shift``, sorted) and their reports: of every key, or of
-    the keys in ``[lo, hi)``."""
+    the keys in ``key_range`` (``lo <= key < hi``)."""
     where, params = "source = ?", [plan.source]
-    if keys is not None:
-        where, params = where + " AND tile_key >= ? AND tile_key < ?", [*params, *keys]
+    if key_range is not None:
+        where, params = where + " AND tile_key >= ? AND tile_key < ?", [*params, *key_range]
     with warehouse.reader(plan.warehouse) as con:
         tiles = con.execute(
             f"SELECT tile_key >> {shift} AS tile, count(*) AS n FROM reports WHERE {where} GROUP BY tile ORDER BY tile",
