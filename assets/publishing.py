@@ -94,6 +94,7 @@ def publishing_assets(
                 "in_plan": True,
                 "encoded": done["encoded"],
                 "from the tile cache": done["reused"],
+                "laid out and compared": done["compared"],
                 "zooms": markdown_table(
                     ["z", "MVT tiles"], [[z["z"], z["tiles"]] for z in done["zooms"]] or [["none", 0]]
                 ),

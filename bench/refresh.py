@@ -9,7 +9,8 @@ run`` in its own process:
 * the refresh: an eleventh file of 10,000 new reports (1%), the same command
   again. Extraction reads and checks only the new file; the build takes the selection
   of tiles whose cells did not change, and the MVT tiles whose rows did not
-  change, from the last build, and does the rest again;
+  change, from the last build (laying out only the rows of tiles near a changed
+  one), and does the rest again;
 * a from-scratch run over the eleven files, whose snapshot must be the
   refresh's, byte for byte (the same content-hash name).
 """
@@ -117,7 +118,8 @@ def main(rows: int = ROWS) -> bool:
     )
     print(
         f"    extraction read the new file only; of {kept['tiles']:,} tiles, {kept['selections']:,} kept their "
-        f"selection; MVT tiles encoded {kept['encoded']:,}, from the tile cache {kept['reused']:,}"
+        f"selection; MVT tiles encoded {kept['encoded']:,}, from the tile cache {kept['reused']:,} (rows laid out "
+        f"and compared: {kept['compared']:,})"
     )
     print(f"  from scratch, same files    : {again.wall:7.2f} s  ({'the same' if same else 'NOT the same'} snapshot)")
     print(f"  {'PASS' if ok else 'FAIL'}")

@@ -159,6 +159,7 @@ class _Tally:
         self.span: pyramid.Span | None = None  # the tile features' scores
         self.extent: list[float] = []  # the published positions'
         self.known: list[pa.Table] = []  # each part's tiles (:func:`_tile_record`): the next build's record
+        self.chosen: list[np.ndarray] = []  # the keys of the tiles chosen again (not taken from the last build)
 
 
 def _select_part(
@@ -196,6 +197,7 @@ def _select_part(
         annotated, tile_features = _merge(old_cells, annotated), _merge(old_features, tile_features)
     if not overview:
         tally.known.append(_tile_record(keys[starts], digests, np.diff(np.r_[starts, cells.height]), tile_features))
+        tally.chosen.append(keys[starts][~reused] if len(reused) else keys[starts])
     found = pyramid.Span.of(tile_features.get_column("score"))
     tally.span = found.join(tally.span) if found else tally.span
     tally.extent = geoparquet.union(tally.extent, geoparquet.extent(annotated))
@@ -346,17 +348,58 @@ def select_shard(plan: Plan, i: int) -> list[dict]:
                 strays.write(vector.strays(tile_features, z, offset, start, end))
                 offset += tile_features.height
         _write_tiles(out / "tiles.arrow", tally.known, salt)
+        if last is not None:  # what the encoder must lay out again (see encode_shard)
+            _write_changed(out / "changed.arrow", _changed_tiles(last, tally, start, end), last.id)
         return {
             "z": z,
             "selection": _zoom_selection(plan, z, tally, 0, None)._asdict(),
             "cell_span": list(cell_span) if cell_span else None,
             "extent": tally.extent,
+            "previous": last.id if last is not None else None,
         }
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         zooms = [s for s in pool.map(one, shard_zooms(plan)) if s is not None]
     _write_json(shard.selected, {"plan": plan.digest(), "zooms": zooms})
     return zooms
+
+
+def _changed_tiles(last: _Previous, tally: _Tally, lo: int, hi: int) -> np.ndarray:
+    """The keys (sorted) of the tiles in ``[lo, hi)`` whose cells differ from the last build's ``last``:
+    chosen again (new or changed), or gone."""
+    now = [t.column("tile").to_numpy() for t in tally.known]
+    old = last.keys[(last.keys >= lo) & (last.keys < hi)]
+    gone = np.setdiff1d(old, np.concatenate(now) if now else old[:0])
+    return np.unique(np.concatenate([*tally.chosen, gone]).astype(np.uint64))
+
+
+def _write_changed(path: Path, tiles: np.ndarray, previous: str | None) -> None:
+    """``changed.arrow``: the keys of a zoom's tiles whose cells changed since the selection ``previous``."""
+    table = pa.table({"tile": pa.array(tiles, pa.uint64())})
+    with atomic.replacing(path) as tmp, pa.OSFile(str(tmp), "wb") as sink:
+        with pa.ipc.new_file(sink, table.schema.with_metadata({"previous": previous or ""})) as writer:
+            writer.write_table(table)
+
+
+def changed_tiles(folder: Path) -> tuple[str, np.ndarray] | None:
+    """A zoom's selection (``folder``): which last build it was compared with (the id of that one's
+    ``tiles.arrow``) and the keys of its tiles whose cells changed since; None when not known."""
+    try:
+        with pa.OSFile(str(folder / "changed.arrow")) as source:
+            reader = pa.ipc.open_file(source)
+            previous = (reader.schema.metadata or {}).get(b"previous", b"").decode()
+            tiles = reader.read_all().column("tile").to_numpy()
+    except (OSError, pa.ArrowException):
+        return None
+    return (previous, tiles) if previous else None
+
+
+def selection_id(folder: Path) -> str | None:
+    """The id of a zoom's selection (``folder``; its ``tiles.arrow``), new with every selection."""
+    try:
+        return (_schema(folder / "tiles.arrow").metadata or {}).get(b"id", b"").decode() or None
+    except (OSError, pa.ArrowException):
+        return None
 
 
 def shard_range(plan: Plan, i: int, z: int) -> tuple[int, int]:
@@ -409,6 +452,7 @@ def _assemble_zoom(plan: Plan, z: int, chosen: list[tuple[Shard, dict[int, dict]
             span = pyramid.Span(*doc["selection"]["tile_span"]).join(span)
     out = plan.work.selected(z)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "changed.arrow").unlink(missing_ok=True)
     layout: list[dict] = []  # where each shard's tile features lie in the zoom's (see encode_shard)
     with (
         geoparquet.writing(out / "cells.parquet", extent) as published,
@@ -426,6 +470,10 @@ def _assemble_zoom(plan: Plan, z: int, chosen: list[tuple[Shard, dict[int, dict]
             batches += mine["batches"]
             layout.append(mine)
     _write_tiles(out / "tiles.arrow", [_read_table(folder / "tiles.arrow") for folder, _, _ in held], salt)
+    previous = {doc.get("previous") for _, doc, _ in held}
+    if len(held) == len(plan.shards) and len(previous) == 1 and None not in previous:  # every shard compared
+        changed = [_read_table(folder / "changed.arrow").column("tile").to_numpy() for folder, _, _ in held]
+        _write_changed(out / "changed.arrow", np.concatenate(changed), previous.pop())
     _write_json(out / "shards.json", layout)
     s = [ZoomSelection(**doc["selection"]) for _, doc, _ in held]
     return ZoomSelection(
@@ -473,10 +521,11 @@ def encode_shard(plan: Plan, i: int) -> dict:
                 if z not in selection or lo == hi:  # no cells at z, or a shard without tiles
                     continue
                 tiles, extent = 0, []
+                dirty = _dirty(plan, z, selection[z], cache)
                 with vector.writing_encoded(shard.encoded(z)) as write:
                     before = None
                     for part, tile_features in _shard_parts(plan, i, selection[z]):
-                        encoding = encoder.submit(tile_features, z, part)
+                        encoding = encoder.submit(tile_features, z, part._replace(dirty=dirty))
                         extent = geoparquet.union(extent, geoparquet.extent(tile_features))
                         del tile_features
                         if before is not None:
@@ -489,9 +538,32 @@ def encode_shard(plan: Plan, i: int) -> dict:
         cache.discard()
         raise
     cache.commit()
-    summary = {"plan": plan.digest(), "zooms": zooms, "encoded": cache.encoded, "reused": cache.reused}
+    summary = {
+        "plan": plan.digest(),
+        "zooms": zooms,
+        "encoded": cache.encoded,
+        "reused": cache.reused,
+        "compared": cache.compared,
+    }
     _write_json(shard.encoding, summary)
     return summary
+
+
+def _dirty(plan: Plan, z: int, s: dict, cache: vector.TileCache) -> vector.Dirty | None:
+    """The tiles of zoom ``z`` whose rows may have changed since the tiles in ``cache`` were made, or
+    None when that is not known (then every tile's rows are laid out and compared).
+
+    Known when this selection was compared with the one the cached tiles
+    were made from, at the same intensity scale (the zoom's highest
+    tile-feature score, or both ends of their span: a new one changes every
+    tile). Records this build's for the next.
+    """
+    scale = pyramid.intensity_scale(plan.profile, pyramid.Span(*s["tile_span"]) if s["tile_span"] else None)
+    cache.made_from(z, selection_id(plan.work.selected(z)), scale)
+    changed = changed_tiles(plan.work.selected(z))
+    if changed is None or not cache.follows(z, changed[0], scale):
+        return None
+    return vector.Dirty.around(changed[1], z)
 
 
 def encode_tiles(plan: Plan) -> list[dict]:
@@ -618,9 +690,11 @@ def _tile_record(tiles: np.ndarray, digests: np.ndarray, rows: np.ndarray, tile_
 
 
 def _write_tiles(path: Path, known: list[pa.Table], salt: str) -> None:
+    """The record of a zoom's tiles (:func:`_tile_record`), with the salt it holds for and an id of its own."""
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in known]) if known else TILE_RECORD.empty_table()
+    meta = {"salt": salt, "id": secrets.token_hex(8)}
     with atomic.replacing(path) as tmp, pa.OSFile(str(tmp), "wb") as sink:
-        with pa.ipc.new_file(sink, table.schema.with_metadata({"salt": salt})) as writer:
+        with pa.ipc.new_file(sink, table.schema.with_metadata(meta)) as writer:
             writer.write_table(table)
 
 
@@ -638,11 +712,12 @@ class _Previous:
     """
 
     def __init__(self, folder: Path, tiles: pa.Table, start: int) -> None:
-        self._keys = tiles.column("tile").to_numpy()
+        self.id = (tiles.schema.metadata or {}).get(b"id", b"").decode() or None  # see selection_id
+        self.keys = tiles.column("tile").to_numpy()
         self._digests = tiles.column("digest").to_numpy()
         # the rows before the first tile at or after `start` are not read: whole row groups and batches
         # are skipped, the rest of the one it begins in passed over
-        at = int(np.searchsorted(self._keys, np.uint64(start)))
+        at = int(np.searchsorted(self.keys, np.uint64(start)))
         rows, features = tiles.column("rows").to_numpy(), tiles.column("features").to_numpy()
         cells = pq.ParquetFile(folder / "cells.parquet")
         columns = [c for c in cells.schema_arrow.names if c not in ("geometry", "intensity")]
@@ -670,16 +745,16 @@ class _Previous:
                 if (reader.schema.metadata or {}).get(b"salt") != salt.encode():
                     return None
                 tiles = reader.read_all()
-            return cls(folder, tiles, start)
+            return cls(folder, tiles.replace_schema_metadata(reader.schema.metadata), start)
         except (OSError, pa.ArrowException):
             return None
 
     def hits(self, keys: np.ndarray, digests: np.ndarray) -> np.ndarray:
         """Which of the tiles (keys ascending) had these digests in the last build."""
-        if not len(self._keys):
+        if not len(self.keys):
             return np.zeros(len(keys), bool)
-        at = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
-        return (self._keys[at] == keys) & (self._digests[at] == digests)
+        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return (self.keys[at] == keys) & (self._digests[at] == digests)
 
     def take(self, end: int, wanted: np.ndarray) -> tuple[pl.DataFrame, pl.DataFrame]:
         """The published rows and features of the ``wanted`` tiles, all before key ``end`` (with ``_tile``)."""
@@ -1032,6 +1107,7 @@ def _stage_into(plan: Plan, folder: SnapshotFolder) -> dict:
         "mvt": {
             "encoded": cache.encoded + sum(d["encoded"] for d in by_shards.summaries),
             "reused": cache.reused + sum(d["reused"] for d in by_shards.summaries),
+            "compared": cache.compared + sum(d["compared"] for d in by_shards.summaries),
         },
     }
     _write_json(plan.work.staged, staged)

@@ -99,6 +99,13 @@ def intensity(profile: Profile, span: Span | None) -> pl.Expr:
     return scaled.fill_nan(0.0).clip(0.0, 1.0)
 
 
+def intensity_scale(profile: Profile, span: Span | None) -> list[float] | None:
+    """What of a zoom's ``span`` :func:`intensity` reads: the highest score, or both ends (min–max)."""
+    if span is None:
+        return None
+    return [float(span[0]), float(span[1])] if profile.normalize == "minmax" else [float(span[1])]
+
+
 class Level(NamedTuple):
     """One zoom's cells as NumPy arrays, sorted by key: the roll-up's working form."""
 

@@ -147,6 +147,29 @@ def cell_xy(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _compact(key), _compact(key >> np.uint64(1))
 
 
+def morton_keys(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Cell keys (uint64) of tile columns and rows below 2**32: the inverse of :func:`cell_xy`."""
+
+    def spread(v: np.ndarray) -> np.ndarray:  # bit i of v to bit 2i
+        v = np.asarray(v).astype(np.uint64)
+        for shift, mask in _SPREAD_STEPS:
+            v = (v | (v << np.uint64(shift))) & np.uint64(mask)
+        return v
+
+    return spread(x) | (spread(y) << np.uint64(1))
+
+
+def neighbourhood(keys: np.ndarray, z: int) -> np.ndarray:
+    """The tiles at zoom ``z`` of ``keys`` (cell keys) and their eight neighbours inside the world,
+    as sorted unique cell keys."""
+    x, y = cell_xy(keys)
+    n = 1 << z
+    around = [(x + dx, y + dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
+    ax, ay = np.concatenate([a for a, _ in around]), np.concatenate([b for _, b in around])
+    inside = (ax >= 0) & (ax < n) & (ay >= 0) & (ay < n)
+    return np.unique(morton_keys(ax[inside], ay[inside]))
+
+
 def cell_bounds(x: np.ndarray, y: np.ndarray, level: int) -> tuple[np.ndarray, ...]:
     """West, south, east, north of tiles, computed as ``mercantile.bounds`` does."""
     z2 = 2.0**level

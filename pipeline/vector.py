@@ -95,11 +95,8 @@ def with_buffer(
     px, py = tilemath.mercator_x(pl.col("lng")) * n, tilemath.mercator_y(pl.col("lat")) * n
     # _order: the features' own order (by private cell key), kept as the order
     # inside each tile (coarsened cells may share a quadkey: it would not be total)
-    base = features.lazy().with_columns(
-        px.alias("_px"),
-        py.alias("_py"),
-        (pl.int_range(pl.len()) + offset).alias("_order"),
-    )
+    order = pl.col("_order") if "_order" in features.columns else pl.int_range(pl.len()) + offset
+    base = features.lazy().with_columns(px.alias("_px"), py.alias("_py"), order.alias("_order"))
     # a superset of the features a neighbour's pass keeps (the slack covers rounding)
     fx, fy, edge = pl.col("_px") - pl.col("tile_x"), pl.col("_py") - pl.col("tile_y"), margin + 1e-9
     near = base.filter((fx <= edge) | (fx >= 1 - edge) | (fy <= edge) | (fy >= 1 - edge)).collect().lazy()
@@ -135,22 +132,58 @@ class Part(NamedTuple):
     The part encodes the tiles whose Morton keys (at the zoom) are in
     ``[lo, hi)``, its own and empty ones its features' buffers reach, with
     ``strays``: the rows of other parts' features within the buffer of its
-    tiles (see :func:`strays`).
+    tiles (see :func:`strays`). With ``dirty`` (and a tile cache that holds
+    the last build's tiles of the part), only the tiles near a change are
+    laid out; every other tile is the last build's.
     """
 
     offset: int  # its first feature's position among the zoom's (the order inside a tile)
     lo: int
     hi: int
     strays: pl.DataFrame | None
+    dirty: Dirty | None = None
+
+
+class Dirty(NamedTuple):
+    """The tiles of a zoom whose rows may differ from the last build's, and those whose features reach them.
+
+    A tile's rows are the features of its own tile and its eight neighbours
+    (the buffer), so when the cells of only ``changed`` tiles differ from
+    the last build's (same settings, same intensity scale), only the tiles
+    around them (``tiles``) can differ, drawn from the features around those
+    (``reach``). Both are sorted cell keys at the zoom.
+    """
+
+    tiles: np.ndarray
+    reach: np.ndarray
+
+    @classmethod
+    def around(cls, changed: np.ndarray, z: int) -> Dirty:
+        tiles = tilemath.neighbourhood(changed, z)
+        return cls(tiles, tilemath.neighbourhood(tiles, z))
 
 
 def _target_key() -> pl.Expr:  # the Morton key of the tile a buffered row is drawn in
     return tilemath.morton(pl.col("tx").cast(pl.UInt64), pl.col("ty").cast(pl.UInt64)).alias("_target")
 
 
+def _tile_key() -> pl.Expr:  # the Morton key of a feature's own tile
+    return tilemath.morton(pl.col("tile_x").cast(pl.UInt64), pl.col("tile_y").cast(pl.UInt64))
+
+
 def _wanted(features: pl.DataFrame) -> pl.DataFrame:
-    wanted = {"lng", "lat", "tile_x", "tile_y", "last_seen", *(c for _, c in PROPERTIES.values())}
+    wanted = {"lng", "lat", "tile_x", "tile_y", "last_seen", "_order", *(c for _, c in PROPERTIES.values())}
     return features.select(c for c in features.columns if c in wanted)
+
+
+def _columns(features: pl.DataFrame) -> list[str]:
+    """The properties (their columns) the tiles of ``features`` carry."""
+    have = set(features.columns)
+    return [c for _, c in PROPERTIES.values() if c in have or (c == SEEN and "last_seen" in have)]
+
+
+def _in(column: str | pl.Expr, keys: np.ndarray) -> pl.Expr:
+    return (pl.col(column) if isinstance(column, str) else column).is_in(pl.Series(keys, dtype=pl.UInt64).implode())
 
 
 def strays(features: pl.DataFrame, z: int, offset: int, lo: int, hi: int) -> pl.DataFrame:
@@ -274,21 +307,28 @@ class Encoder:
         bounds = (part.lo, part.hi) if part is not None else (0, 4**z)
         if features.height == 0 and (part is None or part.strays is None or part.strays.height == 0):
             return Planned(0, [], None, None)
+        columns = _columns(features)
+        strays = part.strays if part is not None else None
+        last = None  # the last build's tiles of the part, when only those near a change are laid out
+        if part is not None and part.dirty is not None and self.cache is not None:
+            last = self.cache.holding(z, bounds, tuple(columns))
+        if last is not None:
+            order = (pl.int_range(pl.len()) + part.offset).alias("_order")  # positions among all the features
+            features = features.with_columns(order).filter(_in(_tile_key(), part.dirty.reach))
+            strays = strays.filter(_in("_target", part.dirty.tiles)) if strays is not None else None
         held = self._budget.acquire(features.height)  # released by Pending.result
         if part is None:
             rows = with_buffer(_wanted(features), z)
         else:
             rows = with_buffer(_wanted(features), z, offset=part.offset).with_columns(_target_key())
-            rows = rows.filter(pl.col("_target").is_between(part.lo, part.hi, closed="left"))
-            if part.strays is not None:
-                rows = pl.concat([rows, part.strays.select(rows.columns)])
+            keep = pl.col("_target").is_between(part.lo, part.hi, closed="left")
+            rows = rows.filter(keep & _in("_target", part.dirty.tiles) if last is not None else keep)
+            if strays is not None:
+                rows = pl.concat([rows, strays.select(rows.columns)])
         rows = rows.with_columns(
             pl.Series("tile_id", tilemath.tile_ids(z, rows["tx"].to_numpy(), rows["ty"].to_numpy()))
         )
         rows = rows.sort("tile_id", "_order")
-        columns = [
-            c for _, c in PROPERTIES.values() if c in rows.columns or (c == SEEN and "last_seen" in rows.columns)
-        ]
         ids = rows.get_column("tile_id").to_numpy()
         cached = inputs = None
         if self.cache is not None:
@@ -296,7 +336,10 @@ class Encoder:
             x, y = (rows.get_column(c).to_numpy()[starts].astype(np.int64) for c in ("tx", "ty"))
             digests = tile_digests(rows, ["gx", "gy", *("last_seen" if c == SEEN else c for c in columns)], starts)
             inputs = Inputs(z, bounds, tuple(columns), x, y, ids[starts], digests)
-            hit, cached = self.cache.lookup(inputs)
+            if last is not None:
+                hit, cached, inputs = self.cache.lookup_near(inputs, last, part.dirty.tiles)
+            else:
+                hit, cached = self.cache.lookup(inputs)
             if hit.any():  # only the tiles whose rows changed are encoded
                 rows = rows.filter(pl.Series(np.repeat(~hit, np.diff(np.r_[starts, len(ids)]))))
                 ids = rows.get_column("tile_id").to_numpy()
@@ -471,28 +514,55 @@ class TileCache:
         self.next.mkdir(parents=True)
         try:
             index = json.loads((self.root / "index.json").read_text())
-            self._old = index["batches"] if index["salt"] == CACHE_SALT else {}
+            same = index["salt"] == CACHE_SALT
+            self._old, self._old_zooms = (index["batches"], index["zooms"]) if same else ({}, {})
         except (OSError, ValueError, KeyError, TypeError):
-            self._old = {}
+            self._old, self._old_zooms = {}, {}
         self._new: dict[str, list] = {}
+        self._zooms: dict[str, dict] = {}  # per zoom, the selection and intensity scale its tiles were made from
         self._writer: tuple[int, pa.ipc.RecordBatchFileWriter, pa.OSFile] | None = None
         self.reused = self.encoded = 0
+        self.compared = 0  # tiles whose rows were laid out and compared with the cache's (the rest: near no change)
 
-    def lookup(self, inputs: Inputs) -> tuple[np.ndarray, Encoded | None]:
-        """Which of the tiles are in the cache with the same rows (a mask), and their tiles."""
+    def made_from(self, z: int, selection: str | None, scale: list[float] | None) -> None:
+        """Say which selection of zoom ``z`` (its id) and intensity scale this build's tiles are made from."""
+        self._zooms[str(z)] = {"selection": selection, "scale": scale}
+
+    def follows(self, z: int, selection: str, scale: list[float] | None) -> bool:
+        """Whether the last build's tiles of zoom ``z`` were made from ``selection`` at the intensity ``scale``."""
+        return self._old_zooms.get(str(z)) == {"selection": selection, "scale": scale}
+
+    def holding(self, z: int, bounds: tuple[int, int], columns: tuple[str, ...]) -> pa.Table | None:
+        """The last build's tiles of zoom ``z`` whose keys are in ``bounds``, made from rows with
+        ``columns``, if it encoded every tile there (None otherwise, or when unreadable)."""
+        lo, hi = bounds
+        ranges = sorted((a, b) for a, b, c in self._old.get(str(z), []) if a < hi and lo < b and tuple(c) == columns)
+        end = lo
+        for a, b in ranges:
+            if a > end:
+                return None
+            end = max(end, b)
+        if end < hi:
+            return None
+        try:
+            return self._read(z, bounds, columns)
+        except (OSError, ValueError, KeyError, pa.ArrowException):
+            return None
+
+    def lookup(self, inputs: Inputs, old: pa.Table | None = None) -> tuple[np.ndarray, Encoded | None]:
+        """Which of the tiles are in the cache with the same rows (a mask), and their tiles (``old``:
+        the cache's tiles to look in; by default, those of the tiles' zoom and bounds)."""
         hit = np.zeros(len(inputs.tile_id), bool)
         self.encoded += len(hit)  # less those found
-        try:
-            old = self._read(inputs)
-        except (OSError, ValueError, KeyError, pa.ArrowException):
-            old = None
-        if old is None or not len(inputs.tile_id):
+        self.compared += len(hit)
+        if old is None:
+            try:
+                old = self._read(inputs.z, inputs.bounds, inputs.columns)
+            except (OSError, ValueError, KeyError, pa.ArrowException):
+                old = None
+        if old is None:
             return hit, None
-        ids, digests = old.column("tile_id").to_numpy(), old.column("digest").to_numpy()
-        order = np.argsort(ids, kind="stable")
-        at = np.minimum(np.searchsorted(ids, inputs.tile_id, sorter=order), len(ids) - 1)
-        found = order[at]
-        hit = (ids[found] == inputs.tile_id) & (digests[found] == inputs.digest)
+        hit, found = _found(old.column("tile_id").to_numpy(), old.column("digest").to_numpy(), inputs)
         self.reused += int(hit.sum())
         self.encoded -= int(hit.sum())
         if not hit.any():
@@ -501,19 +571,49 @@ class TileCache:
         x, y, tile_id = inputs.x[hit], inputs.y[hit], inputs.tile_id[hit]
         return hit, Encoded(inputs.z, x, y, tile_id, *(taken.column(c).combine_chunks() for c in ("data", "content")))
 
-    def _read(self, inputs: Inputs) -> pa.Table | None:
-        """The old batches of the zoom whose bounds meet ``inputs``' (with the same properties)."""
-        lo, hi = inputs.bounds
+    def lookup_near(self, inputs: Inputs, old: pa.Table, dirty: np.ndarray) -> tuple[np.ndarray, Encoded, Inputs]:
+        """:meth:`lookup` for the tiles near a change (``inputs``: those of ``dirty``, sorted keys), and every
+        other tile of the part: the last build's (``old``, from :meth:`holding`), unchanged.
+
+        Returns the mask over ``inputs``' tiles, the tiles taken from the cache
+        (both kinds, in tile-id order) and the inputs of all the part's tiles.
+        """
+        (lo, hi), z = inputs.bounds, inputs.z
+        ids, keys, digests = (old.column(c).to_numpy() for c in ("tile_id", "key", "digest"))
+        hit, found = _found(ids, digests, inputs)
+        kept = np.flatnonzero((keys >= lo) & (keys < hi) & ~np.isin(keys, dirty))
+        self.encoded += len(hit) - int(hit.sum())
+        self.reused += int(hit.sum()) + len(kept)
+        self.compared += len(hit)
+        taken = np.concatenate([found[hit], kept])
+        taken = taken[np.argsort(ids[taken], kind="stable")]  # one take, in tile-id order
+        x, y = tilemath.cell_xy(keys[taken])
+        rows = old.select(["data", "content"]).take(pa.array(taken))
+        cached = Encoded(z, x, y, ids[taken], *(rows.column(c).combine_chunks() for c in ("data", "content")))
+        kx, ky = tilemath.cell_xy(keys[kept])
+        tile_id = np.concatenate([inputs.tile_id, ids[kept]])
+        order = np.argsort(tile_id, kind="stable")
+        every = inputs._replace(
+            x=np.concatenate([inputs.x, kx])[order],
+            y=np.concatenate([inputs.y, ky])[order],
+            tile_id=tile_id[order],
+            digest=np.concatenate([inputs.digest, digests[kept]])[order],
+        )
+        return hit, cached, every
+
+    def _read(self, z: int, bounds: tuple[int, int], columns: tuple[str, ...]) -> pa.Table | None:
+        """The old batches of zoom ``z`` whose bounds meet ``bounds`` (made from rows with ``columns``)."""
+        lo, hi = bounds
         wanted = [
             i
-            for i, (a, b, columns) in enumerate(self._old.get(str(inputs.z), []))
-            if a < hi and lo < b and tuple(columns) == inputs.columns
+            for i, (a, b, made) in enumerate(self._old.get(str(z), []))
+            if a < hi and lo < b and tuple(made) == columns
         ]
         if not wanted:
             return None
-        with pa.OSFile(str(self.root / f"zoom={inputs.z}.arrow")) as source:
-            reader = pa.ipc.open_file(source)
-            return pa.Table.from_batches([reader.get_batch(i) for i in wanted])
+        # mapped, not read: a refresh takes most of a zoom's tiles (their buffers keep the map open)
+        reader = pa.ipc.open_file(pa.memory_map(str(self.root / f"zoom={z}.arrow")))
+        return pa.Table.from_batches([reader.get_batch(i) for i in wanted])
 
     def add(self, inputs: Inputs, encoded: Encoded) -> None:
         """Keep a part's tiles for the next build (parts of a zoom in turn, zoom after zoom)."""
@@ -526,6 +626,7 @@ class TileCache:
         batch = pa.record_batch(
             [
                 pa.array(encoded.tile_id, pa.int64()),
+                pa.array(tilemath.morton_keys(inputs.x, inputs.y), pa.uint64()),
                 pa.array(inputs.digest, pa.uint64()),
                 encoded.data,
                 encoded.digest,
@@ -544,7 +645,8 @@ class TileCache:
     def commit(self) -> None:
         """This build's tiles become the cache (the last build's are gone)."""
         self._close_writer()
-        atomic.write_bytes(self.next / "index.json", json.dumps({"salt": CACHE_SALT, "batches": self._new}).encode())
+        index = {"salt": CACHE_SALT, "batches": self._new, "zooms": self._zooms}
+        atomic.write_bytes(self.next / "index.json", json.dumps(index).encode())
         old = self.root.with_name(f"old-{secrets.token_hex(3)}")
         if self.root.exists():
             os.rename(self.root, old)
@@ -556,7 +658,17 @@ class TileCache:
         shutil.rmtree(self.next, ignore_errors=True)
 
 
-CACHE_VERSION = 4  # a change to how tiles are made that the settings below do not show: add one
+def _found(ids: np.ndarray, digests: np.ndarray, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
+    """Which of ``inputs``' tiles the cache's (``ids``, ``digests``) holds with the same rows (a mask), and
+    where (a position for each: meaningful where the mask holds)."""
+    if not len(ids) or not len(inputs.tile_id):
+        return np.zeros(len(inputs.tile_id), bool), np.zeros(len(inputs.tile_id), np.int64)
+    order = np.argsort(ids, kind="stable")
+    found = order[np.minimum(np.searchsorted(ids, inputs.tile_id, sorter=order), len(ids) - 1)]
+    return (ids[found] == inputs.tile_id) & (digests[found] == inputs.digest), found
+
+
+CACHE_VERSION = 5  # a change to how tiles are made that the settings below do not show: add one
 CACHE_SALT = digest(
     json.dumps(
         [
@@ -575,7 +687,13 @@ CACHE_SALT = digest(
 ).hex()
 # per tile: its id, the digest of its rows, its gzip bytes and their digest (the archive's, not computed again)
 _CACHE_SCHEMA = pa.schema(
-    [("tile_id", pa.int64()), ("digest", pa.uint64()), ("data", pa.binary()), ("content", pa.binary(16))]
+    [
+        ("tile_id", pa.int64()),
+        ("key", pa.uint64()),  # the tile's cell key (see tilemath.morton_keys)
+        ("digest", pa.uint64()),
+        ("data", pa.binary()),
+        ("content", pa.binary(16)),
+    ]
 )
 
 

@@ -22,11 +22,12 @@ MAPPING = {"report_id": "id", "lat": "lat", "lng": "lng", "observed_at": "t", "s
 TABLES = ("raw_reports", "reports", "rejected_reports")
 
 
-def _config(folder: Path, data: Path, **source) -> Path:
-    """A config in ``folder`` (its own warehouse) reading ``data/*.csv``."""
+def _config(folder: Path, data: Path, tileset: dict | None = None, **source) -> Path:
+    """A config in ``folder`` (its own warehouse) reading ``data/*.csv``; ``tileset``: its settings."""
     folder.mkdir(parents=True, exist_ok=True)
     src = {"kind": "file", "path": str(data / "*.csv"), "format": "csv", "columns": MAPPING, **source}
-    cfg = {"output": "output", "home": ".hotspots", "sources": {"s": src}, "tilesets": {"t": {"source": "s"}}}
+    tilesets = {"t": {"source": "s", **(tileset or {})}}
+    cfg = {"output": "output", "home": ".hotspots", "sources": {"s": src}, "tilesets": tilesets}
     (folder / "hotspots.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return folder / "hotspots.yaml"
 
@@ -231,16 +232,19 @@ def _publish(config: Path, part_cells: int) -> tuple[str, dict]:
     return snapshot.snapshot_id, {**staged, "zooms": publish.read_selection(cfg.work("t"))}
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(change, min_size=2, max_size=4), st.sampled_from([4, 1000]))
-def test_an_incremental_run_publishes_the_bytes_of_a_run_from_scratch(tmp_path_factory, changes, part_cells):
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(change, min_size=2, max_size=4), st.sampled_from([4, 1000]), st.sampled_from([1, 3]))
+def test_an_incremental_run_publishes_the_bytes_of_a_run_from_scratch(tmp_path_factory, changes, part_cells, shards):
     """Inserts, updates and deletes in any order: each run over the live home (its warehouse, its
     work and tile cache, its live snapshot) publishes the snapshot a run in a new home would, to
-    the byte (the snapshot id is the hash of every file). Zooms come whole or in parts."""
+    the byte (the snapshot id is the hash of every file). Zooms come whole or in parts, built in
+    one shard or three (whose tiles draw their neighbours' across the cuts); tiles near no change
+    come from the cache without being laid out."""
     root = tmp_path_factory.mktemp("equal")
     data = root / "data"
     data.mkdir()
-    live = _config(root / "live", data)
+    tileset = {"shards": shards, "shard_zoom": 8}
+    live = _config(root / "live", data, tileset)
     for i, (op, name, rows) in enumerate(changes):
         path = data / f"{name}.csv"
         if op == "write":
@@ -248,7 +252,7 @@ def test_an_incremental_run_publishes_the_bytes_of_a_run_from_scratch(tmp_path_f
         else:
             path.unlink(missing_ok=True)
         incremental, _ = _publish(live, part_cells)
-        scratch, _ = _publish(_config(root / f"scratch-{i}", data), part_cells)
+        scratch, _ = _publish(_config(root / f"scratch-{i}", data, tileset), part_cells)
         assert incremental == scratch, (i, op, name)
 
 
@@ -271,6 +275,12 @@ def test_a_refresh_encodes_only_the_tiles_its_new_reports_touch(tmp_path):
     assert refreshed == scratch and third["mvt"]["reused"] == 0
     # only z0's tile holds both cities; no zoom's highest score moves (intensity is score / max)
     assert second["mvt"]["reused"] == first["mvt"]["encoded"] - 1
+    # the shard's zooms (below the overviews) lay out only the tiles around Tokyo's (one a zoom, and
+    # those its buffer reaches); New York's come from the cache as they are, without being compared
+    encoding = json.loads(load_config(live).work("t").shard(0).encoding.read_text())
+    zooms = len(encoding["zooms"])
+    assert encoding["compared"] == encoding["encoded"] and zooms <= encoding["encoded"] <= 9 * zooms
+    assert first["mvt"]["compared"] == first["mvt"]["encoded"]
     # below the overviews' zooms (each chosen whole), every New York tile keeps its selection
     overviews = load_config(live).tilesets["t"].overview_maxzoom
     assert [z["reused"] for z in second["zooms"]] == [z["tiles"] if z["z"] > overviews else 0 for z in first["zooms"]]
@@ -280,6 +290,9 @@ def test_a_refresh_encodes_only_the_tiles_its_new_reports_touch(tmp_path):
     _write(data / "a.csv", rows)
     changed, fourth = _publish(live, 1000)
     assert changed == _publish(_config(tmp_path / "scratch-2", data), 1000)[0] != refreshed
+    encoding = json.loads(load_config(live).work("t").shard(0).encoding.read_text())
+    tiles = sum(z["tiles"] for z in encoding["zooms"])
+    assert zooms <= encoding["compared"] < tiles and encoding["reused"] > 0  # its tile and its neighbours
     # the tile that holds it is chosen again (one a zoom); every other keeps its selection, even where
     # the zoom's intensity moves (a selection does not depend on it: intensity is added as it is published)
     kept = [z["tiles"] - 1 if z["z"] > overviews else 0 for z in fourth["zooms"]]

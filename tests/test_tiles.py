@@ -50,6 +50,34 @@ def test_morton_key_is_the_quadkey_and_inverts(pts, level):
 
 
 @settings(max_examples=300, deadline=None)
+@given(points, levels)
+def test_morton_keys_of_columns_and_rows_are_the_quadkeys(pts, level):
+    got = _tiles(pts, level)
+    x, y = (got.get_column(c).to_numpy() for c in ("x", "y"))
+    keys = tilemath.morton_keys(x, y)
+    assert keys.dtype == np.uint64 and keys.tolist() == got.get_column("key").to_list()
+    assert tilemath.quadkeys(keys, level).to_list() == [mercantile.quadkey(int(a), int(b), level) for a, b in zip(x, y)]
+
+
+tiles_at = st.integers(0, 30).flatmap(
+    lambda z: st.tuples(st.just(z), st.lists(st.tuples(st.integers(0, 2**z - 1), st.integers(0, 2**z - 1)), max_size=8))
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tiles_at)
+def test_a_neighbourhood_is_each_tile_and_mercantiles_neighbours(tiles):
+    """The tiles and their eight neighbours inside the world (mercantile's, which do not wrap at the
+    antimeridian either), as sorted unique keys."""
+    z, xy = tiles
+    keys = tilemath.morton_keys(np.array([x for x, _ in xy], np.int64), np.array([y for _, y in xy], np.int64))
+    got = tilemath.neighbourhood(keys, z)
+    around = {(x, y) for x, y in xy} | {(t.x, t.y) for x, y in xy for t in mercantile.neighbors(x, y, z)}
+    expected = sorted(int(tilemath.morton_keys(np.array([x]), np.array([y]))[0]) for x, y in around)
+    assert got.dtype == np.uint64 and got.tolist() == expected
+
+
+@settings(max_examples=300, deadline=None)
 @given(st.integers(0, 26).flatmap(lambda z: st.tuples(st.just(z), st.integers(0, 2**z - 1), st.integers(0, 2**z - 1))))
 def test_cell_bounds_are_mercantiles(tile):
     z, x, y = tile
