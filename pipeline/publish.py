@@ -521,7 +521,7 @@ def encode_shard(plan: Plan, i: int) -> dict:
                 if z not in selection or lo == hi:  # no cells at z, or a shard without tiles
                     continue
                 tiles, extent = 0, []
-                dirty = _dirty(plan, z, selection[z], cache)
+                dirty = _dirty(plan, i, z, selection[z], cache)
                 with vector.writing_encoded(shard.encoded(z)) as write:
                     before = None
                     for part, tile_features in _shard_parts(plan, i, selection[z]):
@@ -549,9 +549,9 @@ def encode_shard(plan: Plan, i: int) -> dict:
     return summary
 
 
-def _dirty(plan: Plan, z: int, s: dict, cache: vector.TileCache) -> vector.Dirty | None:
-    """The tiles of zoom ``z`` whose rows may have changed since the tiles in ``cache`` were made, or
-    None when that is not known (then every tile's rows are laid out and compared).
+def _dirty(plan: Plan, i: int, z: int, s: dict, cache: vector.TileCache) -> vector.Dirty | None:
+    """The tiles of zoom ``z`` in shard ``i`` whose rows may have changed since the tiles in ``cache``
+    were made, or None when that is not known (then every tile's rows are laid out and compared).
 
     Known when this selection was compared with the one the cached tiles
     were made from, at the same intensity scale (the zoom's highest
@@ -563,7 +563,7 @@ def _dirty(plan: Plan, z: int, s: dict, cache: vector.TileCache) -> vector.Dirty
     changed = changed_tiles(plan.work.selected(z))
     if changed is None or not cache.follows(z, changed[0], scale):
         return None
-    return vector.Dirty.around(changed[1], z)
+    return vector.Dirty.around(changed[1], z, *shard_range(plan, i, z))
 
 
 def encode_tiles(plan: Plan) -> list[dict]:

@@ -151,16 +151,20 @@ class Dirty(NamedTuple):
     (the buffer), so when the cells of only ``changed`` tiles differ from
     the last build's (same settings, same intensity scale), only the tiles
     around them (``tiles``) can differ, drawn from the features around those
-    (``reach``). Both are sorted cell keys at the zoom.
+    (``reach``). Both are sorted cell keys at the zoom, of the tiles a shard
+    encodes (keys ``[lo, hi)``: its own features and the tiles it draws).
     """
 
     tiles: np.ndarray
     reach: np.ndarray
 
     @classmethod
-    def around(cls, changed: np.ndarray, z: int) -> Dirty:
-        tiles = tilemath.neighbourhood(changed, z)
-        return cls(tiles, tilemath.neighbourhood(tiles, z))
+    def around(cls, changed: np.ndarray, z: int, lo: int, hi: int) -> Dirty:
+        def inside(keys: np.ndarray) -> np.ndarray:
+            return keys[(keys >= lo) & (keys < hi)]
+
+        tiles = inside(tilemath.neighbourhood(changed, z))
+        return cls(tiles, inside(tilemath.neighbourhood(tiles, z)))
 
 
 def _target_key() -> pl.Expr:  # the Morton key of the tile a buffered row is drawn in
