@@ -375,10 +375,7 @@ def _changed_tiles(last: _Previous, tally: _Tally, lo: int, hi: int) -> np.ndarr
 
 def _write_changed(path: Path, tiles: np.ndarray, previous: str | None) -> None:
     """``changed.arrow``: the keys of a zoom's tiles whose cells changed since the selection ``previous``."""
-    table = pa.table({"tile": pa.array(tiles, pa.uint64())})
-    with atomic.replacing(path) as tmp, pa.OSFile(str(tmp), "wb") as sink:
-        with pa.ipc.new_file(sink, table.schema.with_metadata({"previous": previous or ""})) as writer:
-            writer.write_table(table)
+    _write_arrow(path, pa.table({"tile": pa.array(tiles, pa.uint64())}), {"previous": previous or ""})
 
 
 def changed_tiles(folder: Path) -> tuple[str, np.ndarray] | None:
@@ -661,7 +658,7 @@ def _selection_salt(plan: Plan) -> str:
 
 def _tile_key() -> pl.Expr:
     """The Morton key of a row's tile (``tile_x``, ``tile_y``), as ``_tile``."""
-    return tilemath.morton(pl.col("tile_x").cast(pl.UInt64), pl.col("tile_y").cast(pl.UInt64)).alias("_tile")
+    return tilemath.morton_of("tile_x", "tile_y").alias("_tile")
 
 
 def _read_table(path: Path) -> pa.Table:
@@ -692,7 +689,11 @@ def _tile_record(tiles: np.ndarray, digests: np.ndarray, rows: np.ndarray, tile_
 def _write_tiles(path: Path, known: list[pa.Table], salt: str) -> None:
     """The record of a zoom's tiles (:func:`_tile_record`), with the salt it holds for and an id of its own."""
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in known]) if known else TILE_RECORD.empty_table()
-    meta = {"salt": salt, "id": secrets.token_hex(8)}
+    _write_arrow(path, table, {"salt": salt, "id": secrets.token_hex(8)})
+
+
+def _write_arrow(path: Path, table: pa.Table, meta: dict[str, str]) -> None:
+    """``table`` as an Arrow IPC file, its schema carrying ``meta``; complete or not there."""
     with atomic.replacing(path) as tmp, pa.OSFile(str(tmp), "wb") as sink:
         with pa.ipc.new_file(sink, table.schema.with_metadata(meta)) as writer:
             writer.write_table(table)

@@ -58,15 +58,15 @@ _SPREAD_STEPS = (
 )
 
 
-def _spread16(v: np.ndarray) -> np.ndarray:
-    # bit i of v to bit 2i (v < 2**16)
-    v = v.astype(np.uint64)
-    for shift, mask in _SPREAD_STEPS[1:]:  # 16 bits need the steps from 8 on
+def _spread(v: np.ndarray) -> np.ndarray:
+    # bit i of v to bit 2i (v < 2**32)
+    v = np.asarray(v).astype(np.uint64)
+    for shift, mask in _SPREAD_STEPS:
         v = (v | (v << np.uint64(shift))) & np.uint64(mask)
     return v
 
 
-_SPREAD = pl.Series("spread", _spread16(np.arange(1 << 16)))  # a 16-bit lookup table
+_SPREAD = pl.Series("spread", _spread(np.arange(1 << 16)))  # a 16-bit lookup table
 
 
 def _spread_bits(v: pl.Expr) -> pl.Expr:
@@ -79,6 +79,11 @@ def _spread_bits(v: pl.Expr) -> pl.Expr:
 def morton(x: pl.Expr, y: pl.Expr) -> pl.Expr:
     """Cell key: x and y bits interleaved, y above x (the quadkey as a number)."""
     return _spread_bits(x) | (_spread_bits(y) * 2)
+
+
+def morton_of(x: str, y: str) -> pl.Expr:
+    """:func:`morton` of two integer columns (a tile's column and row), as UInt64."""
+    return morton(pl.col(x).cast(pl.UInt64), pl.col(y).cast(pl.UInt64))
 
 
 KEY_LEVEL = 30  # a report's tile key: its Morton key at this level; any coarser level's is a shift
@@ -149,14 +154,7 @@ def cell_xy(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def morton_keys(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Cell keys (uint64) of tile columns and rows below 2**32: the inverse of :func:`cell_xy`."""
-
-    def spread(v: np.ndarray) -> np.ndarray:  # bit i of v to bit 2i
-        v = np.asarray(v).astype(np.uint64)
-        for shift, mask in _SPREAD_STEPS:
-            v = (v | (v << np.uint64(shift))) & np.uint64(mask)
-        return v
-
-    return spread(x) | (spread(y) << np.uint64(1))
+    return _spread(x) | (_spread(y) << np.uint64(1))
 
 
 def neighbourhood(keys: np.ndarray, z: int) -> np.ndarray:

@@ -168,11 +168,7 @@ class Dirty(NamedTuple):
 
 
 def _target_key() -> pl.Expr:  # the Morton key of the tile a buffered row is drawn in
-    return tilemath.morton(pl.col("tx").cast(pl.UInt64), pl.col("ty").cast(pl.UInt64)).alias("_target")
-
-
-def _tile_key() -> pl.Expr:  # the Morton key of a feature's own tile
-    return tilemath.morton(pl.col("tile_x").cast(pl.UInt64), pl.col("tile_y").cast(pl.UInt64))
+    return tilemath.morton_of("tx", "ty").alias("_target")
 
 
 def _wanted(features: pl.DataFrame) -> pl.DataFrame:
@@ -318,7 +314,9 @@ class Encoder:
             last = self.cache.holding(z, bounds, tuple(columns))
         if last is not None:
             order = (pl.int_range(pl.len()) + part.offset).alias("_order")  # positions among all the features
-            features = features.with_columns(order).filter(_in(_tile_key(), part.dirty.reach))
+            features = features.with_columns(order).filter(
+                _in(tilemath.morton_of("tile_x", "tile_y"), part.dirty.reach)
+            )
             strays = strays.filter(_in("_target", part.dirty.tiles)) if strays is not None else None
         held = self._budget.acquire(features.height)  # released by Pending.result
         if part is None:
