@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import threading
+import zlib
 from array import array
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -895,9 +896,14 @@ def varints(values: np.ndarray) -> bytes:
 
 def serialize_directory(ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, runs: np.ndarray) -> bytes:
     """A PMTiles directory (gzip), as ``pmtiles.tile.serialize_directory`` writes it."""
+    return gzip.compress(_directory_body(ids, offsets, lengths, runs), mtime=0)
+
+
+def _directory_body(ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, runs: np.ndarray) -> bytes:
+    """A directory's entries, column after column, as varints (before gzip)."""
     contiguous = np.zeros(len(ids), bool)
     contiguous[1:] = offsets[1:] == offsets[:-1] + lengths[:-1]
-    body = b"".join(
+    return b"".join(
         [
             varints(np.array([len(ids)])),
             varints(np.diff(ids, prepend=np.uint64(0))),
@@ -906,13 +912,30 @@ def serialize_directory(ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarra
             varints(np.where(contiguous, np.uint64(0), offsets + np.uint64(1))),
         ]
     )
-    return gzip.compress(body, mtime=0)
+
+
+def gzip_within(body: bytes, limit: int, chunk: int = 1 << 16) -> bytes | None:
+    """``gzip.compress(body, mtime=0)`` if it is shorter than ``limit`` bytes, else None, found as soon as
+    the output reaches ``limit`` (a world's directory is megabytes: most of it is never compressed).
+
+    The same bytes as ``gzip.compress``: zlib's output does not depend on how its input is cut.
+    """
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)
+    out, size = [], 0
+    for at in range(0, len(body), chunk):
+        out.append(z.compress(body[at : at + chunk]))
+        size += len(out[-1])
+        if size >= limit:
+            return None
+    out.append(z.flush())
+    data = b"".join(out)
+    return data if len(data) < limit else None
 
 
 def directories(ids, offsets, lengths, runs) -> tuple[bytes, bytes]:
     """The root directory and the leaf directories, as the PMTiles reference writer splits them."""
-    root = serialize_directory(ids, offsets, lengths, runs)
-    if len(root) < ROOT_BYTES:
+    root = gzip_within(_directory_body(ids, offsets, lengths, runs), ROOT_BYTES)
+    if root is not None:
         return root, b""
     leaf_size = 4096
     while True:

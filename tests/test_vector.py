@@ -36,6 +36,7 @@ from pipeline.vector import (
     TileCache,
     directories,
     encoded_batches,
+    gzip_within,
     serialize_directory,
     varints,
     writing_encoded,
@@ -219,6 +220,19 @@ def test_a_large_directory_splits_into_leaves_as_the_reference_writer_does():
     assert leaves and len(root) < 16384 - 127
     entries = [Entry(*map(int, e)) for e in zip(ids, offsets, lengths, runs)]
     assert (root, leaves) == optimize_directories(entries, 16384 - 127)[:2]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.binary(max_size=300) | st.sampled_from([b"\x00" * 4000, b"tile" * 500]), max_size=60),
+    st.integers(20, 30_000),
+    st.integers(1, 9_000),
+)
+def test_gzip_within_is_gzip_or_says_it_is_too_long(pieces, limit, chunk):
+    # the root directory's test: compressed as gzip does, given up once the output reaches the limit
+    body = b"".join(pieces)
+    whole = gzip.compress(body, mtime=0)
+    assert gzip_within(body, limit, chunk) == (whole if len(whole) < limit else None)
 
 
 def _varint(value: int) -> bytes:  # the protobuf rule, a byte at a time
