@@ -21,6 +21,7 @@ from . import duck, warehouse
 from .config import Config, FileSource
 from .errors import SourceError
 from .sources import FileResult, check_source_columns, prefetch, stage_source
+from .sources.files import reads_spatially
 from .validate import CHECKED_TABLES, ValidationResult, source_flags, validate_source
 
 
@@ -45,7 +46,9 @@ def preflight(cfg: Config, sources: list[str]) -> None:
     ConfigError
         Naming ``sources.<name>.columns.<column>``.
     """
-    con = duck.connect()
+    files = [cfg.sources[n] for n in sources if isinstance(cfg.sources[n], FileSource)]
+    # spatial only where a file is read with ST_Read (loading it takes a quarter to half a second)
+    con = duck.connect(spatial=any(reads_spatially(src) for src in files))
     try:
         check_source_columns(con, cfg, sources)
     finally:

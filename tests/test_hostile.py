@@ -316,6 +316,25 @@ def test_a_file_that_vanishes_mid_run_is_a_per_file_error(tmp_path, write_config
     assert extract.conservation(strict.warehouse_path, ["h"])[0] == ("h", 1, 1, 0)
 
 
+def test_preflight_checks_a_geojson_sources_columns(tmp_path, write_config):
+    # GeoJSON is read with ST_Read: the check loads spatial for it (CSV, Parquet and NDJSON need none)
+    point = {"type": "Feature", "properties": {"fid": "g1", "when": "2026-01-01"}, "geometry": None}
+    (tmp_path / "a.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [point]}))
+    src = {"kind": "file", "path": "*.geojson", "format": "geojson", "columns": {"report_id": "fid"}}
+    good = load_config(
+        write_config({"sources": {"g": {**src, "columns": {"report_id": "fid", "observed_at": "when"}}}})
+    )
+    extract.preflight(good, ["g"])
+    bad = load_config(write_config({"sources": {"g": {**src, "columns": {"report_id": "fid", "observed_at": "t"}}}}))
+    with pytest.raises(ConfigError, match=r"sources\.g\.columns\.observed_at: column 't' is not in"):
+        extract.preflight(bad, ["g"])
+    assert file_sources.reads_spatially(bad.sources["g"])
+    assert not any(
+        file_sources.reads_spatially(s)
+        for s in load_config(write_config({"sources": {"h": _source("*.csv")}})).sources.values()
+    )
+
+
 def test_files_that_change_mid_run_are_read_as_they_are_then(tmp_path, write_config, monkeypatch):
     (tmp_path / "a.csv").write_text(_csv_text([["a1", *GOOD[1:]]]))
     (tmp_path / "b.csv").write_text(_csv_text([["b1", *GOOD[1:]]]))

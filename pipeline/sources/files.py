@@ -34,6 +34,11 @@ def list_files(src: FileSource) -> list[str]:
     return sorted(p for p in glob.glob(src.path, recursive=True) if Path(p).is_file())
 
 
+def reads_spatially(src: FileSource) -> bool:
+    """Whether the source's files are read with ``ST_Read`` (DuckDB's spatial extension)."""
+    return src.format not in ("csv", "parquet", "ndjson")
+
+
 def reader_sql(src: FileSource) -> str:
     """A DuckDB table function reading one file (the path is parameter ``$path``)."""
     if src.format == "csv":
