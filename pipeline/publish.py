@@ -703,8 +703,11 @@ def _merge(old: pl.DataFrame, new: pl.DataFrame | None) -> pl.DataFrame:
     """Rows of reused tiles (with ``_tile``) and of tiles chosen again, tile after tile in key order."""
     if new is None:
         return old.drop("_tile")
-    both = pl.concat([old.select(*new.columns, "_tile"), new.with_columns(_tile_key())])
-    return both.sort("_tile", maintain_order=True).drop("_tile")
+    old, new = old.select(*new.columns, "_tile"), new.with_columns(_tile_key())
+    if old.get_column("_tile").is_sorted() and new.get_column("_tile").is_sorted():
+        # both in key order, no tile in both: one linear merge, each frame's rows in their order
+        return old.merge_sorted(new, "_tile", maintain_order=True).drop("_tile")
+    return pl.concat([old, new]).sort("_tile", maintain_order=True).drop("_tile")
 
 
 class _Previous:
