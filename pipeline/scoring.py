@@ -113,7 +113,12 @@ def age_days(as_of: datetime) -> pl.Expr:
 
 
 def decay_days(profile: Profile) -> pl.Expr:
-    """Half-life / time constant of each report: by category, then its class, then "default"."""
+    """Half-life / time constant of each report: by category, then its class, then "default".
+
+    For a profile with a closed list of categories it reads the report's code
+    (:data:`CODE`, which :func:`category_code` adds and :func:`score_reports`
+    adds first), not its ``category``.
+    """
     days = profile.decay.days
     per_category = {c: days[k] for c, k in profile.category_class.items() if k in days}
     per_category.update({k: v for k, v in days.items() if k not in profile.category_class.values()})
@@ -225,7 +230,11 @@ def filter_passes(filters: Filters) -> pl.Expr:
 
 
 def exclusion(profile: Profile, filters: Filters, as_of: datetime) -> pl.Expr:
-    """The first exclusion reason of each report (its place in :data:`EXCLUSIONS`), or null when it counts."""
+    """The first exclusion reason of each report (its place in :data:`EXCLUSIONS`), or null when it counts.
+
+    For a profile with a closed list of categories it reads the report's code
+    (:data:`CODE`, added by :func:`category_code`), as :func:`decay_days` does.
+    """
     rules: list[tuple[pl.Expr, str]] = [
         (pl.col("is_public").not_(), "not_public"),
         (pl.col("observed_at") > pl.lit(as_of), "after_as_of"),
