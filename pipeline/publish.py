@@ -28,7 +28,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
@@ -451,19 +451,24 @@ def _assemble_zoom(plan: Plan, z: int, chosen: list[tuple[Shard, dict[int, dict]
     out.mkdir(parents=True, exist_ok=True)
     (out / "changed.arrow").unlink(missing_ok=True)
     layout: list[dict] = []  # where each shard's tile features lie in the zoom's (see encode_shard)
+    # one shard's tile features are the zoom's as they are: linked, not copied
+    features_out = out / "tile_features.arrow"
     with (
         geoparquet.writing(out / "cells.parquet", extent) as published,
-        IpcParts(out / "tile_features.arrow") as feats,
+        IpcParts(features_out) if len(held) > 1 else nullcontext() as feats,
     ):
         batches = features = 0
         for folder, _, i in held:
             for rows in read_parts(folder / "cells.arrow"):
                 published.write(_published(rows, plan.profile, cell_span))
             mine = {"shard": i, "first_batch": batches, "batches": 0, "offset": features}
-            for tile_features in read_parts(folder / "tile_features.arrow"):
-                feats.write(tile_features)
-                mine["batches"] += 1
-                features += tile_features.height
+            if feats is None:
+                mine["batches"] = _linked_parts(folder / "tile_features.arrow", features_out)
+            else:
+                for tile_features in read_parts(folder / "tile_features.arrow"):
+                    feats.write(tile_features)
+                    mine["batches"] += 1
+                    features += tile_features.height
             batches += mine["batches"]
             layout.append(mine)
     _write_tiles(out / "tiles.arrow", [_read_table(folder / "tiles.arrow") for folder, _, _ in held], salt)
@@ -486,6 +491,14 @@ def _assemble_zoom(plan: Plan, z: int, chosen: list[tuple[Shard, dict[int, dict]
         tuple(n for x in s for n in x.parts),
         sum(x.reused for x in s),
     )
+
+
+def _linked_parts(source: Path, target: Path) -> int:
+    """Link an :class:`IpcParts` file at ``target`` (a copy where links are impossible); its parts' count."""
+    target.unlink(missing_ok=True)
+    link_or_copy(source, target)
+    with pa.OSFile(str(target)) as f:
+        return pa.ipc.open_file(f).num_record_batches
 
 
 # --- encoding in the shards ---------------------------------------------------
