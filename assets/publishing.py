@@ -77,9 +77,9 @@ def publishing_assets(
     @dg.asset(partitions_def=shard_partitions, deps=[selection], group_name="publish", kinds={"duckdb"})
     def shard_tiles(context: dg.AssetExecutionContext, config: RunParams) -> dg.MaterializeResult:
         """One shard's MVT tiles (the build's second wave of shards): at the zooms whose tiles it chose, every
-        tile in its range, with the zoom's intensity and its neighbours' buffered rows
-        (`<home>/work/<tileset>/shards/<i>/encoded/`, private; tiles whose rows are unchanged come from the
-        shard's tile cache). Shards run in any order, on any executor.
+        tile in its range, with the zoom's intensity and its neighbours' buffered rows, kept in the shard's
+        tile cache (`<home>/work/<tileset>/tile-cache/shard-<i>/`, private), where tiles whose rows are
+        unchanged come from and the archive reads them. Shards run in any order, on any executor.
         """
         key = context.partition_key.keys_by_dimension
         tileset, i = key["tileset"], int(key[SHARD])

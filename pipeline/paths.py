@@ -105,15 +105,10 @@ class Shard:
     selected = _in_root("selected.json")  # what it chose, per zoom (publish.select_shard)
     selections = _in_root("selected")  # its tiles' selection, a folder per zoom (see selection)
     encoding = _in_root("encoded.json")  # what it encoded, per zoom (publish.encode_shard)
-    encoded_root = _in_root("encoded")
 
     def strays(self, z: int) -> Path:
         """Its features' buffered rows drawn in other shards' tiles at zoom ``z`` (see publish.select_shard)."""
         return self.root / "strays" / f"{z}.arrow"
-
-    def encoded(self, z: int) -> Path:
-        """Its MVT tiles of zoom ``z`` (gzip; Arrow IPC, a batch per part)."""
-        return self.encoded_root / f"{z}.arrow"
 
     @property
     def lease(self) -> Path:

@@ -515,12 +515,13 @@ def encode_shard(plan: Plan, i: int) -> dict:
     buffer reaches into its tiles (their ``strays``, written as they chose
     them). Each feature keeps its position among the zoom's, so a tile's
     bytes are those one process makes. Tiles whose rows are unchanged come
-    from the shard's tile cache. Writes ``<shard>/encoded/<z>.arrow`` and
-    ``<shard>/encoded.json``; returns the summary.
+    from the shard's tile cache. Its tiles are its new tile cache's (where
+    the publication reads them: :meth:`vector.TileCache.zoom_file`); writes
+    ``<shard>/encoded.json`` and returns the summary.
     """
     shard = plan.work.shard(i)
     shard.encoding.unlink(missing_ok=True)
-    shutil.rmtree(shard.encoded_root, ignore_errors=True)
+    shutil.rmtree(shard.root / "encoded", ignore_errors=True)  # where older versions kept a copy of its tiles
     selection = {s["z"]: s for s in read_selection(plan.work)}
     cache = vector.TileCache(plan.work.shard_tile_cache(i))
     zooms = []
@@ -532,17 +533,16 @@ def encode_shard(plan: Plan, i: int) -> dict:
                     continue
                 tiles, extent = 0, []
                 dirty = _dirty(plan, i, z, selection[z], cache)
-                with vector.writing_encoded(shard.encoded(z)) as write:
-                    before = None
-                    for part, tile_features in _shard_parts(plan, i, selection[z]):
-                        encoding = encoder.submit(tile_features, z, part._replace(dirty=dirty))
-                        extent = geoparquet.union(extent, geoparquet.extent(tile_features))
-                        del tile_features
-                        if before is not None:
-                            tiles += _written(write, before)
-                        before = encoding
+                before = None
+                for part, tile_features in _shard_parts(plan, i, selection[z]):
+                    encoding = encoder.submit(tile_features, z, part._replace(dirty=dirty))
+                    extent = geoparquet.union(extent, geoparquet.extent(tile_features))
+                    del tile_features
                     if before is not None:
-                        tiles += _written(write, before)
+                        tiles += len(before.result().data)  # kept in the cache, read from there
+                    before = encoding
+                if before is not None:
+                    tiles += len(before.result().data)
                 zooms.append({"z": z, "tiles": tiles, "extent": extent})  # its features' extent
     except BaseException:
         cache.discard()
@@ -579,12 +579,6 @@ def _dirty(plan: Plan, i: int, z: int, s: dict, cache: vector.TileCache) -> vect
 def encode_tiles(plan: Plan) -> list[dict]:
     """Every shard's tiles (:func:`encode_shard`), one after another in this process."""
     return [encode_shard(plan, i) for i in range(len(plan.shards))]
-
-
-def _written(write, encoding: vector.Pending) -> int:
-    encoded = encoding.result()
-    write(encoded)
-    return len(encoded.data)
 
 
 def _shard_parts(plan: Plan, i: int, s: dict) -> Iterator[tuple[vector.Part, pl.DataFrame]]:
@@ -1148,7 +1142,8 @@ def _shard_encodings(plan: Plan) -> _ShardTiles:
         doc = _shard_doc(plan, i, shard.encoding, ("encoded", "encoded"))
         out.summaries.append(doc)
         for zoom in doc["zooms"]:
-            out.files[zoom["z"]].append(shard.encoded(zoom["z"]))
+            if zoom["tiles"]:  # a shard's tiles are in its tile cache (see encode_shard)
+                out.files[zoom["z"]].append(vector.TileCache.zoom_file(plan.work.shard_tile_cache(i), zoom["z"]))
             out.extents[zoom["z"]].append(zoom["extent"])
     return out
 

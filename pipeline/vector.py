@@ -23,7 +23,7 @@ import shutil
 import threading
 import zlib
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -465,27 +465,8 @@ def _concat(z: int, parts: list[Encoded]) -> Encoded:
     )
 
 
-_ENCODED_SCHEMA = pa.schema(
-    [("tile_id", pa.int64()), ("x", pa.int64()), ("y", pa.int64()), ("data", pa.binary()), ("content", pa.binary(16))]
-)
-
-
-@contextmanager
-def writing_encoded(path: Path) -> Iterator[Callable[[Encoded], None]]:
-    """Write :class:`Encoded` tiles of one zoom into ``path`` (Arrow IPC, a batch each): the function given
-    takes them one after another. The file is complete or not there."""
-    with atomic.replacing(path) as tmp, pa.OSFile(str(tmp), "wb") as sink:
-        with pa.ipc.new_file(sink, _ENCODED_SCHEMA) as writer:
-
-            def write(tiles: Encoded) -> None:
-                columns = [tiles.tile_id.astype(np.int64), tiles.x, tiles.y, tiles.data, tiles.digest]
-                writer.write_batch(pa.record_batch(columns, schema=_ENCODED_SCHEMA))
-
-            yield write
-
-
 def encoded_batches(path: Path) -> Iterator[pa.RecordBatch]:
-    """The batches of tiles :func:`writing_encoded` wrote (for :meth:`Archive.add_batch`)."""
+    """The batches of a tile cache's zoom (:meth:`TileCache.zoom_file`), for :meth:`Archive.add_batch`."""
     with pa.OSFile(str(path)) as source:
         reader = pa.ipc.open_file(source)
         for i in range(reader.num_record_batches):
@@ -493,9 +474,9 @@ def encoded_batches(path: Path) -> Iterator[pa.RecordBatch]:
 
 
 def encoded_of(batch: pa.RecordBatch, z: int) -> Encoded:
-    """A batch of :func:`encoded_batches` as :class:`Encoded` tiles."""
-    tile_id, x, y = (batch.column(c).to_numpy() for c in ("tile_id", "x", "y"))
-    return Encoded(z, x, y, tile_id, batch.column("data"), batch.column("content"))
+    """A batch of :func:`encoded_batches` as :class:`Encoded` tiles (their column and row from their key)."""
+    x, y = (v.astype(np.int64) for v in tilemath.cell_xy(batch.column("key").to_numpy()))
+    return Encoded(z, x, y, batch.column("tile_id").to_numpy(), batch.column("data"), batch.column("content"))
 
 
 class TileCache:
@@ -510,6 +491,12 @@ class TileCache:
     place. Anything missing, unreadable or made otherwise is a miss, never
     an error: the tile is encoded.
     """
+
+    @staticmethod
+    def zoom_file(root: Path, z: int) -> Path:
+        """The committed cache at ``root``'s tiles of zoom ``z``: for each part, a batch in tile-id order
+        (what the publication adds to the archive, see :func:`encoded_batches`)."""
+        return root / "current" / _zoom_name(z)
 
     def __init__(self, root: Path) -> None:
         self.root, self.next = root / "current", root / "next"
@@ -615,7 +602,7 @@ class TileCache:
         if not wanted:
             return None
         # mapped, not read: a refresh takes most of a zoom's tiles (their buffers keep the map open)
-        reader = pa.ipc.open_file(pa.memory_map(str(self.root / f"zoom={z}.arrow")))
+        reader = pa.ipc.open_file(pa.memory_map(str(self.root / _zoom_name(z))))
         return pa.Table.from_batches([reader.get_batch(i) for i in wanted])
 
     def add(self, inputs: Inputs, encoded: Encoded) -> None:
@@ -624,7 +611,7 @@ class TileCache:
             raise ValueError(f"zoom {inputs.z}: the encoded tiles are not the tiles planned")
         if self._writer is None or self._writer[0] != inputs.z:
             self._close_writer()
-            sink = pa.OSFile(str(self.next / f"zoom={inputs.z}.arrow"), "wb")
+            sink = pa.OSFile(str(self.next / _zoom_name(inputs.z)), "wb")
             self._writer = (inputs.z, pa.ipc.new_file(sink, _CACHE_SCHEMA), sink)
         batch = pa.record_batch(
             [
@@ -669,6 +656,10 @@ def _found(ids: np.ndarray, digests: np.ndarray, inputs: Inputs) -> tuple[np.nda
     order = np.argsort(ids, kind="stable")
     found = order[np.minimum(np.searchsorted(ids, inputs.tile_id, sorter=order), len(ids) - 1)]
     return (ids[found] == inputs.tile_id) & (digests[found] == inputs.digest), found
+
+
+def _zoom_name(z: int) -> str:
+    return f"zoom={z}.arrow"
 
 
 CACHE_VERSION = 5  # a change to how tiles are made that the settings below do not show: add one

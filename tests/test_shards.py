@@ -388,7 +388,7 @@ def test_shards_encode_their_own_tiles_and_the_publication_reads_them(write_conf
     for i in range(3):
         for zoom in done[i]["zooms"]:
             z = zoom["z"]
-            batches = vector.encoded_batches(first.work.shard(i).encoded(z))
+            batches = vector.encoded_batches(vector.TileCache.zoom_file(first.work.shard_tile_cache(i), z))
             tiles = pl.concat([_keys(vector.encoded_of(b, z)) for b in batches])
             lo, hi = publish.shard_range(first, i, z)
             assert tiles.height == zoom["tiles"] and tiles["key"].is_between(lo, hi, closed="left").all()

@@ -33,13 +33,14 @@ from pipeline.vector import (
     Budget,
     Encoded,
     Encoder,
+    Inputs,
     TileCache,
     directories,
     encoded_batches,
+    encoded_of,
     gzip_within,
     serialize_directory,
     varints,
-    writing_encoded,
 )
 
 from .conftest import publish_tileset, run_extraction
@@ -304,18 +305,27 @@ def test_archive_stores_duplicates_once_reads_back_and_ignores_the_order_tiles_c
     twice.add(batches[1])
     with pytest.raises(ValueError, match="added twice"):
         twice.close({}, [-1.0, -1.0, 1.0, 1.0])
-    # as a shard writes its tiles, and the publication adds them from their Arrow batches
-    (tmp_path / "shard").mkdir()
-    with writing_encoded(tmp_path / "shard" / "tiles.arrow") as write:
-        for batch in batches:
-            write(batch)
-    archive, sizes = Archive(tmp_path / "shard" / "d.pmtiles"), []
-    for batch in encoded_batches(tmp_path / "shard" / "tiles.arrow"):
-        for piece in (batch.slice(0, 1), batch.slice(1)):  # a slice begins inside its buffers
-            sizes += archive.add_batch(piece).tolist()
+    # as a shard keeps its tiles (its tile cache, a zoom at a time), and the publication adds them
+    # from the cache's Arrow batches
+    cache, kept = TileCache(tmp_path / "shard"), sorted(batches, key=lambda b: b.z)
+    for b in kept:
+        cache.add(Inputs(b.z, (0, 4**b.z), ("count",), b.x, b.y, b.tile_id, np.zeros(len(b.x), np.uint64)), b)
+    cache.commit()
+    archive, sizes, read = Archive(tmp_path / "shard" / "d.pmtiles"), [], []
+    for z in (0, 1, 2):
+        for batch in encoded_batches(TileCache.zoom_file(tmp_path / "shard", z)):
+            read.append(encoded_of(batch, z))
+            for piece in (batch.slice(0, 1), batch.slice(1)):  # a slice begins inside its buffers
+                sizes += archive.add_batch(piece).tolist()
     archive.close({"name": "t"}, [-10.0, -10.0, 10.0, 10.0])
     assert (tmp_path / "shard" / "d.pmtiles").read_bytes() == built[0]
-    assert sizes == [len(d) for b in batches for d in b.data.to_pylist()]
+    assert sizes == [len(d) for b in kept for d in b.data.to_pylist()]
+    for got, want in zip(read, kept, strict=True):  # each tile's column and row back from its key
+        assert (got.x.tolist(), got.y.tolist(), got.tile_id.tolist()) == (
+            want.x.tolist(),
+            want.y.tolist(),
+            want.tile_id.tolist(),
+        )
 
 
 @settings(max_examples=60, deadline=None)
