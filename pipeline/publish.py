@@ -1202,7 +1202,7 @@ def finalize_snapshot(plan: Plan, now: datetime | None = None) -> Snapshot:
             else:
                 if final.exists():  # an incomplete leftover under this name: never point at it
                     _discard(final)
-                os.sync()  # the files reach the disk before the rename makes them visible
+                atomic.fsync_tree(tmp)  # the files reach the disk before the rename makes them visible
                 os.rename(tmp, final)
                 atomic.fsync_dir(final.parent)
             generated = (now or datetime.now(UTC)).replace(microsecond=0)

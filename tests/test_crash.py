@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import publish, warehouse
+from pipeline import atomic, publish, warehouse
 from pipeline.config import load_config
 
 from .conftest import AS_OF, IN_CI, REPO
@@ -185,3 +185,29 @@ def test_a_read_only_output_fails_the_run_clearly_and_keeps_the_previous_snapsho
     assert _served(cfg) == served
     manifest = json.loads((cfg.output / "roads" / "snapshots" / served[0] / "manifest.json").read_text())
     assert manifest["as_of"] == AS_OF.isoformat()
+
+
+def test_a_snapshot_is_made_durable_file_by_file_not_the_whole_disk(tmp_path, monkeypatch):
+    tree, outside = tmp_path / "snapshot", tmp_path / "work.arrow"
+    (tree / "tiles" / "3").mkdir(parents=True)
+    for name in ("manifest.json", "tiles/3/4.geojson", "heatmap.pmtiles"):
+        (tree / name).write_text(name)
+    outside.write_text("work state, not published")
+    (tree / "linked").symlink_to(outside)
+    synced = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "sync", lambda: pytest.fail("the whole file system was synced"))
+    assert atomic.fsync_tree(tree) == 6
+    expected = {
+        tree,
+        tree / "tiles",
+        tree / "tiles" / "3",
+        *(tree / n for n in ("manifest.json", "tiles/3/4.geojson", "heatmap.pmtiles")),
+    }
+    assert set(synced) == expected and len(synced) == 6
