@@ -710,11 +710,11 @@ def _merge(old: pl.DataFrame, new: pl.DataFrame | None) -> pl.DataFrame:
     """Rows of reused tiles (with ``_tile``) and of tiles chosen again, tile after tile in key order."""
     if new is None:
         return old.drop("_tile")
-    old, new = old.select(*new.columns, "_tile"), new.with_columns(_tile_key())
-    if old.get_column("_tile").is_sorted() and new.get_column("_tile").is_sorted():
-        # both in key order, no tile in both: one linear merge, each frame's rows in their order
-        return old.merge_sorted(new, "_tile", maintain_order=True).drop("_tile")
-    return pl.concat([old, new]).sort("_tile", maintain_order=True).drop("_tile")
+    keys = np.concatenate([old.get_column("_tile").to_numpy(), new.select(_tile_key()).to_series().to_numpy()])
+    # a stable sort keeps each frame's rows in their order; both in key order (two runs), it is one linear
+    # merge, and gathering every column by it takes about half of polars' merge_sorted's time
+    order = np.argsort(keys, kind="stable")
+    return pl.concat([old.select(new.columns), new])[order]
 
 
 class _Previous:
