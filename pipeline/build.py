@@ -15,6 +15,7 @@ import json
 import math
 import shutil
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -471,17 +472,19 @@ def _write_zooms(zooms: Iterator[tuple[pl.DataFrame, int]], root: Path, plan: Pl
         )
 
     summaries = []
-    # a zoom's file is written while the next is read or rolled up (at most two zooms held)
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        pending = None
+    # two zooms' files are written while the next is read or rolled up (at most three zooms held)
+    with ThreadPoolExecutor(max_workers=WRITERS) as writer:
+        pending: deque = deque()
         for frame, z in zooms:
-            if pending is not None:
-                summaries.append(pending.result())
-            pending = writer.submit(write, frame, z)
+            if len(pending) == WRITERS:
+                summaries.append(pending.popleft().result())
+            pending.append(writer.submit(write, frame, z))
             del frame
-        if pending is not None:
-            summaries.append(pending.result())
+        summaries.extend(p.result() for p in pending)
     return sorted(summaries)
+
+
+WRITERS = 2  # zooms' GeoParquet files written at once (each is one thread's: Parquet writes a column at a time)
 
 
 class PyramidCheck(NamedTuple):
@@ -589,8 +592,11 @@ def top_cells(plan: Plan, n: int) -> list[dict]:
     path = plan.work.cells(plan.settings.maxzoom)
     if not path.exists():
         return []
-    cells = pl.read_parquet(path, columns=["quadkey", "report_count", "score", "top_category", "lng", "lat"])
-    return cells.sort(["score", "quadkey"], descending=[True, False]).head(n).to_dicts()
+    order, descending = ["score", "quadkey"], [True, False]
+    cells = pl.scan_parquet(path).select("quadkey", "report_count", "score", "top_category", "lng", "lat")
+    # the n first in that order without sorting the rest (reverse: the smallest quadkeys)
+    top = cells.top_k(n, by=order, reverse=[not d for d in descending])
+    return top.sort(order, descending=descending).collect().to_dicts()
 
 
 def read_cells(work: Work) -> list[dict]:

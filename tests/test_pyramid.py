@@ -303,6 +303,27 @@ def test_pyramid_matches_a_brute_force_computation(extract_config, domain, profi
 # --- the files ---------------------------------------------------------------
 
 
+def test_the_top_cells_are_the_highest_scores_ties_by_quadkey(write_config):
+    src = {"kind": "synthetic", "domain": "road_conditions", "count": 50}
+    cfg = load_config(
+        write_config({"sources": {"r": src}, "tilesets": {"r": {"source": "r", "profile": "road_conditions"}}})
+    )
+    run_extraction(cfg)
+    frozen = plan_for(cfg, "r", AS_OF)
+    quadkeys = ["0331", "0123", "0002", "0213", "0100", "0300", "0032"]
+    scores = [2.0, 3.0, 2.0, 1.0, 3.0, 2.0, 0.0]  # ties: the smaller quadkey first
+    cells = pl.DataFrame(
+        {"quadkey": quadkeys, "report_count": range(7), "score": scores, "top_category": "x", "lng": 0.0, "lat": 0.0}
+    )
+    path = frozen.work.cells(frozen.settings.maxzoom)
+    path.parent.mkdir(parents=True)
+    cells.write_parquet(path, row_group_size=2)
+    top = build.top_cells(frozen, 4)
+    assert [(c["score"], c["quadkey"]) for c in top] == [(3.0, "0100"), (3.0, "0123"), (2.0, "0002"), (2.0, "0300")]
+    assert top[0] == {"quadkey": "0100", "report_count": 4, "score": 3.0, "top_category": "x", "lng": 0.0, "lat": 0.0}
+    assert len(build.top_cells(frozen, 10)) == 7
+
+
 def test_cells_are_geoparquet_readable_by_duckdb_spatial_and_pyarrow(write_config):
     src = {"kind": "synthetic", "domain": "campus_issues", "count": 4000, "bbox": [-122.19, 37.42, -122.15, 37.44]}
     cfg = load_config(
@@ -320,6 +341,10 @@ def test_cells_are_geoparquet_readable_by_duckdb_spatial_and_pyarrow(write_confi
     assert all(r.holds for r in build.check_pyramid(plan_of(cfg, "campus")))
     path = cfg.work("campus").cells(16)
     assert path.parent.name == "zoom=16"
+    # the materialization's top cells: the highest scores, ties by quadkey
+    shown = ["quadkey", "report_count", "score", "top_category", "lng", "lat"]
+    rows = pq.read_table(path, columns=shown).to_pylist()
+    assert build.top_cells(plan_of(cfg, "campus"), 5) == sorted(rows, key=lambda r: (-r["score"], r["quadkey"]))[:5]
 
     table = pq.read_table(path)
     geo = json.loads(table.schema.metadata[b"geo"])
