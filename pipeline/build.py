@@ -502,21 +502,25 @@ class PyramidCheck(NamedTuple):
 
 
 def check_pyramid(plan: Plan) -> list[PyramidCheck]:
-    """Per zoom, read back: Σ report_count = scored reports, Σ weight = their weight, centroids in cells."""
+    """Per zoom, read back: Σ report_count = scored reports, Σ weight = their weight, centroids in cells.
+
+    Two zooms at a time (reading and summing release the GIL).
+    """
     summary = read_scoring(plan.work)
-    rows = []
-    for z in plan.zooms:
+
+    def check(z: int) -> PyramidCheck:
         path = plan.work.cells(z)
         if not path.exists():
-            rows.append(PyramidCheck(z, 0, summary["scored"], 0.0, summary["weight"], summary["scored"] == 0))
-            continue
+            return PyramidCheck(z, 0, summary["scored"], 0.0, summary["weight"], summary["scored"] == 0)
         reports, weight, inside = 0, 0.0, True
         for cells in parquet_parts(path, ["report_count", "weight", "lng", "lat", "cell_key"]):
             reports += int(cells.get_column("report_count").sum())
             weight += float(cells.get_column("weight").sum())
             inside = inside and centroids_inside(cells, z + plan.settings.cell_detail)
-        rows.append(PyramidCheck(z, reports, summary["scored"], weight, summary["weight"], inside))
-    return rows
+        return PyramidCheck(z, reports, summary["scored"], weight, summary["weight"], inside)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(check, plan.zooms))
 
 
 def centroids_inside(cells: pl.DataFrame, level: int) -> bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 import mercantile
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -390,6 +391,18 @@ def test_cells_are_geoparquet_readable_by_duckdb_spatial_and_pyarrow(write_confi
     lng, lat = (table.column(c).to_numpy() * pyramid.GRID for c in ("lng", "lat"))
     assert (lng == lng.round()).all() and (lat == lat.round()).all()
     assert all(t.microsecond == 0 for t in table.column("first_seen").to_pylist())
+
+    # the check reads each zoom back: a zoom that lost a cell, or whose centroid left its cell, fails alone
+    frozen = plan_of(cfg, "campus")
+    pq.write_table(pq.read_table(frozen.work.cells(9)).slice(1), frozen.work.cells(9))
+    moved = pq.read_table(frozen.work.cells(12))
+    moved = moved.set_column(moved.column_names.index("lng"), "lng", pa.array([180.0] * moved.num_rows))
+    pq.write_table(moved, frozen.work.cells(12))
+    rows = build.check_pyramid(frozen)
+    assert [r.z for r in rows] == list(frozen.zooms)
+    assert [r.z for r in rows if not r.holds] == [9, 12]
+    assert rows[9].reports < rows[9].expected_reports and rows[9].centroids_inside
+    assert rows[12].reports == rows[12].expected_reports and not rows[12].centroids_inside
 
 
 @settings(max_examples=300, deadline=None)
