@@ -496,10 +496,10 @@ class TileCache:
     def zoom_file(root: Path, z: int) -> Path:
         """The committed cache at ``root``'s tiles of zoom ``z``: for each part, a batch in tile-id order
         (what the publication adds to the archive, see :func:`encoded_batches`)."""
-        return root / "current" / _zoom_name(z)
+        return root / _CURRENT / _zoom_name(z)
 
     def __init__(self, root: Path) -> None:
-        self.root, self.next = root / "current", root / "next"
+        self.root, self.next = root / _CURRENT, root / "next"
         shutil.rmtree(self.next, ignore_errors=True)
         self.next.mkdir(parents=True)
         try:
@@ -660,6 +660,9 @@ def _found(ids: np.ndarray, digests: np.ndarray, inputs: Inputs) -> tuple[np.nda
 
 def _zoom_name(z: int) -> str:
     return f"zoom={z}.arrow"
+
+
+_CURRENT = "current"  # a cache's committed folder (beside "next", the one a build writes)
 
 
 CACHE_VERSION = 5  # a change to how tiles are made that the settings below do not show: add one
