@@ -177,7 +177,7 @@ def _select_part(
     cells = privacy.coarsen(pyramid.in_published_order(cells.drop("intensity", strict=False)), **hide)
     fresh, reused = cells, np.zeros(0, bool)
     if not overview:  # a tile's selection depends on its cells alone: unchanged ones are reused
-        keys = cells.select(_tile_key()).to_series().to_numpy()
+        keys = cells.get_column("cell_key").to_numpy() >> np.uint64(2 * ts.cell_detail)  # each cell's tile
         starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
         digests = tile_digests(cells, cells.columns, starts)
         reused = last.hits(keys[starts], digests) if last else np.zeros(len(starts), bool)
@@ -367,10 +367,17 @@ def select_shard(plan: Plan, i: int) -> list[dict]:
 def _changed_tiles(last: _Previous, tally: _Tally, lo: int, hi: int) -> np.ndarray:
     """The keys (sorted) of the tiles in ``[lo, hi)`` whose cells differ from the last build's ``last``:
     chosen again (new or changed), or gone."""
-    now = [t.column("tile").to_numpy() for t in tally.known]
-    old = last.keys[(last.keys >= lo) & (last.keys < hi)]
-    gone = np.setdiff1d(old, np.concatenate(now) if now else old[:0])
+    now = np.concatenate([t.column("tile").to_numpy() for t in tally.known]) if tally.known else last.keys[:0]
+    old = last.keys[np.searchsorted(last.keys, np.uint64(lo)) : np.searchsorted(last.keys, np.uint64(hi))]
+    gone = old[~among(old, now)]  # both in key order: no sort of every tile
     return np.unique(np.concatenate([*tally.chosen, gone]).astype(np.uint64))
+
+
+def among(values: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Which of ``values`` are in ``keys`` (sorted, unique), found by bisection."""
+    if not len(keys):
+        return np.zeros(len(values), bool)
+    return keys[np.minimum(np.searchsorted(keys, values), len(keys) - 1)] == values
 
 
 def _write_changed(path: Path, tiles: np.ndarray, previous: str | None) -> None:
@@ -714,7 +721,7 @@ def _merge(old: pl.DataFrame, new: pl.DataFrame | None) -> pl.DataFrame:
     # a stable sort keeps each frame's rows in their order; both in key order (two runs), it is one linear
     # merge, and gathering every column by it takes about half of polars' merge_sorted's time
     order = np.argsort(keys, kind="stable")
-    return pl.concat([old.select(new.columns), new])[order]
+    return pl.concat([old.select(new.columns), new], rechunk=True)[order]  # a gather from one chunk: faster
 
 
 class _Previous:
@@ -739,12 +746,14 @@ class _Previous:
             pl.from_arrow(b)
             for b in cells.iter_batches(PREVIOUS_BATCH_ROWS, range(group, cells.num_row_groups), columns)
         )
-        self._cells = _Cursor(frames, row_at - int(groups[group]))
+        self._cells = _Cursor(frames, row_at - int(groups[group]), self.keys[at:], rows[at:], folder)
         parts = np.flatnonzero(tiles.column("first").to_numpy())
         batch = max(int(np.searchsorted(parts, at, side="right")) - 1, 0)
         batch_at = int(features[: parts[batch]].sum()) if len(parts) else 0
         features_path = folder / "tile_features.arrow"
-        self._features = _Cursor(read_parts(features_path, first=batch), int(features[:at].sum()) - batch_at)
+        skip = int(features[:at].sum()) - batch_at
+        features_at = features[at:]
+        self._features = _Cursor(read_parts(features_path, first=batch), skip, self.keys[at:], features_at, folder)
 
     @classmethod
     def open(cls, folder: Path, salt: str, start: int = 0) -> _Previous | None:
@@ -783,27 +792,50 @@ def _skipped(frames: Iterator[pl.DataFrame], rows: int) -> Iterator[pl.DataFrame
 
 
 class _Cursor:
-    """Frames of rows in tile-key order, taken up to a key at a time."""
+    """Frames of rows in tile-key order, taken up to a key at a time.
 
-    def __init__(self, frames: Iterator[pl.DataFrame], skip: int = 0) -> None:
-        self._frames = _skipped(frames, skip)
+    ``keys``: the tiles the rows belong to, ascending, and ``counts``: each
+    one's rows, from the first row on (after ``skip``); a row's tile is known
+    from them, not computed from its columns. ``folder``: where the rows are
+    read from, for the error if they end too soon.
+    """
+
+    def __init__(
+        self, frames: Iterator[pl.DataFrame], skip: int, keys: np.ndarray, counts: np.ndarray, folder: Path
+    ) -> None:
+        self._frames, self._folder = _skipped(frames, skip), folder
+        self._keys, self._counts, self._ends = keys, counts, np.cumsum(counts)
+        self._tile = 0  # tiles passed so far (the rows passed end with a tile)
         self._held: pl.DataFrame | None = None
 
     def take(self, end: int, wanted: np.ndarray) -> pl.DataFrame:
-        """The rows before tile key ``end`` whose tile is ``wanted``; the rest before it are passed."""
-        out = []
-        while True:
+        """The rows before tile key ``end`` whose tile is ``wanted`` (sorted), with ``_tile``; the rest before it
+        are passed."""
+        first, tiles = self._tile, int(np.searchsorted(self._keys, np.uint64(end)))
+        row = int(self._ends[first - 1]) if first else 0
+        pieces, need = [], (int(self._ends[tiles - 1]) if tiles else 0) - row
+        while need > 0:
             if self._held is None or self._held.height == 0:
-                frame = next(self._frames, None)
-                if frame is None:
-                    break
-                self._held = frame.with_columns(_tile_key())
-            cut = int(np.searchsorted(self._held.get_column("_tile").to_numpy(), end))
-            piece, self._held = self._held.slice(0, cut), self._held.slice(cut)
-            out.append(piece.filter(pl.col("_tile").is_in(pl.Series(wanted).implode())))
-            if self._held.height:
-                break
-        return pl.concat(out)
+                self._held = next(self._frames, None)
+                if self._held is None:
+                    raise PublishError(
+                        f"the last build's selection in {self._folder} has fewer rows than its tiles.arrow "
+                        "records: remove that folder (the next build chooses every tile of the zoom again)"
+                    )
+            pieces.append(self._held.slice(0, need))
+            self._held = self._held.slice(need)
+            need -= pieces[-1].height
+        self._tile = tiles
+        keys, counts = self._keys[first:tiles], self._counts[first:tiles]
+        kept = among(keys, wanted)
+        frame = pl.concat(pieces) if pieces else self._empty()
+        tile_of_kept = pl.Series("_tile", np.repeat(keys[kept], counts[kept]), pl.UInt64)
+        return frame.filter(pl.Series(np.repeat(kept, counts))).with_columns(tile_of_kept)
+
+    def _empty(self) -> pl.DataFrame:
+        if self._held is None:
+            self._held = next(self._frames, None)
+        return self._held.clear() if self._held is not None else pl.DataFrame()
 
 
 def _annotated(cells: pl.DataFrame, tile_choice: pl.DataFrame, over_choice: pl.DataFrame | None) -> pl.DataFrame:

@@ -299,6 +299,46 @@ def test_a_merge_never_mixes_plans_or_misses_a_shard(write_config, tmp_path):
         build.merge_scoring(first)
 
 
+@given(
+    st.lists(st.integers(0, 60), max_size=40),
+    st.lists(st.integers(0, 60), max_size=40),
+)
+def test_among_is_membership_in_sorted_keys(values, keys):
+    keys_sorted = np.unique(np.array(keys, np.uint64))
+    found = publish.among(np.array(values, np.uint64), keys_sorted)
+    assert found.tolist() == np.isin(np.array(values, np.uint64), keys_sorted).tolist()
+
+
+@given(
+    st.lists(st.integers(1, 4), min_size=1, max_size=30),  # rows of each tile (tile k's key: 10 k + 3)
+    st.integers(1, 7),  # rows of each frame the rows come in
+    st.lists(st.integers(0, 320), max_size=8),  # the ends taken, in any order (taken ascending)
+    st.integers(0, 2**30),  # which tiles are wanted
+)
+def test_the_last_builds_rows_are_taken_tile_by_tile_whatever_frames_they_come_in(counts, frame_rows, ends, bits):
+    keys = np.arange(len(counts), dtype=np.uint64) * 10 + 3
+    tile = np.repeat(keys, counts)
+    rows = pl.DataFrame({"row": np.arange(len(tile)), "tile_x": tile.astype(np.int64)})
+    frames = (rows.slice(a, frame_rows) for a in range(0, rows.height, frame_rows))
+    cursor = publish._Cursor(frames, 0, keys, np.array(counts), Path("selected"))
+    wanted = keys[[bool(bits >> k & 1) for k in range(len(keys))]]
+    start = 0
+    for end in sorted(ends):
+        got = cursor.take(end, wanted)
+        expected = rows.filter((pl.col("tile_x") >= start) & (pl.col("tile_x") < end), pl.col("tile_x").is_in(wanted))
+        assert got.get_column("row").to_list() == expected.get_column("row").to_list()
+        assert got.get_column("_tile").to_list() == expected.get_column("tile_x").to_list()
+        start = max(start, end)
+
+
+def test_a_last_build_with_fewer_rows_than_its_tiles_record_is_an_error():
+    rows = pl.DataFrame({"row": [0, 1, 2]})
+    cursor = publish._Cursor(iter([rows]), 0, np.array([5, 9], np.uint64), np.array([2, 2]), Path("zoom=9"))
+    assert cursor.take(6, np.array([5], np.uint64)).get_column("row").to_list() == [0, 1]
+    with pytest.raises(PublishError, match=r"selection in zoom=9 has fewer rows than its tiles.arrow records: remove"):
+        cursor.take(10, np.array([9], np.uint64))
+
+
 def test_shards_choose_their_own_tiles_and_the_selection_step_puts_them_together(write_config, tmp_path, monkeypatch):
     # small parts and row groups: a read from a shard's start skips whole ones, and begins inside one
     monkeypatch.setattr(publish, "SELECT_PART_CELLS", 40)
