@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -565,6 +566,34 @@ def test_tiles_within_budget_take_the_short_way_to_the_general_cases_choice(poin
     own = select._chosen_cells(cells, general).sort("cell_key")
     everything = select._with_sums(own, select._folded_sums(select._folded_cells(cells, general)), profile)
     assert select.features(cells, quick, profile).equals(everything)
+
+
+class _Mallinfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (2.33 and later): ``hblkhd`` is the bytes of blocks mapped on their own."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+    ] + [("keepcost", ctypes.c_size_t)]
+
+
+def test_after_the_pyramid_arrays_under_8_mib_are_served_from_the_heap():
+    """Leaving ``reusing_memory`` does not leave glibc's mmap threshold at 128 KiB for the rest of the
+    process (mallopt stops it sliding up): 4 MiB arrays are not mappings of their own, even once the
+    heap's free blocks are used up and it has to grow."""
+    libc = pyramid._libc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        pytest.skip("not glibc 2.33 or later: no mallinfo2 to tell a mapped block")
+    libc.mallinfo2.restype = _Mallinfo2
+    with pyramid.reusing_memory():
+        pass
+    size = 4 << 20
+    count = libc.mallinfo2().fordblks // size + 16  # free blocks serve a request first, whatever its size
+    before = libc.mallinfo2().hblkhd
+    blocks = [np.empty(size, np.uint8) for _ in range(count)]  # empty: no page is touched
+    mapped = libc.mallinfo2().hblkhd - before
+    del blocks
+    assert mapped < size
 
 
 def test_memory_kept_while_the_pyramid_is_built_is_given_back_after():
