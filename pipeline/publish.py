@@ -810,8 +810,9 @@ class _Cursor:
 
     def take(self, end: int, wanted: np.ndarray) -> pl.DataFrame:
         """The rows before tile key ``end`` whose tile is ``wanted`` (sorted), with ``_tile``; the rest before it
-        are passed."""
-        first, tiles = self._tile, int(np.searchsorted(self._keys, np.uint64(end)))
+        are passed (an ``end`` before the last one's takes nothing)."""
+        first = self._tile
+        tiles = max(first, int(np.searchsorted(self._keys, np.uint64(end))))
         row = int(self._ends[first - 1]) if first else 0
         pieces, need = [], (int(self._ends[tiles - 1]) if tiles else 0) - row
         while need > 0:
