@@ -375,9 +375,16 @@ def _changed_tiles(last: _Previous, tally: _Tally, lo: int, hi: int) -> np.ndarr
 
 def among(values: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """Which of ``values`` are in ``keys`` (sorted, unique), found by bisection."""
+    return _bisect(values, keys)[1]
+
+
+def _bisect(values: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of ``values`` is in ``keys`` (sorted, unique; a valid index if it is not there, none if
+    ``keys`` is empty) and whether it is there."""
     if not len(keys):
-        return np.zeros(len(values), bool)
-    return keys[np.minimum(np.searchsorted(keys, values), len(keys) - 1)] == values
+        return np.zeros(len(values), np.intp), np.zeros(len(values), bool)
+    at = np.minimum(np.searchsorted(keys, values), len(keys) - 1)
+    return at, keys[at] == values
 
 
 def _write_changed(path: Path, tiles: np.ndarray, previous: str | None) -> None:
@@ -771,10 +778,8 @@ class _Previous:
 
     def hits(self, keys: np.ndarray, digests: np.ndarray) -> np.ndarray:
         """Which of the tiles (keys ascending) had these digests in the last build."""
-        if not len(self.keys):
-            return np.zeros(len(keys), bool)
-        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-        return (self.keys[at] == keys) & (self._digests[at] == digests)
+        at, found = _bisect(keys, self.keys)
+        return found & (self._digests[at] == digests) if len(self.keys) else found
 
     def take(self, end: int, wanted: np.ndarray) -> tuple[pl.DataFrame, pl.DataFrame]:
         """The published rows and features of the ``wanted`` tiles, all before key ``end`` (with ``_tile``)."""
