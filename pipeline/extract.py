@@ -20,7 +20,7 @@ from typing import NamedTuple
 from . import duck, warehouse
 from .config import Config, FileSource
 from .errors import SourceError
-from .sources import FileResult, check_source_columns, prefetch, stage_source
+from .sources import FileResult, check_source_columns, needs_spatial, prefetch, stage_source
 from .sources.files import reads_spatially
 from .validate import CHECKED_TABLES, ValidationResult, source_flags, validate_source
 
@@ -66,7 +66,8 @@ def stage(
     recorded in ``source_files`` and skipped).
     """
     results: dict[str, list[FileResult]] = {}
-    with warehouse.writer(cfg.warehouse_path) as con:
+    spatial = any(needs_spatial(cfg.sources[name]) for name in sources)
+    with warehouse.writer(cfg.warehouse_path, spatial=spatial) as con:
         _forget_removed_sources(con, cfg)
         for name in sources:
             fetched = prefetch(con, name, cfg, as_of, full_refresh)  # a database's rows, read first

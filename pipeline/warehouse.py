@@ -130,11 +130,14 @@ def _locked(db: Path, exclusive: bool, timeout: float) -> Iterator[None]:
 
 
 @contextmanager
-def writer(db: str | Path, timeout: float = DEFAULTS.lock_timeout_s) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Exclusive read-write connection to the warehouse, tables created."""
+def writer(
+    db: str | Path, timeout: float = DEFAULTS.lock_timeout_s, spatial: bool = False
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Exclusive read-write connection to the warehouse, tables created; with the spatial extension
+    only if asked (staging a source that needs it, see :func:`pipeline.sources.needs_spatial`)."""
     db = Path(db)
     with _locked(db, exclusive=True, timeout=timeout):
-        con = connect(db)
+        con = connect(db, spatial=spatial)
         try:
             for table, columns in TABLES.items():
                 con.execute(ddl(table))

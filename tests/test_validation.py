@@ -294,6 +294,28 @@ def test_wkt_geometry_column_and_empty_points(tmp_path, extract_config):
     }
 
 
+def test_the_spatial_extension_is_loaded_for_the_sources_that_need_it(tmp_path, extract_config):
+    from pipeline.config import FileSource, PostgresSource
+    from pipeline.sources import needs_spatial
+
+    lat_lng = {"report_id": "id", "lat": "y", "lng": "x"}
+    assert not needs_spatial(FileSource(kind="file", path="*.csv", columns=lat_lng))
+    assert needs_spatial(FileSource(kind="file", path="*.csv", columns={"geometry": "where"}))
+    assert needs_spatial(FileSource(kind="file", path="*.geojson", format="geojson", columns={}))
+    assert not needs_spatial(PostgresSource(kind="postgres", database="d", user="u", adapter="road_conditions"))
+    by_geometry = {"report_id": "id", "geometry": "g"}
+    assert needs_spatial(PostgresSource(kind="postgres", database="d", user="u", table="t", columns=by_geometry))
+    # a lat/lng source is staged without it, and its connection cannot run a spatial function
+    _write_csv(tmp_path / "a.csv", [{**GOOD, "id": "a"}])
+    cfg, _, v = extract_config({"sources": {"s": _csv_source(tmp_path / "*.csv")}})
+    assert v["s"].valid == 1
+    with warehouse.writer(cfg.warehouse_path) as con:
+        loaded = con.execute("SELECT loaded FROM duckdb_extensions() WHERE extension_name = 'spatial'").fetchone()
+        assert loaded in (None, (False,))
+    with warehouse.writer(cfg.warehouse_path, spatial=True) as con:
+        assert con.execute("SELECT ST_X(ST_Point(1, 2))").fetchone() == (1.0,)
+
+
 def test_an_unreadable_file_does_not_stop_the_others_when_the_source_says_skip(tmp_path, extract_config):
     _write_csv(tmp_path / "a.csv", [{**GOOD, "id": "a"}])
     (tmp_path / "b.csv").write_text("something,else\n1,2\n")  # lacks the mapped columns

@@ -15,12 +15,25 @@ import pyarrow.parquet as pq
 
 from .. import duck, paths
 from ..config import Config, FileSource, PostgresSource, SyntheticSource
-from .files import FetchedFile, check_columns, fetch_files, stage_files
+from .files import FetchedFile, check_columns, fetch_files, reads_spatially, stage_files
+from .files import column_mapping as file_columns
 from .postgres import Fetched, fetch, stage_fetched
-from .staging import FileResult, literal, stage_relation
+from .postgres import column_mapping as query_columns
+from .staging import FileResult, literal, positions_from_geometry, stage_relation
 from .synthetic import batches
 
-__all__ = ["FileResult", "check_source_columns", "prefetch", "stage_source"]
+__all__ = ["FileResult", "check_source_columns", "needs_spatial", "prefetch", "stage_source"]
+
+
+def needs_spatial(src: FileSource | PostgresSource | SyntheticSource) -> bool:
+    """Whether staging ``src`` needs DuckDB's spatial extension: its files are read with ``ST_Read``,
+    or its positions are decoded from a geometry column. Loading it costs a connection about a
+    fifth of a second, so the warehouse's writer loads it only for such a source."""
+    if isinstance(src, FileSource):
+        return reads_spatially(src) or positions_from_geometry(file_columns(src))
+    if isinstance(src, PostgresSource):
+        return positions_from_geometry(query_columns(src))
+    return False  # a synthetic source's batches have lat and lng
 
 
 def prefetch(

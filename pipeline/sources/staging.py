@@ -56,6 +56,12 @@ def _geometry_expr(column: str, duck_type: str) -> str:
     return f"COALESCE(TRY(ST_GeomFromText({text})), TRY(ST_GeomFromHEXEWKB({text})))"
 
 
+def positions_from_geometry(mapping: dict[str, str]) -> bool:
+    """Whether a source's positions come from its geometry column (it maps no lat and lng), which
+    DuckDB's spatial extension decodes."""
+    return "geometry" in mapping and not ("lat" in mapping and "lng" in mapping)
+
+
 def numbered_table(table: str, start: int = 1) -> str:
     """A temporary table's rows with ``_row`` counting from ``start`` in insertion order.
 
@@ -123,7 +129,7 @@ def stage_relation(
     if "entity_type" not in mapping:
         select["entity_type"] = "$entity_type"
 
-    if "geometry" in mapping and not ("lat" in mapping and "lng" in mapping):
+    if positions_from_geometry(mapping):
         gcol = names[mapping["geometry"].lower()]
         relation = f"(SELECT *, {_geometry_expr(gcol, types[gcol.lower()])} AS _g FROM {relation})"
         # A point gives lat/lng; anything else is a reason, not a crash.
