@@ -237,6 +237,34 @@ def test_a_table_with_a_geography_column_reads_like_the_adapter(roads, tmp_path)
     assert got == expected and len(got) > 3000
     assert _rejected(cfg, "roads") == {"outside_mercator": 3, "future_timestamp": 5, "rate_limited": 10}
 
+    # a query that maps lat and lng is staged without DuckDB's spatial extension, even when its
+    # rows also carry the geography column
+    (tmp_path / "q").mkdir()
+    positions = "ST_Y(location::geometry) AS y, ST_X(location::geometry) AS x"
+    query = _config(
+        tmp_path / "q",
+        roads,
+        "roads",
+        query=f"SELECT *, {positions} FROM condition_reports",
+        watermark="submitted_at",
+        columns={
+            "report_id": "id",
+            "lat": "y",
+            "lng": "x",
+            "observed_at": "submitted_at",
+            "category": "condition_type",
+            "severity": "severity",
+            "session_token": "session_token",
+        },
+    )
+    run = _run(query)
+    assert run.returncode == 0, run.stderr
+    with warehouse.reader(load_config(query).warehouse_path) as con:
+        got = con.execute(
+            "SELECT report_id, round(lat, 9), round(lng, 9), observed_at, category FROM reports ORDER BY 1"
+        ).fetchall()
+    assert got == expected
+
 
 # --- errors ------------------------------------------------------------------------
 

@@ -305,7 +305,7 @@ def test_the_spatial_extension_is_loaded_for_the_sources_that_need_it(tmp_path, 
     assert not needs_spatial(PostgresSource(kind="postgres", database="d", user="u", adapter="road_conditions"))
     by_geometry = {"report_id": "id", "geometry": "g"}
     assert needs_spatial(PostgresSource(kind="postgres", database="d", user="u", table="t", columns=by_geometry))
-    # a lat/lng source is staged without it, and its connection cannot run a spatial function
+    # a lat/lng source is staged without it; a writer asked for it has it
     _write_csv(tmp_path / "a.csv", [{**GOOD, "id": "a"}])
     cfg, _, v = extract_config({"sources": {"s": _csv_source(tmp_path / "*.csv")}})
     assert v["s"].valid == 1
