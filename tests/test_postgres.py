@@ -207,10 +207,17 @@ def test_incremental_reads_only_new_rows_and_equals_a_full_refresh(roads, tmp_pa
 def test_a_table_with_a_geography_column_reads_like_the_adapter(roads, tmp_path):
     adapter = _config(tmp_path, roads, "roads", adapter="road_conditions")
     assert _run(adapter).returncode == 0
+    rows = "SELECT report_id, round(lat, 9), round(lng, 9), observed_at, category FROM reports ORDER BY 1"
     with warehouse.reader(load_config(adapter).warehouse_path) as con:
-        expected = con.execute(
-            "SELECT report_id, round(lat, 9), round(lng, 9), observed_at, category FROM reports ORDER BY 1"
-        ).fetchall()
+        expected = con.execute(rows).fetchall()
+    # the adapter's columns, less its position
+    columns = {
+        "report_id": "id",
+        "observed_at": "submitted_at",
+        "category": "condition_type",
+        "severity": "severity",
+        "session_token": "session_token",
+    }
     (tmp_path / "t").mkdir()
     table = _config(
         tmp_path / "t",
@@ -218,22 +225,13 @@ def test_a_table_with_a_geography_column_reads_like_the_adapter(roads, tmp_path)
         "roads",
         table="public.condition_reports",
         watermark="submitted_at",
-        columns={
-            "report_id": "id",
-            "geometry": "location",
-            "observed_at": "submitted_at",
-            "category": "condition_type",
-            "severity": "severity",
-            "session_token": "session_token",
-        },
+        columns={**columns, "geometry": "location"},
     )
     run = _run(table)
     assert run.returncode == 0, run.stderr
     cfg = load_config(table)
     with warehouse.reader(cfg.warehouse_path) as con:
-        got = con.execute(
-            "SELECT report_id, round(lat, 9), round(lng, 9), observed_at, category FROM reports ORDER BY 1"
-        ).fetchall()
+        got = con.execute(rows).fetchall()
     assert got == expected and len(got) > 3000
     assert _rejected(cfg, "roads") == {"outside_mercator": 3, "future_timestamp": 5, "rate_limited": 10}
 
@@ -247,23 +245,12 @@ def test_a_table_with_a_geography_column_reads_like_the_adapter(roads, tmp_path)
         "roads",
         query=f"SELECT *, {positions} FROM condition_reports",
         watermark="submitted_at",
-        columns={
-            "report_id": "id",
-            "lat": "y",
-            "lng": "x",
-            "observed_at": "submitted_at",
-            "category": "condition_type",
-            "severity": "severity",
-            "session_token": "session_token",
-        },
+        columns={**columns, "lat": "y", "lng": "x"},
     )
     run = _run(query)
     assert run.returncode == 0, run.stderr
     with warehouse.reader(load_config(query).warehouse_path) as con:
-        got = con.execute(
-            "SELECT report_id, round(lat, 9), round(lng, 9), observed_at, category FROM reports ORDER BY 1"
-        ).fetchall()
-    assert got == expected
+        assert con.execute(rows).fetchall() == expected
 
 
 # --- errors ------------------------------------------------------------------------
